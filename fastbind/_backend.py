@@ -1,0 +1,152 @@
+"""Backend registry and dispatch (DESIGN §4).
+
+Backends, fastest first: ``cuda`` (CUDA extension), ``triton`` (Triton kernels: CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1``), ``cpu`` (C++ extension), ``torch`` (the float64-capable
+reference in :mod:`fastbind.reference`, always present).
+
+Selection for a call, first match wins:
+1. the ``backend=`` keyword of the call;
+2. :func:`set_backend` (process default), then the ``FASTBIND_BACKEND`` environment variable;
+3. automatic: ``cuda -> triton -> torch`` for CUDA tensors, ``cpu -> torch`` for CPU tensors, and
+   ``torch`` for float64 inputs (the fused kernels accumulate in float32).
+
+A backend that is named (1 or 2) but cannot run the call raises ``RuntimeError`` with the reason;
+nothing silently falls back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_default: str | None = None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_status() -> tuple[bool, bool, str]:
+    """(cpu ops built, cuda ops built, reason if not)."""
+    try:
+        from fastbind import _C  # noqa: F401
+    except ImportError as exc:  # not built, or built against another torch
+        return False, False, f"C++ extension fastbind._C not importable ({exc}); run `make build`"
+    info = torch.ops.fastbind.build_info()
+    return True, "cuda" in info.split(), "" if "cuda" in info.split() else "fastbind._C built without CUDA"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton not installed ({exc})"
+    return True, ""
+
+
+def availability() -> dict[str, tuple[bool, str]]:
+    """Map each backend name to (available on this machine, reason when not)."""
+    cpu_ok, cuda_built, ext_reason = _extension_status()
+    triton_ok, triton_reason = _triton_status()
+    gpu = torch.cuda.is_available()
+    status = {"torch": (True, "")}
+    status["cpu"] = (cpu_ok, ext_reason)
+    if not cuda_built:
+        status["cuda"] = (False, ext_reason or "fastbind._C built without CUDA")
+    elif not gpu:
+        status["cuda"] = (False, "no CUDA GPU visible to torch")
+    else:
+        status["cuda"] = (True, "")
+    if not triton_ok:
+        status["triton"] = (False, triton_reason)
+    elif not (gpu or _interpreting()):
+        status["triton"] = (False, "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton on CPU tensors)")
+    else:
+        status["triton"] = (True, "")
+    return status
+
+
+def backends() -> list[str]:
+    """Names of the backends usable on this machine, fastest first."""
+    status = availability()
+    order = BACKENDS if torch.cuda.is_available() else ("cpu", "triton", "torch")
+    return [name for name in order if status[name][0]]
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (``None`` restores automatic selection)."""
+    global _default
+    if name is not None:
+        _validate_name(name, "set_backend")
+    _default = name
+
+
+def get_backend() -> str | None:
+    """The process-wide default backend: set_backend(), else FASTBIND_BACKEND, else None (auto)."""
+    if _default is not None:
+        return _default
+    env = os.environ.get("FASTBIND_BACKEND") or None
+    if env is not None:
+        _validate_name(env, "FASTBIND_BACKEND")
+    return env
+
+
+def _validate_name(name: str, where: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _why_not(name: str, device: torch.device, dtype: torch.dtype, supported: tuple[str, ...]) -> str:
+    """Reason the backend cannot run a call on (device, dtype), or '' when it can."""
+    if name not in supported:
+        return "this op has no such kernel"
+    ok, reason = availability()[name]
+    if not ok:
+        return reason
+    if name != "torch" and dtype not in FUSED_DTYPES:
+        return f"dtype {dtype} unsupported (fused kernels take float32, float16, bfloat16)"
+    if name == "cpu" and device.type != "cpu":
+        return f"tensors are on {device}, the cpu backend takes CPU tensors"
+    if name == "cuda" and device.type != "cuda":
+        return f"tensors are on {device}, the cuda backend takes CUDA tensors"
+    if name == "triton" and device.type == "cpu" and not _interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1 for the triton backend"
+    if name == "triton" and device.type not in ("cpu", "cuda"):
+        return f"tensors are on {device}"
+    return ""
+
+
+def resolve(
+    op: str,
+    backend: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    supported: tuple[str, ...] = BACKENDS,
+) -> str:
+    """Pick the backend for one call of `op` on tensors of (device, dtype); see module docstring."""
+    requested = backend if backend is not None else get_backend()
+    if requested is not None:
+        _validate_name(requested, f"{op}: backend")
+        reason = _why_not(requested, device, dtype, supported)
+        if reason:
+            raise RuntimeError(f"{op}: backend {requested!r} cannot run this call: {reason}")
+        return requested
+    if dtype not in FUSED_DTYPES:
+        return "torch"
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for name in order:
+        if not _why_not(name, device, dtype, supported):
+            return name
+    return "torch"
+
+
+def extension_loaded() -> bool:
+    """True when fastbind._C imported, i.e. the torch.ops.fastbind C++ schemas exist."""
+    return _extension_status()[0]
