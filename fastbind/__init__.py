@@ -4,6 +4,7 @@ Public API: see DESIGN §1 and the README. Every function takes ``backend=None``
 of :func:`backends`.
 """
 
+from fastbind import nn
 from fastbind._backend import backends, get_backend, set_backend
 from fastbind.ops.codebook import codebook_lookup, quantize, toc_scores, toc_select
 from fastbind.ops.gram import gram_loss, gram_volume, gram_volume_paired
@@ -12,6 +13,7 @@ from fastbind.ops.infonce import anchor_loss, centroid_loss, centroid_similarity
 __version__ = "0.1.0"
 
 __all__ = [
+    "nn",
     "anchor_loss",
     "backends",
     "centroid_loss",

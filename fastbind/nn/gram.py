@@ -1,0 +1,1 @@
+class GramLoss: ...  # scaffold, replaced by the GRAM owner

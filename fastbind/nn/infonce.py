@@ -1,0 +1,4 @@
+class CentroBindLoss: ...  # scaffold
+
+
+class InfoNCELoss: ...  # scaffold

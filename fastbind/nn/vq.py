@@ -1,0 +1,1 @@
+class VectorQuantizer: ...  # scaffold, replaced by the codebook owner
