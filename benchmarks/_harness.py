@@ -26,12 +26,13 @@ import gc
 import importlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from fastbind._sysinfo import machine_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -49,28 +50,6 @@ class Case:
     params: dict = field(default_factory=dict)
     device: str = "cpu"
     repeat: int = 5
-
-
-def machine_name() -> str:
-    """Host, CPU model and core count, plus the GPU when one is visible."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    name = f"{platform.node()} | {cpu} x{os.cpu_count()}"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            name += " | " + torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - the name is informative only
-        pass
-    return name
 
 
 def _rss_kb(field_name: str) -> int:
@@ -206,9 +185,10 @@ def run_cases(cases, ratios, name: str, *, echo=print, timeout: float = 900.0) -
 
 def _format_row(row: dict) -> str:
     params = " ".join(f"{k}={v}" for k, v in row["params"].items())
+    head = f"  {row['provider']:<24} {row['mode']:<8} {params:<32}"
     if "median_ms" in row:
-        return f"  {row['provider']:<24} {row['mode']:<8} {params:<32} {row['median_ms']:10.2f} ms {row['peak_mb']:9.1f} MB"
-    return f"  {row['provider']:<24} {row['mode']:<8} {params:<32} {row.get('skipped') or row.get('error')}"
+        return f"{head} {row['median_ms']:10.2f} ms {row['peak_mb']:9.1f} MB"
+    return f"{head} {row.get('skipped') or row.get('error')}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -31,7 +31,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension_status() -> tuple[bool, bool, str]:
     """(cpu ops built, cuda ops built, reason if not)."""
     try:
@@ -42,7 +42,7 @@ def _extension_status() -> tuple[bool, bool, str]:
     return True, "cuda" in info.split(), "" if "cuda" in info.split() else "fastbind._C built without CUDA"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401

@@ -42,13 +42,11 @@ def check_same_device_dtype(fn: str, named: Sequence[tuple[str, torch.Tensor]]) 
     for name, t in named[1:]:
         if t.device != first.device:
             raise ValueError(
-                f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
-                "all inputs must be on one device"
+                f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; all inputs must be on one device"
             )
         if t.dtype != first.dtype:
             raise TypeError(
-                f"{fn}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                "all inputs must share one dtype"
+                f"{fn}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; all inputs must share one dtype"
             )
 
 
