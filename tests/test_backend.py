@@ -1,0 +1,103 @@
+"""Backend registry, selection order and error messages (DESIGN §4), and `fastbind info`."""
+
+import pytest
+import torch
+
+import fastbind
+from fastbind import _backend
+from fastbind.cli import main as cli_main
+
+
+def test_torch_always_available_and_listed_last():
+    names = fastbind.backends()
+    assert names[-1] == "torch"
+    assert set(names) <= set(_backend.BACKENDS)
+
+
+def test_cpu_backend_built_here():
+    # make test builds the extension first; a missing one must be reported, not hidden
+    ok, reason = _backend.availability()["cpu"]
+    assert ok, reason
+    assert "cpu" in fastbind.backends()
+
+
+def test_unavailable_backends_have_reasons():
+    for name, (ok, reason) in _backend.availability().items():
+        assert ok or reason, f"{name} is missing without a reason"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU reasons")
+def test_no_gpu_reasons():
+    status = _backend.availability()
+    assert not status["cuda"][0]
+    assert "cuda" not in fastbind.backends()
+
+
+def test_auto_selection_cpu_tensors():
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float32) == "cpu"
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.bfloat16) == "cpu"
+    # float64 is the reference's job: the fused kernels accumulate in float32
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float64) == "torch"
+    # an op without a cpu kernel falls through to the reference
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float32, supported=("torch",)) == "torch"
+
+
+def test_auto_never_picks_triton_for_cpu_tensors():
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float32, supported=("triton", "torch")) == "torch"
+
+
+def test_explicit_keyword_wins_and_unavailable_raises_with_reason():
+    assert _backend.resolve("op", "torch", torch.device("cpu"), torch.float32) == "torch"
+    with pytest.raises(RuntimeError, match=r"op: backend 'cuda' cannot run this call: .*(CUDA|cuda)"):
+        _backend.resolve("op", "cuda", torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="dtype torch.float64 unsupported"):
+        _backend.resolve("op", "cpu", torch.device("cpu"), torch.float64)
+    with pytest.raises(RuntimeError, match="no such kernel"):
+        _backend.resolve("op", "cpu", torch.device("cpu"), torch.float32, supported=("torch",))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fastbind.set_backend("fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        _backend.resolve("op", "fast", torch.device("cpu"), torch.float32)
+
+
+def test_set_backend_then_environment(monkeypatch):
+    monkeypatch.setenv("FASTBIND_BACKEND", "torch")
+    assert fastbind.get_backend() == "torch"
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float32) == "torch"
+    fastbind.set_backend("cpu")  # the process default beats the environment
+    assert _backend.resolve("op", None, torch.device("cpu"), torch.float32) == "cpu"
+    assert _backend.resolve("op", "torch", torch.device("cpu"), torch.float32) == "torch"  # keyword beats both
+    fastbind.set_backend(None)
+    monkeypatch.setenv("FASTBIND_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTBIND_BACKEND"):
+        _backend.resolve("op", None, torch.device("cpu"), torch.float32)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _backend.resolve("op", "triton", torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.resolve("op", "triton", torch.device("cpu"), torch.float32) == "triton"
+
+
+def test_public_functions_take_backend_keyword():
+    import inspect
+
+    for name in fastbind.__all__:
+        fn = getattr(fastbind, name)
+        if name in ("nn", "backends", "set_backend", "get_backend"):
+            continue
+        assert "backend" in inspect.signature(fn).parameters, name
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch    {torch.__version__}" in out
+    assert "backends (fastest first): " + ", ".join(fastbind.backends()) in out
+    for name, (ok, reason) in _backend.availability().items():
+        assert (f"{name:<7} available" if ok else f"{name:<7} missing: {reason}") in out
