@@ -15,7 +15,7 @@ $(STAMP): requirements-dev.txt
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	FASTBIND_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # Incremental (ninja) build of the C++ extension fastbind._C next to the sources.

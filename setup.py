@@ -59,4 +59,9 @@ def _build_ext():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+if os.environ.get("FASTBIND_NO_EXT") == "1":
+    # `make venv` registers the package (editable) without compiling; `make build` then compiles
+    # the extension once, incrementally, next to the sources.
+    setup()
+else:
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
