@@ -1,0 +1,476 @@
+// GRAM volumes and the GRAM contrastive loss on the CPU (DESIGN §2.1-2.2), as epilogues of the
+// tiled GEMM skeleton `stream_tiles` (csrc/include/fastbind/tiled.h).
+//
+// Inputs prepared by fastbind/ops/gram.py (ordinary autograd-aware torch ops, O((B1+B2)·k²·D)):
+//   anchor     [B1, D]        a_i
+//   basis      [k-1, B2, D]   Q: orthonormal basis q^r_j of span(m^1_j … m^{k-1}_j) per sample j
+//   span_vol   [B2]           r_j = sqrt(det M_j), the volume of sample j's own non-anchor modalities
+//   anchor_sq  [B1]           ‖a_i‖²
+// The kernels stream the k-1 products P_r = A·Q_rᵀ in tiles and compute in the epilogue
+//   dist_ij = sqrt(max(‖a_i‖² − Σ_r P_r,ij², 0)),  vol_ij = r_j·dist_ij,  logit_ij = −vol_ij/τ.
+// One kernel source serves every k (the number of products is a loop bound).
+//
+// Memory: the volume op writes only its [B1, B2] output; the loss keeps O(B1 + B2) statistics and
+// its backward recomputes every tile (one scratch tile of (k-1)·row_block·col_block floats).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fastbind/tiled.h"
+
+// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
+// time: the extension is built without -march flags, so this is how the epilogue gets 8-wide
+// vectors on the machines that have them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FB_VECTORISED __attribute__((target_clones("arch=haswell", "default"), optimize("no-math-errno")))
+#else
+#define FB_VECTORISED
+#endif
+
+namespace fastbind {
+namespace cpu {
+namespace {
+
+constexpr int kMaxProducts = 7;  // k <= 8 modalities -> at most 7 products per tile
+
+// Largest row/column block of the loss tiles. 128 × 1024 floats × (k-1) products stay in L2/L3
+// while the epilogue reads them back, and keep both threads busy on the epilogue rows.
+constexpr int64_t kRowBlock = 128;
+constexpr int64_t kColBlock = 1024;
+
+// Backward clamp of the distance to the span: ∂vol/∂(‖a‖², P) carry 1/dist, whose round-off
+// error in float32 is about 1e-7·‖a‖²/dist; below 1e-4·‖a‖ we clamp so that the gradient stays
+// finite and its error bounded (forward values are never clamped). kTinyDist guards zero anchors.
+constexpr float kDistRelEps = 1e-4f;
+constexpr float kTinyDist = 1e-20f;
+
+// exp(x) for x <= ~88 in float32, branch-free so that gcc vectorises the loops that call it.
+// Range reduction x = n·ln2 + f, |f| <= ln2/2, degree-6 Taylor polynomial (rel. error < 2e-7),
+// 2^n by building the exponent bits. Inputs below -87.3 return exp(-87.3) ≈ 1e-38 (they are
+// always added to a sum that contains exp(0) = 1, so this changes nothing); NaN propagates.
+inline float fast_exp(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
+  const float f = (t - n) * 0.693147180559945309f;
+  float p = 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(bits);
+}
+
+// Per-tile pointers to the k-1 products (row-major [nr, nc]).
+struct Products {
+  float* p[kMaxProducts];
+  int n;
+};
+
+Products products_of(const std::vector<at::Tensor>& prods) {
+  Products out{};
+  out.n = static_cast<int>(prods.size());
+  for (int r = 0; r < out.n; ++r) out.p[r] = prods[r].data_ptr<float>();
+  return out;
+}
+
+// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
+FB_VECTORISED void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* dist) {
+  for (int64_t j = 0; j < nc; ++j) dist[j] = a_sq;
+  for (int r = 0; r < P.n; ++r) {
+    const float* pr = P.p[r] + off;
+    for (int64_t j = 0; j < nc; ++j) dist[j] -= pr[j] * pr[j];
+  }
+  for (int64_t j = 0; j < nc; ++j) dist[j] = std::sqrt(dist[j] > 0.f ? dist[j] : 0.f);
+}
+
+// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ).
+FB_VECTORISED void scaled_volumes(const float* dist, const float* span_vol, float scale, int64_t nc,
+                                  float* out) {
+  for (int64_t j = 0; j < nc; ++j) out[j] = scale * span_vol[j] * dist[j];
+}
+
+float row_max(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// Σ_j exp(x_j − shift) and Σ_j x_j.
+FB_VECTORISED void exp_sum_and_sum(const float* x, int64_t n, float shift, float* exp_sum, float* sum) {
+  float es = 0.f, s = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    es += fast_exp(x[j] - shift);
+    s += x[j];
+  }
+  *exp_sum = es;
+  *sum = s;
+}
+
+// col_max_j = max(col_max_j, x_j).
+FB_VECTORISED void max_into(const float* x, int64_t n, float* col_max) {
+  for (int64_t j = 0; j < n; ++j) col_max[j] = x[j] > col_max[j] ? x[j] : col_max[j];
+}
+
+// col_exp_j += exp(x_j − col_max_j); col_sum_j += x_j.
+FB_VECTORISED void exp_sum_into(const float* x, const float* col_max, int64_t n, float* col_exp,
+                                float* col_sum) {
+  for (int64_t j = 0; j < n; ++j) {
+    col_exp[j] += fast_exp(x[j] - col_max[j]);
+    col_sum[j] += x[j];
+  }
+}
+
+// One backward row of a tile. For each column j (global column c0 + j, positive column `diag`):
+//   g_ij      = ∂L/∂logit_ij from the saved row/column LSE (see gram_loss_backward)
+//   dvol_ij   = −g_ij/τ,   dtau += g_ij·logit_ij (then ·(−1/τ))
+//   coef_ij   = dvol_ij·r_j / max(dist_ij, eps)
+//   T_r,ij    = −coef_ij·P_r,ij            (written over P_r in place)
+//   da_sq    += coef_ij/2,  dr_j += dvol_ij·dist_ij
+// Returns (da_sq, dtau) contributions of the row through the pointers.
+struct RowGrad {
+  float g_row, lse_row;  // upstream weight of the row's CE and its LSE (g_row = 0: no row CE)
+  float row_smooth;      // ε / B2
+  float col_smooth;      // ε / B1
+  float one_minus_eps;
+  float neg_inv_tau;
+  float eps_dist;
+  int64_t diag;  // tile-local positive column, or -1
+};
+
+FB_VECTORISED void backward_row(const Products& P, int64_t off, int64_t nc, float a_sq, const float* span_vol,
+                                const float* g_col, const float* lse_col, const RowGrad& rg, float* dist,
+                                float* dr, float* da_sq, float* dtau) {
+  row_distances(P, off, nc, a_sq, dist);
+  float da = 0.f, dt = 0.f;
+  for (int64_t j = 0; j < nc; ++j) {
+    const float logit = rg.neg_inv_tau * span_vol[j] * dist[j];
+    const float delta = j == rg.diag ? rg.one_minus_eps : 0.f;
+    const float g = rg.g_row * (fast_exp(logit - rg.lse_row) - rg.row_smooth - delta) +
+                    g_col[j] * (fast_exp(logit - lse_col[j]) - rg.col_smooth - delta);
+    const float dvol = g * rg.neg_inv_tau;
+    dt += g * logit;
+    dr[j] += dvol * dist[j];
+    const float d = dist[j] > rg.eps_dist ? dist[j] : rg.eps_dist;
+    const float coef = dvol * span_vol[j] / d;
+    da += coef;
+    dist[j] = -coef;  // reuse as the factor of P_r
+  }
+  for (int r = 0; r < P.n; ++r) {
+    float* pr = P.p[r] + off;
+    for (int64_t j = 0; j < nc; ++j) pr[j] *= dist[j];
+  }
+  *da_sq += 0.5f * da;
+  *dtau += dt;
+}
+
+void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
+                  const at::Tensor& anchor_sq) {
+  TORCH_CHECK(anchor.dim() == 2 && basis.dim() == 3, op, ": expected anchor [B1, D] and basis [k-1, B2, D]");
+  TORCH_CHECK(basis.size(0) >= 1 && basis.size(0) <= kMaxProducts, op, ": basis has ", basis.size(0),
+              " vectors per sample, expected 1..", kMaxProducts);
+  TORCH_CHECK(basis.size(2) == anchor.size(1), op, ": basis D = ", basis.size(2), " but anchor D = ",
+              anchor.size(1));
+  TORCH_CHECK(span_vol.dim() == 1 && span_vol.size(0) == basis.size(1), op, ": span_vol must be [B2]");
+  TORCH_CHECK(anchor_sq.dim() == 1 && anchor_sq.size(0) == anchor.size(0), op, ": anchor_sq must be [B1]");
+  for (const at::Tensor* t : {&anchor, &basis, &span_vol, &anchor_sq}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": the CPU kernels take float32 inputs");
+    TORCH_CHECK(t->device().is_cpu(), op, ": the CPU kernels take CPU tensors");
+  }
+}
+
+// The k-1 (anchor, basis_r) pairs of the skeleton: products P_r = A·Q_rᵀ.
+void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vector<at::Tensor>& A,
+                   std::vector<at::Tensor>& B) {
+  for (int64_t r = 0; r < basis.size(0); ++r) {
+    A.push_back(anchor);
+    B.push_back(basis[r]);
+  }
+}
+
+int64_t grain(int64_t nc) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(nc, 1)); }
+
+}  // namespace
+
+// vol [B1, B2]
+at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
+                           const at::Tensor& anchor_sq_in) {
+  check_inputs("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
+  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
+  const int64_t B1 = anchor.size(0), B2 = basis.size(1);
+  at::Tensor vol = at::empty({B1, B2}, anchor.options());
+  if (B1 == 0 || B2 == 0) return vol;
+  std::vector<at::Tensor> A, B;
+  product_pairs(anchor, basis, A, B);
+  float* out = vol.data_ptr<float>();
+  const float* rv = span_vol.data_ptr<float>();
+  const float* asq = anchor_sq.data_ptr<float>();
+  stream_tiles(
+      A, B,
+      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        const Products P = products_of(prods);
+        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
+          std::vector<float> dist(t.nc);
+          for (int64_t i = b; i < e; ++i) {
+            row_distances(P, i * t.nc, t.nc, asq[t.r0 + i], dist.data());
+            scaled_volumes(dist.data(), rv + t.c0, 1.0f, t.nc, out + (t.r0 + i) * B2 + t.c0);
+          }
+        });
+      },
+      kRowBlock, kColBlock);
+  return vol;
+}
+
+// Gradients of Σ_ij grad_ij·vol_ij: (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1]).
+// Uses the loss backward's row kernel with g = grad (no softmax): recomputes the tiles.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& anchor_in, const at::Tensor& basis_in,
+    const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in) {
+  check_inputs("gram_volume_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
+  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const int64_t B1 = anchor.size(0), B2 = basis.size(1), R = basis.size(0);
+  at::Tensor d_anchor = at::zeros_like(anchor), d_basis = at::zeros_like(basis);
+  at::Tensor d_span = at::zeros({B2}, anchor.options()), d_asq = at::zeros({B1}, anchor.options());
+  if (B1 == 0 || B2 == 0) return {d_anchor, d_basis, d_span, d_asq};
+  std::vector<at::Tensor> A, B;
+  product_pairs(anchor, basis, A, B);
+  const float* rv = span_vol.data_ptr<float>();
+  const float* asq = anchor_sq.data_ptr<float>();
+  const float* g = grad.data_ptr<float>();
+  float* dasq = d_asq.data_ptr<float>();
+  const int nthreads = at::get_num_threads();
+  at::Tensor col_acc = at::zeros({nthreads, kColBlock}, anchor.options());
+  stream_tiles(
+      A, B,
+      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        const Products P = products_of(prods);
+        col_acc.zero_();
+        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
+          std::vector<float> buf(t.nc);
+          float* dr = col_acc[at::get_thread_num()].data_ptr<float>();
+          for (int64_t i = b; i < e; ++i) {
+            const float a2 = asq[t.r0 + i];
+            const float eps = std::max(kDistRelEps * std::sqrt(a2), kTinyDist);
+            float* dist = buf.data();
+            row_distances(P, i * t.nc, t.nc, a2, dist);
+            const float* gi = g + (t.r0 + i) * B2 + t.c0;
+            float da = 0.f;
+            for (int64_t j = 0; j < t.nc; ++j) {
+              dr[j] += gi[j] * dist[j];
+              const float coef = gi[j] * rv[t.c0 + j] / std::max(dist[j], eps);
+              da += coef;
+              dist[j] = -coef;
+            }
+            for (int r = 0; r < P.n; ++r) {
+              float* pr = P.p[r] + i * t.nc;
+              for (int64_t j = 0; j < t.nc; ++j) pr[j] *= dist[j];
+            }
+            dasq[t.r0 + i] += 0.5f * da;
+          }
+        });
+        d_span.narrow(0, t.c0, t.nc).add_(col_acc.narrow(1, 0, t.nc).sum(0));
+        for (int64_t r = 0; r < R; ++r) {
+          d_anchor.narrow(0, t.r0, t.nr).addmm_(prods[r], basis[r].narrow(0, t.c0, t.nc));
+          d_basis[r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), anchor.narrow(0, t.r0, t.nr));
+        }
+      },
+      kRowBlock, kColBlock);
+  return {d_anchor, d_basis, d_span, d_asq};
+}
+
+// GRAM loss statistics. Row i's positive column is i + diag_offset. With `rows`, row_loss_i is the
+// label-smoothed CE of row i (over the B2 columns); with `cols`, col_loss_j is the CE of column j
+// (over the B1 rows). Returns (row_loss [B1], col_loss [B2], row_lse [B1], col_lse [B2]); the
+// statistics of a disabled direction are zeros.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu(
+    const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
+    const at::Tensor& anchor_sq_in, const at::Tensor& temperature, double label_smoothing, int64_t diag_offset,
+    bool rows, bool cols) {
+  check_inputs("gram_loss_forward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
+  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
+  const int64_t B1 = anchor.size(0), B2 = basis.size(1);
+  if (rows) TORCH_CHECK(diag_offset >= 0 && B1 + diag_offset <= B2, "gram_loss_forward: rows need positives");
+  if (cols) TORCH_CHECK(diag_offset <= 0 && B2 - diag_offset <= B1, "gram_loss_forward: cols need positives");
+  const float neg_inv_tau = -1.0f / temperature.item<float>();
+  const float eps = static_cast<float>(label_smoothing);
+  const auto opts = anchor.options();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::Tensor row_max_t = at::full({B1}, ninf, opts), row_exp = at::zeros({B1}, opts);
+  at::Tensor row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
+  at::Tensor col_max_t = at::full({B2}, ninf, opts), col_exp = at::zeros({B2}, opts);
+  at::Tensor col_sum = at::zeros({B2}, opts), col_pos = at::zeros({B2}, opts);
+  std::vector<at::Tensor> A, B;
+  product_pairs(anchor, basis, A, B);
+  const float* rv = span_vol.data_ptr<float>();
+  const float* asq = anchor_sq.data_ptr<float>();
+  float *rmax = row_max_t.data_ptr<float>(), *rexp = row_exp.data_ptr<float>();
+  float *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
+  float *cmax = col_max_t.data_ptr<float>(), *cexp = col_exp.data_ptr<float>();
+  float *csum = col_sum.data_ptr<float>(), *cpos = col_pos.data_ptr<float>();
+  // The rows of a tile are split into `nchunks` contiguous chunks, one per thread; each chunk keeps
+  // partial column statistics (max, Σ exp(x − max), Σ x) that are merged in chunk order.
+  const int64_t nchunks = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor part = at::empty({nchunks, 3, kColBlock}, opts);
+  stream_tiles(
+      A, B,
+      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        const Products P = products_of(prods);
+        const int64_t chunk_rows = (t.nr + nchunks - 1) / nchunks;
+        at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+          std::vector<float> dist(t.nc);
+          for (int64_t c = cb; c < ce; ++c) {
+            const int64_t b = c * chunk_rows, e = std::min(t.nr, b + chunk_rows);
+            float* pmax = part[c][0].data_ptr<float>();
+            float* pexp = part[c][1].data_ptr<float>();
+            float* psum = part[c][2].data_ptr<float>();
+            std::fill(pmax, pmax + t.nc, ninf);
+            std::fill(pexp, pexp + t.nc, 0.f);
+            std::fill(psum, psum + t.nc, 0.f);
+            for (int64_t i = b; i < e; ++i) {
+              const int64_t gi = t.r0 + i;
+              float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
+              row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
+              scaled_volumes(dist.data(), rv + t.c0, neg_inv_tau, t.nc, logit);
+              const int64_t pos = gi + diag_offset - t.c0;
+              if (pos >= 0 && pos < t.nc) {
+                rpos[gi] = logit[pos];
+                cpos[gi + diag_offset] = logit[pos];
+              }
+              if (rows) {
+                const float m = std::max(rmax[gi], row_max(logit, t.nc));
+                float es, s;
+                exp_sum_and_sum(logit, t.nc, m, &es, &s);
+                rexp[gi] = rexp[gi] * std::exp(rmax[gi] - m) + es;
+                rmax[gi] = m;
+                rsum[gi] += s;
+              }
+              if (cols) max_into(logit, t.nc, pmax);
+            }
+            if (cols) {
+              for (int64_t i = b; i < e; ++i) exp_sum_into(P.p[0] + i * t.nc, pmax, t.nc, pexp, psum);
+            }
+          }
+        });
+        if (!cols) return;
+        // Merge the chunks' partial column statistics into the running ones (online LSE).
+        for (int64_t c = 0; c < nchunks && c * chunk_rows < t.nr; ++c) {
+          const float* pmax = part[c][0].data_ptr<float>();
+          const float* pexp = part[c][1].data_ptr<float>();
+          const float* psum = part[c][2].data_ptr<float>();
+          for (int64_t j = 0; j < t.nc; ++j) {
+            const int64_t gj = t.c0 + j;
+            const float m = std::max(cmax[gj], pmax[j]);
+            cexp[gj] = cexp[gj] * std::exp(cmax[gj] - m) + pexp[j] * std::exp(pmax[j] - m);
+            cmax[gj] = m;
+            csum[gj] += psum[j];
+          }
+        }
+      },
+      kRowBlock, kColBlock);
+  at::Tensor row_loss = at::zeros({B1}, opts), row_lse = at::zeros({B1}, opts);
+  at::Tensor col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
+  if (rows) {
+    row_lse = row_max_t + row_exp.log();
+    row_loss = row_lse - (1.0 - eps) * row_pos - (eps / static_cast<double>(B2)) * row_sum;
+  }
+  if (cols) {
+    col_lse = col_max_t + col_exp.log();
+    col_loss = col_lse - (1.0 - eps) * col_pos - (eps / static_cast<double>(B1)) * col_sum;
+  }
+  return {row_loss, col_loss, row_lse, col_lse};
+}
+
+// Gradients of Σ_i grad_row_i·row_loss_i + Σ_j grad_col_j·col_loss_j, recomputing every tile:
+// ∂/∂logit_ij = grad_row_i·(softmax_row_ij − (1−ε)δ − ε/B2) + grad_col_j·(softmax_col_ij − (1−ε)δ − ε/B1).
+// Returns (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1], d_temperature []).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_backward_cpu(
+    const at::Tensor& grad_row_in, const at::Tensor& grad_col_in, const at::Tensor& anchor_in,
+    const at::Tensor& basis_in, const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in,
+    const at::Tensor& temperature, const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
+    double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
+  check_inputs("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
+  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
+  const int64_t B1 = anchor.size(0), B2 = basis.size(1), R = basis.size(0);
+  const auto opts = anchor.options();
+  // A disabled direction contributes nothing: its upstream weights are zero.
+  const at::Tensor grad_row = rows ? grad_row_in.to(at::kFloat).contiguous() : at::zeros({B1}, opts);
+  const at::Tensor grad_col = cols ? grad_col_in.to(at::kFloat).contiguous() : at::zeros({B2}, opts);
+  const at::Tensor row_lse = row_lse_in.contiguous(), col_lse = col_lse_in.contiguous();
+  const float tau = temperature.item<float>();
+  const float eps = static_cast<float>(label_smoothing);
+  at::Tensor d_anchor = at::zeros_like(anchor), d_basis = at::zeros_like(basis);
+  at::Tensor d_span = at::zeros({B2}, opts), d_asq = at::zeros({B1}, opts);
+  std::vector<at::Tensor> A, B;
+  product_pairs(anchor, basis, A, B);
+  const float* rv = span_vol.data_ptr<float>();
+  const float* asq = anchor_sq.data_ptr<float>();
+  const float *grow = grad_row.data_ptr<float>(), *gcol = grad_col.data_ptr<float>();
+  const float *rlse = row_lse.data_ptr<float>(), *clse = col_lse.data_ptr<float>();
+  float* dasq = d_asq.data_ptr<float>();
+  const int nthreads = at::get_num_threads();
+  at::Tensor col_acc = at::zeros({nthreads, kColBlock}, opts);
+  std::vector<double> dtau_acc(nthreads, 0.0);
+  stream_tiles(
+      A, B,
+      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        const Products P = products_of(prods);
+        col_acc.zero_();
+        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
+          std::vector<float> buf(t.nc);
+          const int tid = at::get_thread_num();
+          float* dr = col_acc[tid].data_ptr<float>();
+          float dt = 0.f;
+          for (int64_t i = b; i < e; ++i) {
+            const int64_t gi = t.r0 + i;
+            const int64_t pos = gi + diag_offset - t.c0;
+            RowGrad rg{grow[gi],
+                       rlse[gi],
+                       eps / static_cast<float>(B2),
+                       eps / static_cast<float>(B1),
+                       1.0f - eps,
+                       -1.0f / tau,
+                       std::max(kDistRelEps * std::sqrt(asq[gi]), kTinyDist),
+                       (pos >= 0 && pos < t.nc) ? pos : -1};
+            backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, gcol + t.c0, clse + t.c0, rg, buf.data(), dr,
+                         dasq + gi, &dt);
+          }
+          dtau_acc[tid] += dt;
+        });
+        d_span.narrow(0, t.c0, t.nc).add_(col_acc.narrow(1, 0, t.nc).sum(0));
+        for (int64_t r = 0; r < R; ++r) {
+          d_anchor.narrow(0, t.r0, t.nr).addmm_(prods[r], basis[r].narrow(0, t.c0, t.nc));
+          d_basis[r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), anchor.narrow(0, t.r0, t.nr));
+        }
+      },
+      kRowBlock, kColBlock);
+  double dtau = 0.0;
+  for (double v : dtau_acc) dtau += v;
+  at::Tensor d_tau = at::full({}, -dtau / tau, temperature.options().dtype(at::kFloat));
+  return {d_anchor, d_basis, d_span, d_asq, d_tau};
+}
+
+TORCH_LIBRARY_IMPL(fastbind, CPU, m) {
+  m.impl("gram_volume", &gram_volume_cpu);
+  m.impl("gram_volume_backward", &gram_volume_backward_cpu);
+  m.impl("gram_loss_forward", &gram_loss_forward_cpu);
+  m.impl("gram_loss_backward", &gram_loss_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastbind
