@@ -32,6 +32,19 @@ TORCH_LIBRARY(fastbind, m) {
   m.def("build_info() -> str", &build_info);
 
   // ---- GRAM (csrc/cpu/gram.cpp) ----
+  // anchor [B1,D], basis [k-1,B2,D] (orthonormal basis of each sample's non-anchor modalities),
+  // span_vol [B2] (volume of those modalities), anchor_sq [B1] (squared anchor norms); float32.
+  m.def("gram_volume(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq) -> Tensor");
+  m.def(
+      "gram_volume_backward(Tensor grad, Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gram_loss_forward(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq, Tensor temperature,"
+      " float label_smoothing, int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gram_loss_backward(Tensor grad_row, Tensor grad_col, Tensor anchor, Tensor basis, Tensor span_vol,"
+      " Tensor anchor_sq, Tensor temperature, Tensor row_lse, Tensor col_lse, float label_smoothing,"
+      " int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- anchored InfoNCE (csrc/cpu/infonce.cpp) ----
 
