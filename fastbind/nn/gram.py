@@ -51,4 +51,7 @@ class GramLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={float(self.temperature):.4g}, label_smoothing={self.label_smoothing}, direction={self.direction!r}"
+        return (
+            f"temperature={float(self.temperature):.4g}, label_smoothing={self.label_smoothing}, "
+            f"direction={self.direction!r}"
+        )

@@ -146,7 +146,7 @@ def _op(name: str):
     return getattr(getattr(torch.ops, namespace), op).default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ops(backend: str):
     """(volume, loss_forward) custom ops of a fused backend, registered on first use."""
     if backend == "cpu":
