@@ -49,6 +49,10 @@ TORCH_LIBRARY(fastbind, m) {
   // ---- anchored InfoNCE (csrc/cpu/infonce.cpp) ----
 
   // ---- codebooks (csrc/cpu/codebook.cpp) ----
+  // x [N, D], codebook [K, D], weight [D] or None -> (dist [N, k] float32, index [N, k] int64):
+  // the k nearest codes per row, ties to the lowest index, never an N×K tensor. Not differentiable
+  // (fastbind/ops/codebook.py recomputes a differentiable dist around it).
+  m.def("codebook_lookup(Tensor x, Tensor codebook, int k, str metric, Tensor? weight) -> (Tensor, Tensor)");
 }
 
 }  // namespace fastbind

@@ -1,0 +1,133 @@
+"""Reference (plain PyTorch) codebook lookup, quantisation and TOC dimension selection (DESIGN §2.4).
+
+These functions are the ``torch`` backend and the oracle of the tests: they work in any floating
+dtype (float64 for tests), are differentiable by autograd where stated, and materialise the full
+N×K distance matrix (the fused kernels never do).
+
+Metrics, for a row x [D] and a code e [D], with a non-negative per-dimension weight w (1 if None):
+
+* ``"l2"``:     Σ_d w_d (x_d − e_d)²        (squared weighted Euclidean distance)
+* ``"cosine"``: 1 − Σ_d w_d x̂_d ê_d with x̂ = x/‖x‖_w, ê = e/‖e‖_w, ‖v‖_w = sqrt(Σ_d w_d v_d²): the
+  cosine distance in the weighted space (with a 0/1 TOC mask, the cosine of the kept dimensions)
+* ``"dot"``:    −Σ_d w_d x_d e_d
+
+Smaller is closer for every metric; the k returned codes are sorted by increasing distance and ties
+go to the lowest code index (as ``torch.argmin``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRICS = ("l2", "cosine", "dot")
+# Zero vectors get a zero unit vector under "cosine" (distance 1 to every code), not a NaN.
+_NORM_EPS = 1e-12
+
+
+def weighted_norm(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """‖v‖_w over the last dim (keepdim), clamped below by a tiny epsilon."""
+    sq = v * v if weight is None else v * v * weight
+    # Clamp before the sqrt: a zero vector then has a finite (zero) gradient, not inf·0 = NaN.
+    return sq.sum(-1, keepdim=True).clamp_min(_NORM_EPS * _NORM_EPS).sqrt()
+
+
+def pairwise_distance(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full distance matrix [N, K] between x [N, D] and codebook [K, D] (computed directly, no
+    expansion trick, so it is exact up to the dtype's rounding)."""
+    if metric == "l2":
+        diff = x[:, None, :] - codebook[None, :, :]
+        sq = diff * diff
+        if weight is not None:
+            sq = sq * weight
+        return sq.sum(-1)
+    if metric == "cosine":
+        x = x / weighted_norm(x, weight)
+        codebook = codebook / weighted_norm(codebook, weight)
+        if weight is not None:
+            x = x * weight
+        return 1.0 - x @ codebook.T
+    if metric == "dot":
+        if weight is not None:
+            x = x * weight
+        return -(x @ codebook.T)
+    raise ValueError(f"pairwise_distance: metric must be one of {METRICS}, got {metric!r}")
+
+
+def codebook_lookup(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    k: int = 1,
+    metric: str = "l2",
+    weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest codes of every row of x.
+
+    x [..., D], codebook [K, D], weight [D] or None -> (dist [..., k] in x's dtype, index [..., k] int64).
+    ``dist`` is differentiable w.r.t. x, codebook and weight; ties go to the lowest index.
+    """
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    dist = pairwise_distance(flat, codebook, metric, weight)
+    # A stable ascending sort keeps equal distances in index order: ties to the lowest index.
+    order = torch.sort(dist.detach(), dim=1, stable=True).indices[:, :k]
+    best = dist.gather(1, order)
+    return best.reshape(*lead, k), order.reshape(*lead, k)
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """x + (q − x).detach(): the value of q, the gradient of the identity w.r.t. x."""
+    return x + (quantized - x).detach()
+
+
+def quantize(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest-code quantisation with a straight-through gradient.
+
+    Returns (quantized [..., D], index [...] int64, sqdist [...]):
+    * ``quantized`` has the value codebook[index] and passes its gradient unchanged to x;
+    * ``sqdist`` = Σ_d w_d (x_d − e_d)² for the chosen code (whatever the metric chose it), the
+      commitment term: differentiable w.r.t. x and (through the gathered code) the codebook, so
+      ``sqdist.mean()`` is the commitment loss and ``‖sg(x) − e‖²`` a codebook loss can be built
+      from it by detaching x.
+    """
+    _, index = codebook_lookup(x.detach(), codebook.detach(), 1, metric, None if weight is None else weight.detach())
+    index = index[..., 0]
+    code = codebook[index]
+    diff = x - code
+    sq = diff * diff
+    if weight is not None:
+        sq = sq * weight
+    sqdist = sq.sum(-1)
+    return straight_through(x, code), index, sqdist
+
+
+def toc_scores(codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0) -> torch.Tensor:
+    """TOC score of every dimension of a codebook E [K, D] -> [D].
+
+    sim_d = ((Σ_i E_id)² − Σ_i E_id²) / (K(K−1))  (mean product of distinct code pairs in dim d),
+    score_d = −α·sim_d + β·Var_d (population variance over the K codes). Needs K ≥ 2.
+    """
+    num_codes = codebook.shape[0]
+    col_sum = codebook.sum(0)
+    sim = (col_sum * col_sum - (codebook * codebook).sum(0)) / (num_codes * (num_codes - 1))
+    score = -alpha * sim
+    if beta != 0.0:
+        score = score + beta * codebook.var(0, unbiased=False)
+    return score
+
+
+def toc_select(codebook: torch.Tensor, keep: int, alpha: float = 0.7, beta: float = 0.0) -> torch.Tensor:
+    """Indices [keep] (int64) of the `keep` highest-scoring TOC dimensions, best first; equal scores
+    keep the lower dimension first."""
+    scores = toc_scores(codebook, alpha, beta)
+    return torch.sort(scores.detach(), descending=True, stable=True).indices[:keep]
+
+
+def toc_mask(codebook: torch.Tensor, keep: int, alpha: float = 0.7, beta: float = 0.0) -> torch.Tensor:
+    """0/1 weight [D] (codebook's dtype) selecting the `keep` TOC dimensions, for the lookup's ``weight``."""
+    mask = torch.zeros(codebook.shape[1], dtype=codebook.dtype, device=codebook.device)
+    mask[toc_select(codebook, keep, alpha, beta)] = 1
+    return mask

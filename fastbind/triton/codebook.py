@@ -1,0 +1,301 @@
+"""Triton codebook lookup: GEMM tiles x·Bᵀ + an epilogue keeping a running top-k per row (DESIGN §2.4).
+
+One program owns BLOCK_M rows and streams the codebook in BLOCK_N-code tiles; each tile's scores
+``x_i·b_j + bias_j`` (see ``csrc/cpu/codebook.cpp`` for the per-metric b and bias) are merged into a
+per-row list of the KP smallest (score, index) pairs kept in registers, so nothing of size N×K is ever
+written to memory (FAISS GPU writes N×K tiles to global memory and reads them back). After the last
+tile the k winners' distances are recomputed directly from x and the fp32 codes, and the list is
+re-sorted by (distance, index): ties go to the lowest index, and a bf16/TF32 GEMM can only reorder
+near-ties.
+
+Runs on CUDA and, for the tests, on CPU tensors under ``TRITON_INTERPRET=1`` (UPCAST: the interpreter
+stores bf16 as uint16, so operands are upcast right after the load there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbind.triton._common import AotSpec
+
+METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
+_NORM_EPS = 1e-12  # as fastbind.reference.codebook: a zero vector is at cosine distance 1 from every code
+# Index sentinels, ordered: real code indices < empty-slot indices (2^60 + slot) < taken (2^61) < "none" (2^62).
+_EMPTY = tl.constexpr(1 << 60)
+_TAKEN = tl.constexpr(1 << 61)
+_NONE = tl.constexpr(1 << 62)
+
+
+@triton.jit
+def _lex_min(s, i, NONE: tl.constexpr):
+    """Row-wise lexicographic minimum of (s, i) pairs [M, C] -> (s_min [M], i_min [M])."""
+    s_min = tl.min(s, 1)
+    i_min = tl.min(tl.where(s == s_min[:, None], i, NONE), 1)
+    return s_min, i_min
+
+
+@triton.jit
+def _merge_topk(best_s, best_i, score, idx, slots, KP: tl.constexpr, TAKEN: tl.constexpr, NONE: tl.constexpr):
+    """The KP lexicographically smallest (score, index) pairs of best ∪ tile, ascending, [M, KP]."""
+    new_s = tl.full(best_s.shape, float("inf"), tl.float32)
+    new_i = tl.full(best_i.shape, NONE, tl.int64)
+    for r in range(KP):
+        ms, js = _lex_min(score, idx, NONE)
+        mo, jo = _lex_min(best_s, best_i, NONE)
+        take_tile = (ms < mo) | ((ms == mo) & (js < jo))
+        m = tl.where(take_tile, ms, mo)
+        j = tl.where(take_tile, js, jo)
+        put = slots[None, :] == r
+        new_s = tl.where(put, m[:, None], new_s)
+        new_i = tl.where(put, j[:, None], new_i)
+        hit_t = take_tile[:, None] & (idx == js[:, None])
+        score = tl.where(hit_t, float("inf"), score)
+        idx = tl.where(hit_t, TAKEN, idx)
+        hit_o = (~take_tile)[:, None] & (best_i == jo[:, None])
+        best_s = tl.where(hit_o, float("inf"), best_s)
+        best_i = tl.where(hit_o, TAKEN, best_i)
+    return new_s, new_i
+
+
+@triton.jit
+def _codebook_lookup_fwd_kernel(
+    dist_ptr,  # [N, K_TOP] fp32
+    index_ptr,  # [N, K_TOP] int64
+    x_ptr,  # [N, D] fp32/bf16/fp16, unit inner stride
+    b_ptr,  # [K, D] GEMM operand (x's dtype), unit inner stride
+    bias_ptr,  # [K] fp32
+    e_ptr,  # [K, D] fp32 codes, for the exact distances of the winners
+    w_ptr,  # [D] fp32 weight (unused without HAS_WEIGHT)
+    N,
+    K,
+    D,
+    stride_x,
+    stride_b,
+    stride_e,
+    METRIC: tl.constexpr,  # 0 l2, 1 cosine, 2 dot
+    HAS_WEIGHT: tl.constexpr,
+    K_TOP: tl.constexpr,
+    KP: tl.constexpr,  # K_TOP rounded up to a power of two (tl.arange)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,  # upcast GEMM operands to fp32 after the load (interpreter)
+    INPUT_PRECISION: tl.constexpr,  # "ieee" for fp32 (distances), ignored for bf16/fp16 operands
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_mask = rows < N
+    slots = tl.arange(0, KP)
+    best_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
+    best_i = tl.full((BLOCK_M, KP), _EMPTY, tl.int64) + slots[None, :].to(tl.int64)
+
+    for n0 in range(0, K, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_mask = cols < K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = dd < D
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+            )
+            bt = tl.load(
+                b_ptr + cols[None, :] * stride_b + dd[:, None], mask=col_mask[None, :] & d_mask[:, None], other=0.0
+            )
+            if UPCAST:
+                a = a.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(a, bt, acc, input_precision=INPUT_PRECISION)
+        bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+        score = acc + bias[None, :]
+        # NaN never wins a comparison: map it (and padded columns) to +inf; padded columns carry
+        # indices >= K, so a real code with an infinite score still beats them.
+        score = tl.where(col_mask[None, :] & (score == score), score, float("inf"))
+        idx = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N))
+        best_s, best_i = _merge_topk(best_s, best_i, score, idx, slots, KP, _TAKEN, _NONE)
+
+    # Exact distances of the winners, recomputed from x and the fp32 codes.
+    exact = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
+    for r in range(K_TOP):
+        j = tl.sum(tl.where(slots[None, :] == r, best_i, 0), 1)
+        j_mask = row_mask & (j < K)
+        acc_xe = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_ee = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = dd < D
+            xv = tl.load(
+                x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
+            )
+            xv = xv.to(tl.float32)
+            ev = tl.load(e_ptr + j[:, None] * stride_e + dd[None, :], mask=j_mask[:, None] & d_mask[None, :], other=0.0)
+            if HAS_WEIGHT:
+                wv = tl.load(w_ptr + dd, mask=d_mask, other=0.0)[None, :]
+            else:
+                wv = tl.where(d_mask, 1.0, 0.0)[None, :]
+            if METRIC == 0:
+                diff = xv - ev
+                acc_xe += tl.sum(wv * diff * diff, 1)
+            else:
+                acc_xe += tl.sum(wv * xv * ev, 1)
+                acc_xx += tl.sum(wv * xv * xv, 1)
+                acc_ee += tl.sum(wv * ev * ev, 1)
+        if METRIC == 0:
+            d_r = acc_xe
+        elif METRIC == 1:
+            d_r = 1.0 - acc_xe / (tl.maximum(tl.sqrt(acc_xx), 1e-12) * tl.maximum(tl.sqrt(acc_ee), 1e-12))
+        else:
+            d_r = -acc_xe
+        exact = tl.where(slots[None, :] == r, d_r[:, None], exact)
+
+    # Re-sort the K_TOP winners by (exact distance, index); empty slots (r >= K_TOP) stay last.
+    out_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
+    out_i = tl.full((BLOCK_M, KP), _NONE, tl.int64)
+    keyed = tl.where(exact == exact, exact, float("inf"))  # NaN distances order as +inf
+    live = slots[None, :] < K_TOP
+    keyed = tl.where(live, keyed, float("inf"))
+    cand_i = tl.where(live, best_i, _TAKEN)
+    for r in range(K_TOP):
+        m, j = _lex_min(keyed, cand_i, _NONE)
+        hit = cand_i == j[:, None]
+        d_true = tl.sum(tl.where(hit, exact, 0.0), 1)  # the distance itself (NaN stays NaN)
+        put = slots[None, :] == r
+        out_s = tl.where(put, d_true[:, None], out_s)
+        out_i = tl.where(put, j[:, None], out_i)
+        keyed = tl.where(hit, float("inf"), keyed)
+        cand_i = tl.where(hit, _TAKEN, cand_i)
+
+    out_mask = row_mask[:, None] & (slots[None, :] < K_TOP)
+    offs = rows[:, None] * K_TOP + slots[None, :]
+    tl.store(dist_ptr + offs, out_s, mask=out_mask)
+    tl.store(index_ptr + offs, out_i, mask=out_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _config(dtype: torch.dtype, k: int) -> dict:
+    """Tile sizes. fp32: 64×64×32 tiles (ieee fp32 dot); bf16/fp16: a 64-row M tile and 128 codes, the
+    smallest shape that lowers to wgmma on sm_90 with 4 warps. Large k keeps more state per row in
+    registers, so the code tile shrinks to stay spill-free."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64 if k <= 8 else 32, "BLOCK_D": 32, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128 if k <= 8 else 64, "BLOCK_D": 64, "num_warps": 4}
+
+
+def prepare_codebook(codebook: torch.Tensor, metric: str, weight: torch.Tensor | None, dtype: torch.dtype):
+    """(b [K, D] in `dtype`, bias [K] fp32, e [K, D] fp32) of the score x·b + bias (smaller is closer)."""
+    e = codebook.float().contiguous()
+    ew = e if weight is None else e * weight.float()
+    if metric == "l2":
+        b, bias = -2.0 * ew, (ew * e).sum(1)
+    elif metric == "dot":
+        b, bias = -ew, torch.zeros(e.shape[0], device=e.device)
+    else:
+        norm = (ew * e).sum(1).clamp_min(_NORM_EPS * _NORM_EPS).sqrt()
+        b, bias = -ew / norm[:, None], torch.zeros(e.shape[0], device=e.device)
+    return b.to(dtype).contiguous(), bias.contiguous(), e
+
+
+@torch.library.custom_op("fastbind::codebook_lookup_triton", mutates_args=())
+def codebook_lookup_triton(
+    x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] (fp32/bf16/fp16), codebook [K, D] -> (dist [N, k] fp32, index [N, k] int64). Not differentiable."""
+    n, d = x.shape
+    num_codes = codebook.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    b, bias, e = prepare_codebook(codebook, metric, weight, x.dtype)
+    w = weight.float().contiguous() if weight is not None else bias  # placeholder pointer when unused
+    dist = torch.empty((n, k), device=x.device, dtype=torch.float32)
+    index = torch.empty((n, k), device=x.device, dtype=torch.int64)
+    cfg = _config(x.dtype, k)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    _codebook_lookup_fwd_kernel[grid](
+        dist,
+        index,
+        x,
+        b,
+        bias,
+        e,
+        w,
+        n,
+        num_codes,
+        d,
+        x.stride(0),
+        b.stride(0),
+        e.stride(0),
+        METRIC=METRIC_IDS[metric],
+        HAS_WEIGHT=weight is not None,
+        K_TOP=k,
+        KP=triton.next_power_of_2(k),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=cfg["BLOCK_D"],
+        UPCAST=_interpreting() or x.device.type == "cpu",
+        INPUT_PRECISION="ieee",
+        num_warps=cfg["num_warps"],
+    )
+    return dist, index
+
+
+@codebook_lookup_triton.register_fake
+def _codebook_lookup_triton_fake(x, codebook, k, metric, weight):
+    n = x.shape[0]
+    return x.new_empty((n, k), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int64)
+
+
+def aot_specs() -> list[AotSpec]:
+    """Variants compiled ahead of time for sm_90/sm_80: fp32 and bf16 operands, k = 1 and k = 8, l2."""
+    specs = []
+    for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for k in (1, 8):
+            cfg = _config(dtype, k)
+            op = f"*{tname}"
+            signature = {
+                "dist_ptr": "*fp32",
+                "index_ptr": "*i64",
+                "x_ptr": op,
+                "b_ptr": op,
+                "bias_ptr": "*fp32",
+                "e_ptr": "*fp32",
+                "w_ptr": "*fp32",
+                "N": "i32",
+                "K": "i32",
+                "D": "i32",
+                "stride_x": "i64",
+                "stride_b": "i64",
+                "stride_e": "i64",
+            }
+            constexprs = {
+                "METRIC": 0,
+                "HAS_WEIGHT": False,
+                "K_TOP": k,
+                "KP": triton.next_power_of_2(k),
+                "BLOCK_M": cfg["BLOCK_M"],
+                "BLOCK_N": cfg["BLOCK_N"],
+                "BLOCK_D": cfg["BLOCK_D"],
+                "UPCAST": False,
+                "INPUT_PRECISION": "ieee",
+            }
+            signature.update({name: "constexpr" for name in constexprs})
+            specs.append(
+                AotSpec(
+                    name=f"codebook_lookup_fwd[k={k},{tname}]",
+                    kernel=_codebook_lookup_fwd_kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    dtype=tname,
+                    num_warps=cfg["num_warps"],
+                    num_stages=2,
+                    expect_wgmma=tname == "bf16",
+                )
+            )
+    return specs
