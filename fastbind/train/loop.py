@@ -1,0 +1,287 @@
+"""The training loop: binding losses on synthetic multimodal data, evaluation, checkpoints.
+
+Losses (``TrainConfig.loss``), all through fastbind's public API with the model's learnable
+temperature:
+
+* ``gram``     — ``fastbind.gram_loss(z[anchor], *others)`` (GRAM: the anchor modality crossed with
+  the batch, the other modalities of each sample span the volume; anchor 0 by default).
+* ``centroid`` — ``fastbind.centroid_loss(*z)`` (CentroBind: every modality against the per-sample
+  centroid of all modalities).
+* ``anchor``   — ``fastbind.anchor_loss(z[anchor], *others)`` (ImageBind-style fixed anchor).
+* ``pairwise`` — the sum of ``fastbind.infonce(z[a], z[b])`` over all pairs a < b (CLIP on every
+  pair).
+
+A training batch is a function of (seed, step) only, so a checkpoint's data cursor is its step; the
+checkpoint also holds the model, the optimizer, the RNG states and the history, and resuming gives
+the same next loss as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import fastbind as fb
+from fastbind.train.data import SyntheticConfig, SyntheticMultimodal
+from fastbind.train.metrics import joint_volume_retrieval, linear_probe, pairwise_retrieval
+from fastbind.train.models import BindingModel
+
+__all__ = ["LOSSES", "TrainConfig", "Trainer", "train", "binding_loss"]
+
+LOSSES = ("gram", "centroid", "anchor", "pairwise")
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "gram"
+    modalities: int = 3
+    steps: int = 300
+    anchor: int = 0
+    batch_size: int = 256
+    dim: int = 64
+    hidden: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.1  # initial value of the learnable temperature
+    seed: int = 0
+    autocast: bool = False
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_size: int = 1000  # held-out pairs for retrieval (chance R@1 = 1/eval_size) and probe accuracy
+    probe_size: int = 2000  # held-out samples the linear probe is fitted on
+    checkpoint_every: int = 0  # 0: a checkpoint only at the end (when an output folder is given)
+    out: str | None = None
+    progress: bool = True
+    data: dict = field(default_factory=dict)  # SyntheticConfig overrides (input_dim, noise, ...)
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.modalities < 2:
+            raise ValueError(f"TrainConfig: modalities must be >= 2, got {self.modalities}")
+        if self.loss == "gram" and self.modalities > 8:
+            raise ValueError(f"TrainConfig: gram supports 2 to 8 modalities, got {self.modalities}")
+        if not 0 <= self.anchor < self.modalities:
+            raise ValueError(f"TrainConfig: anchor must be in [0, {self.modalities - 1}], got {self.anchor}")
+        for name in ("steps", "batch_size", "dim", "hidden", "eval_size", "probe_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def scoring(self) -> str:
+        """How retrieval ranks gallery items for this loss (see fastbind.train.metrics)."""
+        return "volume" if self.loss == "gram" else "cosine"
+
+
+def binding_loss(name: str, embeddings: list[torch.Tensor], temperature, anchor: int = 0) -> torch.Tensor:
+    """The scalar training loss `name` (one of LOSSES) of the per-modality embeddings [B, D]."""
+    others = [z for i, z in enumerate(embeddings) if i != anchor]
+    if name == "gram":
+        return fb.gram_loss(embeddings[anchor], *others, temperature=temperature)
+    if name == "centroid":
+        return fb.centroid_loss(*embeddings, temperature=temperature)
+    if name == "anchor":
+        return fb.anchor_loss(embeddings[anchor], *others, temperature=temperature)
+    if name == "pairwise":
+        pairs = [(a, b) for a in range(len(embeddings)) for b in range(a + 1, len(embeddings))]
+        return sum(fb.infonce(embeddings[a], embeddings[b], temperature=temperature) for a, b in pairs)
+    raise ValueError(f"binding_loss: loss must be one of {', '.join(LOSSES)}, got {name!r}")
+
+
+class _Progress:
+    """A dependency-free text progress bar: redrawn in place on a terminal, a few lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool, label: str, stream=None):
+        self.total, self.enabled, self.label = total, enabled, label
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.perf_counter()
+        self.last_line = -1
+
+    def update(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        # Off a terminal, print about ten lines per run (and the last step).
+        decile = (10 * step) // max(self.total, 1)
+        if not self.tty and decile == self.last_line and step != self.total:
+            return
+        self.last_line = decile
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        fields = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}  {fields}  {rate:.1f} it/s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+class Trainer:
+    """Holds the data, the model, the optimizer and the history of one training run."""
+
+    def __init__(self, config: TrainConfig, device: str | torch.device = "cpu"):
+        config.validate()
+        self.config = config
+        self.device = torch.device(device)
+        self.data = SyntheticMultimodal(SyntheticConfig(modalities=config.modalities, seed=config.seed, **config.data))
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model = BindingModel(self.data.input_dims, config.dim, config.hidden, config.temperature).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.step = 0
+        self.history: dict[str, list] = {"step": [], "loss": [], "temperature": [], "eval_step": [], "eval_r1": []}
+        self._eval_sets = None
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self):
+        if not self.config.autocast:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self) -> float:
+        """One optimizer step on training batch number `self.step`; returns its loss."""
+        c = self.config
+        batch = self.data.batch(self.step, c.batch_size)
+        inputs = [x.to(self.device) for x in batch.inputs]
+        self.model.train()
+        with self._autocast():
+            embeddings = self.model(inputs)
+            loss = binding_loss(c.loss, embeddings, self.model.temperature, c.anchor)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        value = float(loss.detach())
+        self.history["step"].append(self.step)
+        self.history["loss"].append(value)
+        self.history["temperature"].append(float(self.model.temperature.detach()))
+        return value
+
+    def fit(self, steps: int | None = None, log=print) -> dict:
+        """Train until `steps` (default config.steps) total steps, evaluating and checkpointing
+        periodically; returns the final metrics."""
+        c = self.config
+        total = c.steps if steps is None else steps
+        bar = _Progress(total, c.progress, f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}")
+        loss = math.nan
+        while self.step < total:
+            loss = self.train_step()
+            values = {"loss": loss, "tau": self.history["temperature"][-1]}
+            if c.eval_every and self.step % c.eval_every == 0 and self.step < total:
+                values["R@1"] = self._periodic_eval()
+            elif self.history["eval_r1"]:
+                values["R@1"] = self.history["eval_r1"][-1]
+            bar.update(self.step, **values)
+            if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                self.save(os.path.join(c.out, "checkpoint.pt"))
+        metrics = self.evaluate()
+        self.history["eval_step"].append(self.step)
+        self.history["eval_r1"].append(metrics["mean"]["R@1"])
+        if c.out:
+            self.save(os.path.join(c.out, "checkpoint.pt"))
+        return metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def _held_out(self):
+        if self._eval_sets is None:
+            self._eval_sets = (
+                self.data.held_out(self.config.eval_size, "eval"),
+                self.data.held_out(self.config.probe_size, "probe"),
+            )
+        return self._eval_sets
+
+    @torch.no_grad()
+    def embed(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.model.eval()
+        return [z.float().cpu() for z in self.model([x.to(self.device) for x in inputs])]
+
+    def _periodic_eval(self) -> float:
+        """Mean R@1 over ordered modality pairs on the eval set (cheap: no probe)."""
+        eval_set, _ = self._held_out()
+        recalls = pairwise_retrieval(self.embed(eval_set.inputs), self.config.scoring)
+        r1 = sum(r["R@1"] for r in recalls.values()) / len(recalls)
+        self.history["eval_step"].append(self.step)
+        self.history["eval_r1"].append(r1)
+        return r1
+
+    def evaluate(self) -> dict:
+        """Retrieval R@1/5/10 for every ordered pair, their means, GRAM-style joint-volume retrieval,
+        and linear-probe accuracy of the shared label per modality."""
+        eval_set, probe_set = self._held_out()
+        z_eval = self.embed(eval_set.inputs)
+        z_probe = self.embed(probe_set.inputs)
+        pairs = pairwise_retrieval(z_eval, self.config.scoring)
+        mean = {k: sum(r[k] for r in pairs.values()) / len(pairs) for k in next(iter(pairs.values()))}
+        probe = [
+            linear_probe(zp, probe_set.labels, ze, eval_set.labels, self.data.config.num_classes)
+            for zp, ze in zip(z_probe, z_eval)
+        ]
+        joint = joint_volume_retrieval(z_eval) if self.config.modalities <= 8 else {}
+        return {
+            "scoring": self.config.scoring,
+            "pairs": pairs,
+            "mean": mean,
+            "joint_volume": joint,
+            "probe": probe,
+            "chance": {"R@1": 1 / self.config.eval_size, "probe": 1 / self.data.config.num_classes},
+        }
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "data_cursor": self.step,  # batch i is a function of (seed, i): the cursor is the step
+            "rng": _rng_state(),
+            "history": self.history,
+        }
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # never leave a half-written checkpoint behind
+
+    def load(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        saved = state["config"]
+        for key in ("loss", "modalities", "anchor", "dim", "hidden", "seed", "batch_size", "data"):
+            if saved[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"resume: checkpoint {path} was trained with {key}={saved[key]!r}, "
+                    f"this run has {key}={getattr(self.config, key)!r}"
+                )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["data_cursor"]
+        self.history = state["history"]
+        _set_rng_state(state["rng"])
+
+
+def train(config: TrainConfig, resume: str | None = None, device: str | torch.device = "cpu", log=print):
+    """Train one model; returns (trainer, final metrics)."""
+    trainer = Trainer(config, device)
+    if resume:
+        trainer.load(resume)
+    metrics = trainer.fit(log=log)
+    return trainer, metrics
