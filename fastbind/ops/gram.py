@@ -19,11 +19,11 @@ the backward clamps dist_ij at 1e-4 ||a_i|| (forward values are exact). See csrc
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from fastbind._backend import extension_loaded, resolve
+from fastbind._backend import _triton_status as _triton_available
+from fastbind._backend import extension_loaded
+from fastbind._backend import resolve as _resolve
 from fastbind.ops._checks import (
     check_loss_args,
     check_modalities,
@@ -146,30 +146,43 @@ def _op(name: str):
     return getattr(getattr(torch.ops, namespace), op).default
 
 
-@functools.cache
-def _ops(backend: str):
-    """(volume, loss_forward) custom ops of a fused backend, registered on first use."""
+_OPS: dict[str, tuple] = {}  # backend -> (volume op, loss forward op), registered at import
+
+
+def _register_backend(backend: str) -> None:
     if backend == "cpu":
         names = [
             f"fastbind::{n}" for n in ("gram_volume", "gram_volume_backward", "gram_loss_forward", "gram_loss_backward")
         ]
-    elif backend == "triton":
+    else:
         from fastbind.triton import gram as triton_gram  # defines the fastbind::*_triton ops
 
         names = list(triton_gram.OP_NAMES)
-    else:
-        raise ValueError(f"gram: no fused ops for backend {backend!r}")
     _register(*names)
-    return _op(names[0]), _op(names[2])
+    _OPS[backend] = (_op(names[0]), _op(names[2]))
+
+
+def _ops(backend: str):
+    """(volume, loss_forward) custom ops of a fused backend (a plain dict: traceable by dynamo)."""
+    if backend not in _OPS:
+        raise RuntimeError(f"gram: the {backend!r} backend's ops are not registered")
+    return _OPS[backend]
 
 
 if extension_loaded():
-    _ops("cpu")
+    _register_backend("cpu")
+if _triton_available()[0]:
+    _register_backend("triton")
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+# Backend selection reads the environment and the extension's build info (a str-returning op that
+# torch.compile cannot trace): under torch.compile it runs once at trace time, as a constant.
+resolve = torch._dynamo.assume_constant_result(_resolve)
+
+
 def _check_gram_inputs(fn: str, anchor, modalities) -> None:
     tensors = [anchor, *modalities]
     names = ["anchor"] + [f"modality {i}" for i in range(1, len(modalities) + 1)]

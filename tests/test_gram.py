@@ -1,0 +1,325 @@
+"""Fused GRAM backends (cpu: C++, triton: under TRITON_INTERPRET=1) against the float64 reference,
+the GRAM release's semantics (an independent re-implementation of its algorithm), degenerate
+inputs, opcheck of every custom op and one torch.compile run.
+
+Tolerances (relative to the largest magnitude of the reference value / gradient):
+* float32: 2e-4 (volumes from k-1 float32 GEMMs and a float32 sqrt; losses and gradients from
+  float32 log-sum-exp over <= 1100 columns).
+* bfloat16 / float16 inputs: compared with the float64 reference on the *rounded* inputs, so only
+  the kernel's own precision counts. cpu upcasts to float32 (float32 tolerance); triton keeps the
+  GEMM operands (anchor and the float32-computed basis) in 16 bits: 3e-2 (bf16), 4e-3 (fp16).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FUSED
+
+import fastbind as fb
+from fastbind.ops import gram as gram_ops
+from fastbind.reference import gram as ref
+
+F64 = torch.float64
+REL_TOL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _rel_tol(backend, dtype):
+    return REL_TOL[torch.float32] if backend == "cpu" else REL_TOL[dtype]
+
+
+def _close(got, want, rel, what="", atol=1e-6):
+    """max |got - want| <= rel * max |want| + atol (atol: float32 round-off of O(1) values)."""
+    got, want = got.detach().to(F64), want.detach().to(F64)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    scale = want.abs().max()
+    err = (got - want).abs().max()
+    assert err <= rel * scale + atol, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g} + {atol:g}"
+
+
+def _inputs(b1, b2, d, k, dtype=torch.float32, seed=0, normalize=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(b):
+        x = torch.randn(b, d, generator=g, dtype=F64) * (0.5 + torch.rand(b, 1, generator=g, dtype=F64))
+        x = F.normalize(x, dim=-1) if normalize else x / d**0.5
+        return x.to(dtype)
+
+    return rnd(b1), [rnd(b2) for _ in range(k - 1)]
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+# shapes not multiples of any tile (cpu: 128 x 1024, triton: 64 x 64), and smaller than a tile
+VOLUME_SHAPES = [(1, 1, 9), (5, 9, 17), (70, 37, 33)]  # D >= k: the volumes are not round-off
+CPU_LARGE = (130, 1100, 20)  # several cpu tiles in both directions
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("k", range(2, 9))
+def test_volume_forward_backward(backend, k):
+    shapes = VOLUME_SHAPES + ([CPU_LARGE] if backend == "cpu" and k in (3, 8) else [])
+    for b1, b2, d in shapes:
+        anchor, mods = _inputs(b1, b2, d, k, seed=k * 100 + b1)
+        a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
+        want = ref.gram_volume(a64, *m64)
+        a32, m32 = _leaf(anchor), [_leaf(m) for m in mods]
+        got = fb.gram_volume(a32, *m32, backend=backend)
+        _close(got, want, 2e-4, f"volume k={k} {b1}x{b2}x{d}")
+        w = torch.randn(b1, b2, dtype=F64)
+        g_want = torch.autograd.grad((want * w).sum(), [a64, *m64])
+        g_got = torch.autograd.grad((got * w.float()).sum(), [a32, *m32])
+        for i, (x, y) in enumerate(zip(g_got, g_want)):
+            _close(x, y, 5e-4, f"volume grad {i} k={k} {b1}x{b2}x{d}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_volume_paired(backend, k):
+    _, mods = _inputs(1, 23, 19, k + 1, seed=k)
+    m64 = [_leaf(m, F64) for m in mods]
+    m32 = [_leaf(m) for m in mods]
+    want = ref.gram_volume_paired(*m64)
+    got = fb.gram_volume_paired(*m32, backend=backend)
+    _close(got, want, 2e-4, "paired volume")
+    g_want = torch.autograd.grad(want.sum(), m64)
+    g_got = torch.autograd.grad(got.sum(), m32)
+    for x, y in zip(g_got, g_want):
+        _close(x, y, 5e-4, "paired volume grad")
+
+
+def _loss_case(backend, k, b, d, direction, reduction, eps, dtype=torch.float32, seed=0, tau=0.1):
+    anchor, mods = _inputs(b, b, d, k, dtype=dtype, seed=seed, normalize=True)
+    a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
+    t64 = torch.tensor(tau, dtype=F64, requires_grad=True)
+    want = ref.gram_loss(a64, *m64, temperature=t64, label_smoothing=eps, direction=direction, reduction=reduction)
+    a, ms = _leaf(anchor), [_leaf(m) for m in mods]
+    t = torch.tensor(tau, requires_grad=True)
+    got = fb.gram_loss(
+        a, *ms, temperature=t, label_smoothing=eps, direction=direction, reduction=reduction, backend=backend
+    )
+    w = torch.rand(want.shape, dtype=F64) + 0.5
+    g_want = torch.autograd.grad((want * w).sum(), [a64, *m64, t64])
+    g_got = torch.autograd.grad((got.double() * w).sum(), [a, *ms, t])
+    rel = _rel_tol(backend, dtype)
+    tag = f"{backend} k={k} b={b} {direction} {reduction} eps={eps} {dtype}"
+    _close(got, want, rel, f"loss {tag}")
+    names = ["anchor"] + [f"modality {i}" for i in range(1, k)] + ["temperature"]
+    # gradients of 16-bit inputs are returned in 16 bits: add that rounding (2 ulp) to the tolerance
+    grad_rel = max(5 * rel, 2 * torch.finfo(dtype).eps)
+    for name, x, y in zip(names, g_got, g_want):
+        _close(x, y, grad_rel, f"d/d{name} {tag}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("direction", ["both", "a2d", "d2a"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_directions_reductions(backend, direction, reduction):
+    _loss_case(backend, 3, 37, 24, direction, reduction, 0.1, seed=1)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("k", range(2, 9))
+def test_loss_every_k(backend, k):
+    _loss_case(backend, k, 29 if backend == "triton" else 45, 16, "both", "mean", 0.0, seed=k)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("b", [1, 2, 67])
+def test_loss_small_and_odd_batches(backend, b):
+    _loss_case(backend, 3, b, 9, "both", "mean", 0.1, seed=b, tau=0.05)
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
+def test_loss_several_cpu_tiles():
+    # 1100 > 1024 columns and > 128 rows: online row and column statistics across tiles
+    _loss_case("cpu", 3, 1100, 8, "both", "none", 0.1, seed=7, tau=0.05)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_half_precision(backend, dtype):
+    _loss_case(backend, 3, 33, 32, "both", "mean", 0.1, dtype=dtype, seed=5)
+
+
+def _release_volume_computation3(language, video, audio):
+    """Independent re-implementation of the GRAM release's volume: the [B1, B2, 3, 3] Gram
+    tensor stacked explicitly, torch.det, sqrt(abs(.))."""
+    b1, b2 = language.shape[0], video.shape[0]
+    lang = language[:, None, :].expand(b1, b2, -1)
+    vid = video[None].expand(b1, b2, -1)
+    aud = audio[None].expand(b1, b2, -1)
+    vecs = [lang, vid, aud]
+    gram = torch.stack([torch.stack([(x * y).sum(-1) for y in vecs], -1) for x in vecs], -2)
+    return torch.sqrt(torch.abs(torch.det(gram)))
+
+
+def _release_loss(vol, tau, eps=0.1):
+    target = torch.arange(vol.shape[0])
+    return (
+        F.cross_entropy(-vol / tau, target, label_smoothing=eps)
+        + F.cross_entropy(-vol.t() / tau, target, label_smoothing=eps)
+    ) / 2
+
+
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+def test_equals_gram_release(backend):
+    t, v, a = (F.normalize(torch.randn(24, 32, dtype=F64), dim=-1) for _ in range(3))
+    vol_release = _release_volume_computation3(t, v, a)
+    vol = fb.gram_volume(*(x.float() for x in (t, v, a)), backend=backend)
+    _close(vol, vol_release, 2e-4, "volume vs release")
+    tau = torch.tensor(0.07, dtype=F64, requires_grad=True)
+    loss_release = _release_loss(vol_release, tau)
+    (g_release,) = torch.autograd.grad(loss_release, [tau])
+    tau32 = torch.tensor(0.07, requires_grad=True)
+    loss = fb.gram_loss(*(x.float() for x in (t, v, a)), temperature=tau32, label_smoothing=0.1, backend=backend)
+    (g,) = torch.autograd.grad(loss, [tau32])
+    _close(loss, loss_release, 2e-5, "loss vs release")
+    _close(g, g_release, 2e-4, "temperature gradient vs release")
+
+
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+def test_degenerate_inputs_finite(backend):
+    b, d = 6, 8
+    anchor, (m1, m2) = _inputs(b, b, d, 3, seed=9, normalize=True)
+    cases = {
+        "coincident modalities": (anchor, m1, m1.clone()),
+        "collinear non-anchor modalities": (anchor, m1, -2 * m1),
+        "anchor coincides with a modality": (m1.clone(), m1, m2),
+        "all equal": (m1.clone(), m1.clone(), m1.clone()),
+        "zero vectors": (torch.zeros(b, d), torch.zeros(b, d), m2),
+        "zero anchor": (torch.zeros(b, d), m1, m2),
+        "B = 1": (anchor[:1], m1[:1], m2[:1]),
+        "B = 1 coincident": (m1[:1].clone(), m1[:1].clone(), m1[:1].clone()),
+    }
+    for name, ts in cases.items():
+        leaves = [_leaf(x) for x in ts]
+        tau = torch.tensor(0.07, requires_grad=True)
+        loss = fb.gram_loss(*leaves, temperature=tau, label_smoothing=0.1, backend=backend)
+        grads = torch.autograd.grad(loss, [*leaves, tau])
+        assert loss.isfinite(), f"{backend} {name}: loss {loss}"
+        for i, g in enumerate(grads):
+            assert g.isfinite().all(), f"{backend} {name}: gradient {i} not finite"
+        vol_leaves = [_leaf(x) for x in ts]
+        vol = fb.gram_volume(*vol_leaves, backend=backend)
+        assert vol.isfinite().all() and (vol >= 0).all(), f"{backend} {name}: volume"
+        grads = torch.autograd.grad(vol.sum(), vol_leaves)
+        assert all(g.isfinite().all() for g in grads), f"{backend} {name}: volume gradient"
+    # Forward values at a degenerate point are exact: coincident modalities span no volume.
+    vol = fb.gram_volume(anchor, m1, m1.clone(), backend=backend)
+    assert vol.abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_gram_loss_module(backend):
+    anchor, mods = _inputs(12, 12, 16, 3, seed=11, normalize=True)
+    module = fb.nn.GramLoss(label_smoothing=0.1)
+    module.backend = backend
+    assert isinstance(module.temperature, torch.nn.Parameter) and module.temperature.item() == pytest.approx(0.07)
+    loss = module(anchor, *mods)
+    loss.backward()
+    want = ref.gram_loss(anchor.double(), *(m.double() for m in mods), temperature=0.07, label_smoothing=0.1)
+    _close(loss, want, 2e-4, "GramLoss")
+    assert module.temperature.grad is not None and module.temperature.grad.isfinite()
+    fixed = fb.nn.GramLoss(learnable_temperature=False)
+    assert not any(True for _ in fixed.parameters())
+
+
+def _op_args(backend, b1=9, b2=11, d=7, k=3, dtype=torch.float32):
+    anchor, mods = _inputs(b1, b2, d, k, seed=3)
+    basis, span_vol = gram_ops.span_basis(mods)
+    a_sq = (anchor * anchor).sum(-1)
+    return anchor.to(dtype), basis.to(dtype), span_vol, a_sq
+
+
+def _custom_ops(backend):
+    volume, loss_forward = gram_ops._ops(backend)
+    names = [op.name() for op in (volume, loss_forward)]
+    ns = torch.ops.fastbind
+    backward = [getattr(ns, n.split("::")[1].replace("gram_volume", "gram_volume_backward", 1)) for n in names[:1]]
+    return (
+        volume,
+        loss_forward,
+        backward[0].default,
+        getattr(ns, names[1].split("::")[1].replace("forward", "backward")).default,
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend):
+    volume, loss_forward, volume_backward, loss_backward = _custom_ops(backend)
+    anchor, basis, span_vol, a_sq = _op_args(backend)
+    grad_args = [x.clone().requires_grad_(True) for x in (anchor, basis, span_vol, a_sq)]
+    tau = torch.tensor(0.2)
+    torch.library.opcheck(volume, tuple(grad_args))
+    torch.library.opcheck(volume_backward, (torch.randn(9, 11), anchor, basis, span_vol, a_sq))
+    # square for both directions; rectangular with an offset for one direction each
+    sq = _op_args(backend, b1=10, b2=10)
+    torch.library.opcheck(
+        loss_forward,
+        (*[x.clone().requires_grad_(True) for x in sq], tau.clone().requires_grad_(True), 0.1, 0, True, True),
+    )
+    torch.library.opcheck(loss_forward, (anchor, basis, span_vol, a_sq, tau, 0.0, 2, True, False))
+    rect = _op_args(backend, b1=11, b2=9)
+    torch.library.opcheck(loss_forward, (*rect, tau, 0.1, -1, False, True))
+    row_loss, col_loss, row_lse, col_lse = loss_forward(*sq, tau, 0.1, 0, True, True)
+    torch.library.opcheck(
+        loss_backward, (torch.rand(10), torch.rand(10), *sq, tau, row_lse, col_lse, 0.1, 0, True, True)
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_rectangular_offsets_match_reference(backend):
+    """The multi-process building block: local rows vs global columns with a diagonal offset."""
+    _, loss_forward = gram_ops._ops(backend)
+    b, big, off, k, eps, tau = 5, 13, 4, 3, 0.1, 0.3
+    anchor_g, mods_g = _inputs(big, big, 10, k, seed=21, normalize=True)
+    logits = -ref.gram_volume(anchor_g.double(), *(m.double() for m in mods_g)) / tau  # [B, B]
+    target = torch.arange(b) + off
+    want_rows = F.cross_entropy(logits[off : off + b], target, label_smoothing=eps, reduction="none")
+    want_cols = F.cross_entropy(logits[:, off : off + b].t(), target, label_smoothing=eps, reduction="none")
+    basis_g, vol_g = gram_ops.span_basis(mods_g)
+    a_sq = (anchor_g * anchor_g).sum(-1)
+    local = slice(off, off + b)
+    t = torch.tensor(tau)
+    rows = loss_forward(anchor_g[local], basis_g, vol_g, a_sq[local], t, eps, off, True, False)[0]
+    cols = loss_forward(anchor_g, basis_g[:, local], vol_g[local], a_sq, t, eps, -off, False, True)[1]
+    _close(rows, want_rows, 2e-4, "rows with offset")
+    _close(cols, want_cols, 2e-4, "cols with offset")
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
+def test_torch_compile_fullgraph_cpu():
+    anchor, mods = _inputs(20, 20, 12, 3, seed=2, normalize=True)
+    tau = torch.tensor(0.1, requires_grad=True)
+
+    def step(a, m1, m2, t):
+        return fb.gram_loss(a, m1, m2, temperature=t, label_smoothing=0.1, backend="cpu")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    leaves = [_leaf(x) for x in (anchor, *mods)]
+    loss = compiled(*leaves, tau)
+    loss.backward()
+    want = step(*[x.detach() for x in leaves], tau.detach())
+    _close(loss, want, 1e-6, "compiled loss")
+    assert all(x.grad is not None and x.grad.isfinite().all() for x in leaves)
+    assert tau.grad is not None
+
+
+def test_argument_errors():
+    a, (m1, m2) = _inputs(6, 6, 5, 3)
+    with pytest.raises(ValueError, match=r"gram_loss: .*\[7, 5\].*\[6, 5\]"):
+        fb.gram_loss(a, torch.randn(7, 5), torch.randn(7, 5))
+    with pytest.raises(ValueError, match=r"gram_volume: .*k = 9"):
+        fb.gram_volume(a, *[m1] * 8)
+    with pytest.raises(ValueError, match=r"gram_volume: modality 2 has shape \[6, 4\]"):
+        fb.gram_volume(a, m1, torch.randn(6, 4))
+    with pytest.raises(TypeError, match=r"gram_loss: .*dtype"):
+        fb.gram_loss(a, m1, m2.double())
+    with pytest.raises(ValueError, match="gram_volume_paired: .*empty"):
+        fb.gram_volume_paired(a[:0], m1[:0])
+    with pytest.raises(RuntimeError, match="backend 'cpu'"):
+        fb.gram_volume(a.double(), m1.double(), backend="cpu")
+    with pytest.raises(ValueError, match="direction"):
+        fb.gram_loss(a, m1, m2, direction="a2a")
