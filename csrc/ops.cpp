@@ -47,6 +47,16 @@ TORCH_LIBRARY(fastbind, m) {
       " int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- anchored InfoNCE (csrc/cpu/infonce.cpp) ----
+  // Σ over P (query, key) pairs q [P, B1, D], k [1 or P, B2, D] of the per-row / per-column
+  // cross-entropies of q_p·k_pᵀ/τ (positive of row i: column i + diag_offset); float32 outputs
+  // (row_loss [P, B1], col_loss [P, B2], row_lse [P, B1], col_lse [P, B2]). The LSE are the saved
+  // statistics of the recomputing backward.
+  m.def(
+      "infonce_fwd(Tensor q, Tensor k, Tensor temperature, float label_smoothing, int diag_offset) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "infonce_bwd(Tensor grad_row_loss, Tensor grad_col_loss, Tensor q, Tensor k, Tensor temperature, "
+      "Tensor row_lse, Tensor col_lse, float label_smoothing, int diag_offset) -> (Tensor, Tensor)");
 
   // ---- codebooks (csrc/cpu/codebook.cpp) ----
   // x [N, D], codebook [K, D], weight [D] or None -> (dist [N, k] float32, index [N, k] int64):

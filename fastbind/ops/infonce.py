@@ -1,5 +1,319 @@
-# scaffold: replaced by the infonce family implementation
-def infonce(*a, **k): raise NotImplementedError
-def anchor_loss(*a, **k): raise NotImplementedError
-def centroid_loss(*a, **k): raise NotImplementedError
-def centroid_similarity(*a, **k): raise NotImplementedError
+"""Anchored InfoNCE family (DESIGN §2.3): CLIP ``infonce``, ImageBind-style ``anchor_loss``,
+CentroBind ``centroid_loss`` and ``centroid_similarity``.
+
+Every loss is a sum over P (query, key) pairs of [B, D] matrices of symmetric InfoNCE, computed by
+ONE fused custom op per backend for all pairs in one launch:
+
+* ``fastbind::infonce_fwd`` (C++, csrc/cpu/infonce.cpp) / ``fastbind::infonce_fwd_triton``
+  (fastbind/triton/infonce.py): q [P, B1, D], k [1 or P, B2, D] (one key matrix shared by all pairs,
+  e.g. the centroid, or one per pair) -> per-row and per-column cross-entropies [P, B1], [P, B2]
+  plus the row/column log-sum-exp [P, B1], [P, B2] it saves for the backward. Online LSE over
+  GEMM tiles: nothing of size B1 × B2 is kept.
+* ``fastbind::infonce_bwd`` / ``fastbind::infonce_bwd_triton``: recompute the tiles and return the
+  float32 gradients of q and k for any upstream gradients of the row and column losses (so the
+  reductions, directions and pair weights are plain O(P·B) torch code around the op).
+
+The centroid (weights, normalisation, detach, leave-one-out) is O(M·B·D) torch code with autograd.
+With ``gather=True`` each process computes its rows against the gathered columns (a2d) and its
+columns against the gathered rows (d2a), with a diagonal offset, and returns its share of the loss
+(the shares sum to the single-process loss on the concatenated batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastbind._backend import extension_loaded, resolve
+from fastbind.ops._checks import (
+    check_label_smoothing,
+    check_loss_args,
+    check_modalities,
+    check_temperature,
+    shape_str,
+    temperature_tensor,
+)
+from fastbind.reference import infonce as ref
+
+__all__ = ["anchor_loss", "centroid_loss", "centroid_similarity", "infonce"]
+
+SUPPORTED = ("triton", "cpu", "torch")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom-op plumbing: fake kernels and autograd, shared by the C++ and the Triton ops
+# ---------------------------------------------------------------------------------------------
+def _fwd_fake(q, k, temperature, label_smoothing, diag_offset):
+    p, b1, _ = q.shape
+    b2 = k.shape[1]
+    return (
+        q.new_empty((p, b1), dtype=torch.float32),
+        q.new_empty((p, b2), dtype=torch.float32),
+        q.new_empty((p, b1), dtype=torch.float32),
+        q.new_empty((p, b2), dtype=torch.float32),
+    )
+
+
+def _bwd_fake(grad_row_loss, grad_col_loss, q, k, temperature, row_lse, col_lse, label_smoothing, diag_offset):
+    return q.new_empty(q.shape, dtype=torch.float32), k.new_empty(k.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, temperature, label_smoothing, diag_offset = inputs
+    _, _, row_lse, col_lse = output
+    ctx.save_for_backward(q, k, temperature, row_lse, col_lse)
+    ctx.label_smoothing = label_smoothing
+    ctx.diag_offset = diag_offset
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_col_lse):
+        # the LSE outputs are saved statistics; only the two losses are differentiated
+        q, k, temperature, row_lse, col_lse = ctx.saved_tensors
+        grad_row_loss = torch.zeros_like(row_lse) if grad_row_loss is None else grad_row_loss
+        grad_col_loss = torch.zeros_like(col_lse) if grad_col_loss is None else grad_col_loss
+        grad_q, grad_k = bwd_op(
+            grad_row_loss, grad_col_loss, q, k, temperature, row_lse, col_lse, ctx.label_smoothing, ctx.diag_offset
+        )
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            # logits = S/τ, so dL/dτ = -(1/τ)·Σ_ij dL/dlogit_ij·logit_ij = -(1/τ)·<q, dL/dq>
+            grad_t = (-(q.float() * grad_q).sum() / temperature.float()).to(temperature.dtype)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_t, None, None
+
+    return backward
+
+
+def register_fused(fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels + autograd for one backend's (forward, backward) pair of fused InfoNCE ops."""
+    torch.library.register_fake(fwd_name)(_fwd_fake)
+    torch.library.register_fake(bwd_name)(_bwd_fake)
+    ns, name = bwd_name.split("::")
+    bwd_op = getattr(getattr(torch.ops, ns), name).default
+    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
+
+
+if extension_loaded() and hasattr(torch.ops.fastbind, "infonce_fwd"):
+    register_fused("fastbind::infonce_fwd", "fastbind::infonce_bwd")
+
+
+def _fused_forward(backend: str):
+    if backend == "cpu":
+        return torch.ops.fastbind.infonce_fwd.default
+    from fastbind.triton import infonce as triton_infonce  # registers the Triton ops on import
+
+    return triton_infonce.infonce_fwd_triton
+
+
+# ---------------------------------------------------------------------------------------------
+# pair losses: the one place every public loss goes through
+# ---------------------------------------------------------------------------------------------
+def _rows_cols(backend, q, k, temperature, label_smoothing, diag_offset):
+    """Per-row / per-column cross-entropies of the pairs (q [P, B1, D], k [1|P, B2, D]): [P, B1], [P, B2]."""
+    if backend == "torch":
+        keys = [k[0]] * q.shape[0] if k.shape[0] == 1 else list(k)
+        pairs = [ref.infonce_rows_cols(qp, kp, temperature, label_smoothing, diag_offset) for qp, kp in zip(q, keys)]
+        return torch.stack([r for r, _ in pairs]), torch.stack([c for _, c in pairs])
+    temp = temperature_tensor(temperature, q)
+    row_loss, col_loss, _, _ = _fused_forward(backend)(q, k, temp, float(label_smoothing), int(diag_offset))
+    return row_loss, col_loss
+
+
+def _gather(x: torch.Tensor, group):
+    from fastbind.distributed import gather_with_grad
+
+    return gather_with_grad(x, group=group)
+
+
+def _directional_losses(backend, queries, keys, temperature, label_smoothing, gather, group):
+    """(row_loss [P, b], col_loss [P, b], global batch size) for the pairs (queries[p], keys[p or 0]).
+
+    Without gather b = B. With gather, rows are this process's queries against all processes' keys
+    and columns this process's keys against all processes' queries.
+    """
+    q = torch.stack(list(queries))  # [P, b, D]
+    k = torch.stack(list(keys))  # [PK, b, D]
+    if not gather:
+        row_loss, col_loss = _rows_cols(backend, q, k, temperature, label_smoothing, 0)
+        return row_loss, col_loss, q.shape[1]
+    # gather along the batch dimension ([b, P, D] per process), keep the autograd path of every rank
+    q_all, offset = _gather(q.transpose(0, 1).contiguous(), group)
+    k_all, _ = _gather(k.transpose(0, 1).contiguous(), group)
+    q_all, k_all = q_all.transpose(0, 1), k_all.transpose(0, 1)
+    # local row i is global row i + offset: its positive is global column i + offset
+    row_loss, _ = _rows_cols(backend, q, k_all, temperature, label_smoothing, offset)
+    # local column j pairs with global row j + offset, i.e. column j's positive row is j - (-offset)
+    _, col_loss = _rows_cols(backend, q_all, k, temperature, label_smoothing, -offset)
+    return row_loss, col_loss, q_all.shape[1]
+
+
+def _symmetric_sum(row_loss, col_loss, batch):
+    """Σ over pairs of the symmetric mean-reduced InfoNCE, from [P, b] row and column losses."""
+    return 0.5 * (row_loss.sum() + col_loss.sum()) / batch
+
+
+def _operands(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Non-contiguous inputs are accepted: the kernels take contiguous rows."""
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------------
+# public API (DESIGN §1)
+# ---------------------------------------------------------------------------------------------
+def infonce(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    temperature=0.07,
+    label_smoothing: float = 0.0,
+    direction: str = "both",
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE of paired batches x [B, D], y [B, D]; logits x·yᵀ/τ.
+
+    Equals open_clip's ``ClipLoss`` (single process, ``logit_scale = 1/τ``) on the same inputs.
+    ``temperature``: float or 0-d tensor (a tensor that requires grad gets its gradient).
+    ``direction``: "both" (mean of the two), "a2d" (rows of x rank the columns of y), "d2a".
+    ``reduction``: "mean" | "sum" | "none" ([B], per row; with gather, this process's rows).
+    Returns a float32 scalar (float64 for float64 inputs).
+    """
+    fn = "infonce"
+    check_modalities(fn, [x, y], ["x", "y"], like="x")
+    check_loss_args(fn, temperature, label_smoothing, direction, reduction, x.device)
+    name = resolve(fn, backend, x.device, x.dtype, supported=SUPPORTED)
+    x, y = _operands([x, y])
+    row_loss, col_loss, batch = _directional_losses(name, [x], [y], temperature, label_smoothing, gather, process_group)
+    row_loss, col_loss = row_loss[0], col_loss[0]
+    if direction == "a2d":
+        per_row = row_loss
+    elif direction == "d2a":
+        per_row = col_loss
+    else:
+        per_row = 0.5 * (row_loss + col_loss)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / batch if reduction == "mean" else total
+
+
+def anchor_loss(
+    anchor: torch.Tensor,
+    *modalities: torch.Tensor,
+    temperature=0.07,
+    label_smoothing: float = 0.0,
+    backend: str | None = None,
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """ImageBind-style fixed anchor: Σ_m infonce(modality_m, anchor), all pairs in one fused launch.
+
+    anchor [B, D], each modality [B, D]; symmetric InfoNCE with mean reduction per pair.
+    """
+    fn = "anchor_loss"
+    if not modalities:
+        raise ValueError(f"{fn}: got the anchor only; expected the anchor and at least one modality")
+    tensors = [anchor, *modalities]
+    names = ["anchor"] + [f"modality {i}" for i in range(1, len(tensors))]
+    check_modalities(fn, tensors, names, like="the anchor")
+    check_temperature(fn, temperature, anchor.device)
+    check_label_smoothing(fn, label_smoothing)
+    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=SUPPORTED)
+    anchor, *modalities = _operands(tensors)
+    row_loss, col_loss, batch = _directional_losses(
+        name, modalities, [anchor], temperature, label_smoothing, gather, process_group
+    )
+    return _symmetric_sum(row_loss, col_loss, batch)
+
+
+def _check_weights(fn: str, weights, m: int, device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        w = weights.detach()
+        if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{fn}: weights has dtype {w.dtype}, expected a floating dtype")
+    else:
+        try:
+            w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{fn}: weights must be a sequence of M = {m} numbers or a [M] tensor ({exc})") from None
+    if w.shape != (m,):
+        raise ValueError(f"{fn}: weights has shape {shape_str(w)}, expected [{m}] (one per modality)")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{fn}: weights must be finite and non-negative, got {w.tolist()}")
+    if not float(w.sum()) > 0:
+        raise ValueError(f"{fn}: weights sum to 0; at least one modality must have a positive weight")
+    return weights if isinstance(weights, torch.Tensor) else w
+
+
+def centroid_loss(
+    *modalities: torch.Tensor,
+    temperature=0.07,
+    label_smoothing: float = 0.0,
+    weights=None,
+    normalize_anchor: bool = False,
+    detach_anchor: bool = False,
+    leave_one_out: bool = False,
+    backend: str | None = None,
+    gather: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    """CentroBind: Σ_m symmetric InfoNCE(z^m, c^(m)) against the per-sample centroid anchor.
+
+    modalities: M >= 2 tensors [B, D]. c_b = Σ_m w_m z^m_b (w_m = 1/M, or ``weights`` [M] used as
+    given); ``normalize_anchor`` L2-normalises c; ``detach_anchor`` stops its gradient;
+    ``leave_one_out`` aligns z^m with c^(m) = Σ_{n≠m} w_n z^n / Σ_{n≠m} w_n. All M pairs run in one
+    fused launch (one shared key matrix unless leave-one-out); nothing M×B×B is kept.
+    """
+    fn = "centroid_loss"
+    m = len(modalities)
+    if m < 2:
+        raise ValueError(f"{fn}: got M = {m} modalities, expected at least 2")
+    names = [f"modality {i}" for i in range(m)]
+    check_modalities(fn, list(modalities), names)
+    check_temperature(fn, temperature, modalities[0].device)
+    check_label_smoothing(fn, label_smoothing)
+    w = _check_weights(fn, weights, m, modalities[0].device)
+    if leave_one_out:
+        w_all = torch.full((m,), 1.0 / m, dtype=torch.float64) if w is None else w.detach().double().cpu()
+        rest = w_all.sum() - w_all
+        if bool((rest <= 0).any()):
+            raise ValueError(
+                f"{fn}: leave_one_out needs a positive weight outside every modality, got {w_all.tolist()}"
+            )
+    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=SUPPORTED)
+    zs = _operands(modalities)
+    # the centroid in float32 for half inputs (a sum of M bf16 rows loses digits), then back to the
+    # GEMM operand dtype
+    work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
+    anchors = ref.centroid(work, w, normalize_anchor, detach_anchor, leave_one_out)
+    keys = [a.to(zs[0].dtype) for a in (anchors if leave_one_out else anchors[:1])]
+    row_loss, col_loss, batch = _directional_losses(name, zs, keys, temperature, label_smoothing, gather, process_group)
+    return _symmetric_sum(row_loss, col_loss, batch)
+
+
+def centroid_similarity(
+    *modalities: torch.Tensor, normalize_anchor: bool = False, backend: str | None = None
+) -> torch.Tensor:
+    """Retrieval scores against the mean centroid: [M, B, B] with S[m, i, j] = <z^m_i, c_j>.
+
+    The output is M×B×B by definition, so this is one batched GEMM on every backend (float32
+    accumulation; the result has the inputs' dtype).
+    """
+    fn = "centroid_similarity"
+    m = len(modalities)
+    if m < 2:
+        raise ValueError(f"{fn}: got M = {m} modalities, expected at least 2")
+    check_modalities(fn, list(modalities), [f"modality {i}" for i in range(m)])
+    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=SUPPORTED)
+    zs = _operands(modalities)
+    if name == "torch":
+        return ref.centroid_similarity(*zs, normalize_anchor=normalize_anchor)
+    work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
+    c = ref.centroid(work, normalize_anchor=normalize_anchor)[0].to(zs[0].dtype)
+    return torch.matmul(torch.stack(zs), c.T)

@@ -1,0 +1,304 @@
+// CPU kernels of the fused multi-pair InfoNCE (DESIGN §2.3): the epilogue of the stream_tiles
+// skeleton (csrc/include/fastbind/tiled.h).
+//
+// For P pairs (Q_p [B1, D], K_p [B2, D]) with logits l = Q_p·K_pᵀ/τ the forward keeps, per row and per
+// column of every pair, an online log-sum-exp (running max + rescaled sum of exp), the running sum of
+// logits (label smoothing) and the positive logit; nothing of size B1 × B2 outlives a tile. The
+// backward recomputes each tile, turns it into dL/dS in place from the saved row/column LSE and
+// feeds it to two GEMMs (dQ += G·K, dK += Gᵀ·Q). Keys may be one matrix shared by all pairs (the
+// CentroBind centroid): its gradient then sums over the pairs.
+//
+// Positives: row i of a pair pairs with column i + diag_offset (the multi-process path uses offsets
+// and rectangular B1 ≠ B2); a row or column with no positive in range keeps only the smoothing term.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "fastbind/tiled.h"
+
+namespace fastbind {
+namespace {
+
+// Tiles: 256 rows (the dK GEMM of the backward has inner dimension = rows, which BLAS wants >= ~128)
+// by 1024 columns, cut into column chunks of kChunk for the epilogue threads. A chunk of 256 rows x
+// 256 columns is 256 KiB of float32: it stays in a core's 1 MiB L2 between the epilogue's two passes.
+// Chunks do not depend on the thread count, so results are bit-identical for any thread count.
+constexpr int64_t kRowBlock = 256;
+constexpr int64_t kColBlock = 1024;
+constexpr int64_t kChunk = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp for the epilogues, written so that gcc vectorises it inside `omp simd` loops (std::exp is a
+// scalar libm call). Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r
+// (Cephes expf coefficients, max relative error ~2 ulp), 2^n assembled in the exponent bits.
+// x < -87.3 (incl. -inf) gives 0, NaN propagates, x > 88.3 gives +inf (the epilogues only take
+// x = logit - max <= 0, where it is accurate down to the float32 underflow).
+// always_inline: it must be compiled inside each target clone of the loops below (an `omp declare
+// simd` clone would be built for the baseline ISA, with libm calls for fma).
+__attribute__((always_inline)) static inline float vexp(float x) {
+  float c = x < -87.3f ? -87.3f : x;
+  c = c > 88.3f ? 88.3f : c;
+  // round to nearest by the 1.5·2^23 trick (std::nearbyint would be a libm call in the loop)
+  const float n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = n * -0.693359375f + c;
+  r = n * 2.12194440e-4f + r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  float result = p * scale;
+  result = x < -87.3f ? 0.0f : result;
+  result = x > 88.3f ? std::numeric_limits<float>::infinity() : result;
+  return x != x ? x : result;
+}
+
+// max without libm's fmaxf call (vectorises to maxps); a NaN operand is dropped here but still
+// reaches the sums of exp, so the loss stays NaN for NaN inputs
+static inline float vmax(float a, float b) { return a > b ? a : b; }
+
+#define FASTBIND_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+
+// Pass 1 over a [nr, w] chunk of logits (raw dots s, row stride ld): per-row chunk max of s·inv_t
+// into row_max[nr], and the column max folded into col_max[w] (which holds the running column max).
+FASTBIND_CLONES
+void chunk_max(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, float* row_max, float* col_max) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const float* row = s + i * ld;
+    float m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < w; ++j) {
+      const float l = row[j] * inv_t;
+      m = vmax(m, l);
+      col_max[j] = vmax(col_max[j], l);
+    }
+    row_max[i] = m;
+  }
+}
+
+// Pass 2: row sums of exp(l - row_max) and of l; column sums of exp(l - col_max) and of l, added
+// to col_sum_exp[w] / col_sum_logit[w].
+FASTBIND_CLONES
+void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, const float* row_max,
+                const float* col_max, float* row_sum_exp, float* row_sum_logit, float* col_sum_exp,
+                float* col_sum_logit) {
+  for (int64_t i = 0; i < nr; ++i) {
+    const float* row = s + i * ld;
+    const float rm = row_max[i];
+    float se = 0.f, sl = 0.f;
+#pragma omp simd reduction(+ : se, sl)
+    for (int64_t j = 0; j < w; ++j) {
+      const float l = row[j] * inv_t;
+      se += vexp(l - rm);
+      sl += l;
+      col_sum_exp[j] += vexp(l - col_max[j]);
+      col_sum_logit[j] += l;
+    }
+    row_sum_exp[i] = se;
+    row_sum_logit[i] = sl;
+  }
+}
+
+// Backward: one row of raw dots s[w] becomes G = dL/dS in place:
+// G_j = inv_t·( g_row·(exp(l_j - row_lse) - ε/B2) + g_col_j·(exp(l_j - col_lse_j) - ε/B1) ) (the
+// (1-ε)·δ term of the positive is applied by the caller). use_rows / use_cols skip a direction whose
+// upstream gradient is all zero.
+FASTBIND_CLONES
+void grad_row(float* s, int64_t w, float inv_t, float g_row, float row_lse, const float* g_col, const float* col_lse,
+              float smooth_row, const float* smooth_col, bool use_rows, bool use_cols) {
+  if (use_rows && use_cols) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) {
+      const float l = s[j] * inv_t;
+      s[j] = inv_t * (g_row * vexp(l - row_lse) + g_col[j] * vexp(l - col_lse[j]) - smooth_row - smooth_col[j]);
+    }
+  } else if (use_rows) {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_row * vexp(s[j] * inv_t - row_lse) - smooth_row);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_col[j] * vexp(s[j] * inv_t - col_lse[j]) - smooth_col[j]);
+  }
+}
+
+struct Pairs {
+  std::vector<at::Tensor> queries, keys;  // float32 contiguous [B1, D] / [B2, D], one per pair
+  int64_t P, PK, B1, B2;
+};
+
+Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, fn, ": expected q [P, B1, D] and k [PK, B2, D], got ", q.sizes(), " and ",
+              k.sizes());
+  TORCH_CHECK(k.size(0) == 1 || k.size(0) == q.size(0), fn, ": k must hold 1 or P = ", q.size(0),
+              " key matrices, got ", k.size(0));
+  TORCH_CHECK(q.size(2) == k.size(2), fn, ": q and k differ in D: ", q.sizes(), " vs ", k.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), fn, ": CPU tensors expected");
+  Pairs pairs;
+  at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
+  pairs.P = q.size(0);
+  pairs.PK = k.size(0);
+  pairs.B1 = q.size(1);
+  pairs.B2 = k.size(1);
+  for (int64_t p = 0; p < pairs.P; ++p) {
+    pairs.queries.push_back(qf[p]);
+    pairs.keys.push_back(kf[pairs.PK == 1 ? 0 : p]);
+  }
+  return pairs;
+}
+
+float read_inv_temperature(const at::Tensor& temperature) {
+  TORCH_CHECK(temperature.numel() == 1, "infonce: temperature must be a 0-d tensor");
+  return 1.0f / temperature.to(at::kFloat).item<float>();
+}
+
+// -> (row_loss [P, B1], col_loss [P, B2], row_lse [P, B1], col_lse [P, B2]), float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                           const at::Tensor& temperature,
+                                                                           double label_smoothing, int64_t diag_offset) {
+  const Pairs pr = unpack(q, k, "infonce_fwd");
+  const int64_t P = pr.P, B1 = pr.B1, B2 = pr.B2;
+  const float inv_t = read_inv_temperature(temperature);
+  const auto f32 = q.options().dtype(at::kFloat);
+
+  at::Tensor row_max = at::full({P, B1}, kNegInf, f32), row_sum = at::zeros({P, B1}, f32);
+  at::Tensor row_logit = at::zeros({P, B1}, f32), positive = at::zeros({P, B1}, f32);
+  at::Tensor col_max = at::full({P, B2}, kNegInf, f32), col_sum = at::zeros({P, B2}, f32);
+  at::Tensor col_logit = at::zeros({P, B2}, f32);
+  float *rmax = row_max.data_ptr<float>(), *rsum = row_sum.data_ptr<float>();
+  float *rlog = row_logit.data_ptr<float>(), *pos = positive.data_ptr<float>();
+  float *cmax = col_max.data_ptr<float>(), *csum = col_sum.data_ptr<float>(), *clog = col_logit.data_ptr<float>();
+
+  const int64_t max_chunks = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
+  const int64_t max_rows = std::min(kRowBlock, B1);
+  // per (pair, chunk): the chunk's row max / sum of exp / sum of logits, merged after the chunk pass
+  std::vector<float> part_max(P * max_chunks * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
+
+  fastbind::cpu::stream_tiles(
+      pr.queries, pr.keys,
+      [&](const fastbind::cpu::Tile& t, const std::vector<at::Tensor>& products) {
+        const int64_t chunks = (t.nc + kChunk - 1) / kChunk;
+        at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> new_max(kChunk);
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t p = task / chunks, c = task % chunks;
+            const int64_t j0 = c * kChunk, w = std::min(kChunk, t.nc - j0);
+            const float* s = products[p].data_ptr<float>() + j0;
+            float* cm = cmax + p * B2 + t.c0 + j0;
+            float* cs = csum + p * B2 + t.c0 + j0;
+            float* part = part_max.data() + (p * max_chunks + c) * max_rows;
+            // new_max = max(running column max, this chunk's column max)
+            std::copy(cm, cm + w, new_max.data());
+            chunk_max(s, t.nc, t.nr, w, inv_t, part, new_max.data());
+            for (int64_t j = 0; j < w; ++j) {  // rescale the running column sums to the new max
+              cs[j] = cm[j] == kNegInf ? 0.f : cs[j] * std::exp(cm[j] - new_max[j]);
+              cm[j] = new_max[j];
+            }
+            chunk_sums(s, t.nc, t.nr, w, inv_t, part, cm, part_exp.data() + (p * max_chunks + c) * max_rows,
+                       part_logit.data() + (p * max_chunks + c) * max_rows, cs, clog + p * B2 + t.c0 + j0);
+            // the positive logit of row i sits at column i + diag_offset
+            for (int64_t i = 0; i < t.nr; ++i) {
+              const int64_t j = t.r0 + i + diag_offset - t.c0 - j0;
+              if (j >= 0 && j < w) pos[p * B1 + t.r0 + i] = s[i * t.nc + j] * inv_t;
+            }
+          }
+        });
+        // merge the chunks' row statistics into the running row statistics (in chunk order)
+        at::parallel_for(0, P * t.nr, 256, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t p = task / t.nr, i = task % t.nr, row = p * B1 + t.r0 + i;
+            float m = rmax[row];
+            for (int64_t c = 0; c < chunks; ++c) m = std::fmax(m, part_max[(p * max_chunks + c) * max_rows + i]);
+            float sum = rmax[row] == kNegInf ? 0.f : rsum[row] * std::exp(rmax[row] - m);
+            for (int64_t c = 0; c < chunks; ++c) {
+              const int64_t at_ = (p * max_chunks + c) * max_rows + i;
+              sum += part_exp[at_] * std::exp(part_max[at_] - m);
+              rlog[row] += part_logit[at_];
+            }
+            rmax[row] = m;
+            rsum[row] = sum;
+          }
+        });
+      },
+      kRowBlock, kColBlock);
+
+  // CE = lse - (1-ε)·positive - (ε/B)·Σ logits; rows/columns without a positive keep the smoothing part
+  const double eps = label_smoothing;
+  at::Tensor row_lse = row_max + row_sum.log(), col_lse = col_max + col_sum.log();
+  at::Tensor rows = at::arange(B1, f32.dtype(at::kLong));
+  at::Tensor row_has = ((rows + diag_offset >= 0) & (rows + diag_offset < B2)).to(at::kFloat);
+  at::Tensor cols = at::arange(B2, f32.dtype(at::kLong));
+  at::Tensor col_has = ((cols - diag_offset >= 0) & (cols - diag_offset < B1)).to(at::kFloat);
+  // the positive of column j is row j - diag_offset: gather it from the rows' positives
+  at::Tensor col_pos = at::zeros({P, B2}, f32);
+  const int64_t lo = std::max<int64_t>(0, diag_offset), hi = std::min<int64_t>(B2, B1 + diag_offset);
+  if (hi > lo) col_pos.narrow(1, lo, hi - lo).copy_(positive.narrow(1, lo - diag_offset, hi - lo));
+  at::Tensor row_loss = row_lse - (1.0 - eps) * positive * row_has - (eps / B2) * row_logit;
+  at::Tensor col_loss = col_lse - (1.0 - eps) * col_pos * col_has - (eps / B1) * col_logit;
+  return {row_loss, col_loss, row_lse, col_lse};
+}
+
+// -> (grad_q [P, B1, D], grad_k [PK, B2, D]), float32, from the upstream gradients of row_loss and
+// col_loss and the saved LSE of the forward.
+std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_loss, const at::Tensor& grad_col_loss,
+                                                   const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& temperature, const at::Tensor& row_lse,
+                                                   const at::Tensor& col_lse, double label_smoothing,
+                                                   int64_t diag_offset) {
+  const Pairs pr = unpack(q, k, "infonce_bwd");
+  const int64_t P = pr.P, B1 = pr.B1, B2 = pr.B2, D = q.size(2);
+  const float inv_t = read_inv_temperature(temperature);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor g_row = grad_row_loss.to(at::kFloat).contiguous(), g_col = grad_col_loss.to(at::kFloat).contiguous();
+  at::Tensor r_lse = row_lse.to(at::kFloat).contiguous(), c_lse = col_lse.to(at::kFloat).contiguous();
+  const bool use_rows = g_row.ne(0).any().item<bool>(), use_cols = g_col.ne(0).any().item<bool>();
+  const float eps = static_cast<float>(label_smoothing), keep = 1.f - eps;
+  // per-element smoothing terms g·ε/B (the positive's (1-ε) term is subtracted separately)
+  at::Tensor smooth_row = g_row * (eps / B2), smooth_col = g_col * (eps / B1);
+
+  at::Tensor grad_q = at::zeros({P, B1, D}, f32), grad_k = at::zeros({pr.PK, B2, D}, f32);
+  if (!use_rows && !use_cols) return {grad_q, grad_k};
+  const float *gr = g_row.data_ptr<float>(), *gc = g_col.data_ptr<float>();
+  const float *rl = r_lse.data_ptr<float>(), *cl = c_lse.data_ptr<float>();
+  const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
+
+  fastbind::cpu::stream_tiles(
+      pr.queries, pr.keys,
+      [&](const fastbind::cpu::Tile& t, const std::vector<at::Tensor>& products) {
+        at::parallel_for(0, P * t.nr, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t p = task / t.nr, i = task % t.nr, row = t.r0 + i;
+            float* s = products[p].data_ptr<float>() + i * t.nc;
+            grad_row(s, t.nc, inv_t, gr[p * B1 + row], rl[p * B1 + row], gc + p * B2 + t.c0, cl + p * B2 + t.c0,
+                     sr[p * B1 + row], sc + p * B2 + t.c0, use_rows, use_cols);
+            const int64_t j = row + diag_offset - t.c0;  // the positive's (1-ε)·δ term, both directions
+            if (j >= 0 && j < t.nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + t.c0 + j]);
+          }
+        });
+        for (int64_t p = 0; p < P; ++p) {
+          const at::Tensor& G = products[p];  // [nr, nc] = dL/dS of the tile
+          grad_q[p].narrow(0, t.r0, t.nr).addmm_(G, pr.keys[p].narrow(0, t.c0, t.nc));
+          grad_k[pr.PK == 1 ? 0 : p].narrow(0, t.c0, t.nc).addmm_(G.t(), pr.queries[p].narrow(0, t.r0, t.nr));
+        }
+      },
+      kRowBlock, kColBlock);
+  return {grad_q, grad_k};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbind, CPU, m) {
+  m.impl("infonce_fwd", &infonce_fwd_cpu);
+  m.impl("infonce_bwd", &infonce_bwd_cpu);
+}
+
+}  // namespace fastbind
