@@ -157,50 +157,52 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   const float* E_p = E.data_ptr<float>();
   const float* w_p = w.defined() ? w.data_ptr<float>() : nullptr;
 
+  // Threads own disjoint row ranges (whole row blocks) and stream their rows through the codebook
+  // with single-threaded GEMM tiles: no barrier per tile (the per-tile parallel_for + multithreaded
+  // GEMM alternative synchronises ~2 times per tile, which costs a lot on a shared 2-core machine).
   const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
-  const int64_t chunk = direct ? N : kChunkRows;
-  std::vector<float> best(std::min(chunk, N) * k);
-  std::vector<int64_t> best_j(std::min(chunk, N) * k);
+  const int64_t num_blocks = (N + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
+    const int64_t row_lo = block_lo * kRowBlock, row_hi = std::min(N, block_hi * kRowBlock);
+    const int64_t chunk = direct ? row_hi - row_lo : kChunkRows;
+    std::vector<float> best(std::min(chunk, row_hi - row_lo) * k);
+    std::vector<int64_t> best_j(best.size());
+    std::vector<double> d(k);
+    std::vector<int64_t> id(k);
+    for (int64_t r0 = row_lo; r0 < row_hi; r0 += chunk) {
+      const int64_t n = std::min(chunk, row_hi - r0);
+      const at::Tensor A = x.narrow(0, r0, n).to(at::kFloat).contiguous();
+      std::fill(best.begin(), best.begin() + n * k, std::numeric_limits<float>::infinity());
+      std::fill(best_j.begin(), best_j.begin() + n * k, int64_t{-1});
 
-  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-    const int64_t n = std::min(chunk, N - r0);
-    const at::Tensor A = x.narrow(0, r0, n).to(at::kFloat).contiguous();
-    std::fill(best.begin(), best.begin() + n * k, std::numeric_limits<float>::infinity());
-    std::fill(best_j.begin(), best_j.begin() + n * k, int64_t{-1});
-
-    auto epilogue = [&](const Tile& tile, const std::vector<at::Tensor>& products) {
-      const float* prod = products[0].data_ptr<float>();
-      at::parallel_for(0, tile.nr, 8, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r) {
+      auto epilogue = [&](const Tile& tile, const std::vector<at::Tensor>& products) {
+        const float* prod = products[0].data_ptr<float>();
+        const float* b = bias_p + tile.c0;
+        for (int64_t r = 0; r < tile.nr; ++r) {
           const float* row = prod + r * tile.nc;
-          const float* b = bias_p + tile.c0;
           const int64_t i = tile.r0 + r;
           if (k == 1) {
             tile_row_min(row, b, tile.nc, tile.c0, best[i], best_j[i]);
             continue;
           }
           float* s = best.data() + i * k;
-          int64_t* id = best_j.data() + i * k;
+          int64_t* ids = best_j.data() + i * k;
           float worst = s[k - 1];
           for (int64_t t = 0; t < tile.nc; ++t) {
             const float v = row[t] + b[t];
             if (v < worst) {
-              push_topk(s, id, k, v, tile.c0 + t);
+              push_topk(s, ids, k, v, tile.c0 + t);
               worst = s[k - 1];
             }
           }
         }
-      });
-    };
-    stream_tiles({A}, {B}, epilogue, kRowBlock, kColBlock);
+      };
+      stream_tiles({A}, {B}, epilogue, kRowBlock, kColBlock);
 
-    // Winners: fill slots no finite score reached (non-finite rows) with the lowest unused indices,
-    // recompute the exact distance, re-sort by (distance, index).
-    const float* A_p = A.data_ptr<float>();
-    at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
-      std::vector<double> d(k);
-      std::vector<int64_t> id(k);
-      for (int64_t i = lo; i < hi; ++i) {
+      // Winners: fill slots no finite score reached (non-finite rows) with the lowest unused
+      // indices, recompute the exact distance, re-sort by (distance, index).
+      const float* A_p = A.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
         const int64_t* cand = best_j.data() + i * k;
         int64_t next = 0;
         for (int64_t s = 0; s < k; ++s) {
@@ -232,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
           index_p[(r0 + i) * k + s] = id[s];
         }
       }
-    });
-  }
+    }
+  });
   return {dist, index};
 }
 
