@@ -80,7 +80,8 @@ def _make_backward(bwd_op):
         grad_t = None
         if ctx.needs_input_grad[2]:
             # logits = S/τ, so dL/dτ = -(1/τ)·Σ_ij dL/dlogit_ij·logit_ij = -(1/τ)·<q, dL/dq>
-            grad_t = (-(q.float() * grad_q).sum() / temperature.float()).to(temperature.dtype)
+            # (summed in float64: the terms cancel, and the sum runs over P·B·D products)
+            grad_t = (-(q.double() * grad_q.double()).sum() / temperature.double()).to(temperature.dtype)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_t, None, None
 
     return backward
