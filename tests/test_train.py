@@ -25,6 +25,15 @@ from fastbind.train import (
 TINY = dict(steps=60, batch_size=64, dim=16, hidden=64, lr=3e-3, eval_size=200, probe_size=300, eval_every=30)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The tiny encoders gain nothing from threads; one thread keeps the runs fast on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny(**overrides) -> TrainConfig:
     return TrainConfig(**{**TINY, "progress": False, **overrides})
 
@@ -195,6 +204,7 @@ def test_autocast_run_is_finite():
         (["--loss", "gram", "--modalities", "9"], "2 to 8 modalities"),
         (["--steps", "0"], "--steps must be positive"),
         (["--compare", "--resume", "x.pt"], "--resume applies to a single run"),
+        (["--compare", "--seeds", "0"], "--seeds must be positive"),
         (["--modalities", "three"], "invalid int value"),
     ],
 )
@@ -216,6 +226,7 @@ def test_cli_parse_defaults_and_quick():
         ("anchor", 1),
         ("anchor", 2),
         ("centroid", 0),
+        ("pairwise", 0),
         ("gram", 0),
     ]
     assert len({(c.seed, c.steps, c.batch_size, c.dim, c.lr) for c in compare}) == 1  # same data, seed, budget

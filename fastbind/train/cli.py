@@ -23,7 +23,7 @@ from fastbind.train.loop import LOSSES, TrainConfig, Trainer
 __all__ = ["main", "build_parser", "parse_args"]
 
 # --quick: small enough for `make demo` (< ~2.5 min for the whole --compare on 2 cores).
-QUICK = dict(steps=250, batch_size=128, eval_size=500, probe_size=1000, eval_every=0)
+QUICK = dict(steps=500, batch_size=128, eval_size=500, probe_size=1000, eval_every=100)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--loss", choices=LOSSES, default="gram", help="binding loss (default gram)")
     p.add_argument("--modalities", type=int, default=3, help="number of modalities M >= 2 (default 3)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1500, --quick 250)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1500, --quick 500)")
     p.add_argument("--anchor", type=int, default=0, help="anchor modality of --loss anchor/gram (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 256, --quick 128)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension (default 64)")
@@ -45,8 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint.pt")
     p.add_argument("--compare", action="store_true", help="anchor study: every fixed anchor, CentroBind, GRAM")
+    p.add_argument("--seeds", type=int, default=1, help="--compare: repeat over this many seeds and average")
     p.add_argument("--quick", action="store_true", help="a short run (make demo)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the encoders are tiny and gain nothing from more threads, "
+        "while OpenMP's spin-waiting makes 2 threads ~30x slower on a CPU shared with other work)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -62,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(
             f"--anchor must be in [0, {args.modalities - 1}] for {args.modalities} modalities, got {args.anchor}"
         )
-    for name in ("steps", "batch_size", "dim", "eval_every"):
+    for name in ("steps", "batch_size", "dim", "eval_every", "seeds", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "eval_every" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -108,33 +116,73 @@ def _method(config: TrainConfig) -> str:
     return {"centroid": "centroid (CentroBind)", "pairwise": "pairwise CLIP"}[config.loss]
 
 
-def format_table(rows: list[tuple[str, dict, float]], modalities: int) -> str:
-    """One line per method: R@1 of every ordered pair, mean R@1/5/10, probe accuracy per modality."""
-    pairs = [f"{a}->{b}" for a in range(modalities) for b in range(modalities) if a != b]
-    header = (
-        ["method", "score"]
-        + [f"R@1 {p}" for p in pairs]
-        + ["mean R@1", "R@5", "R@10"]
-        + [f"probe m{m}" for m in range(modalities)]
-        + ["time s"]
-    )
-    lines = []
-    for name, metrics, seconds in rows:
-        cells = [name, metrics["scoring"]]
-        cells += [f"{metrics['pairs'][p]['R@1']:.3f}" for p in pairs]
-        cells += [f"{metrics['mean'][k]:.3f}" for k in ("R@1", "R@5", "R@10")]
-        cells += [f"{acc:.3f}" for acc in metrics["probe"]]
-        cells += [f"{seconds:.0f}"]
-        lines.append(cells)
+def _average(metrics: list[dict]) -> dict:
+    """Leaf-wise mean of several runs' metrics (same structure); strings are kept."""
+    first = metrics[0]
+    if isinstance(first, dict):
+        return {k: _average([m[k] for m in metrics]) for k in first}
+    if isinstance(first, list):
+        return [_average([m[i] for m in metrics]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return sum(metrics) / len(metrics)
+    return first
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)) ** 0.5
+
+
+def _render(header: list[str], lines: list[list[str]], left: int = 1) -> str:
+    """A Markdown table; the first `left` columns left-aligned, numbers right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(header)]
 
     def fmt(cells):
         return (
-            "| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+            "| "
+            + " | ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
         )
 
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    rule = "|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
     return "\n".join([fmt(header), rule, *(fmt(r) for r in lines)])
+
+
+def format_tables(rows: list[dict], modalities: int) -> str:
+    """Two tables, one line per method. rows: {"method", "metrics" (seed-averaged), "r1_per_seed",
+    "seconds"}. Retrieval: R@1 of every ordered pair (query->gallery), mean R@1/5/10 over pairs.
+    Probe and GRAM-style retrieval: linear-probe accuracy per modality, their mean, R@1 of each
+    modality against the tuple of all others by ascending volume (k = M), training time."""
+    pairs = [f"{a}->{b}" for a in range(modalities) for b in range(modalities) if a != b]
+    seeds = len(rows[0]["r1_per_seed"])
+    header = ["method", "score", *(f"R@1 {p}" for p in pairs), "mean R@1"]
+    header += ["sd (seeds)"] if seeds > 1 else []
+    header += ["mean R@5", "mean R@10"]
+    lines = []
+    for row in rows:
+        m = row["metrics"]
+        cells = [
+            row["method"],
+            m["scoring"],
+            *(f"{m['pairs'][p]['R@1']:.3f}" for p in pairs),
+            f"{m['mean']['R@1']:.3f}",
+        ]
+        cells += [f"{_std(row['r1_per_seed']):.3f}"] if seeds > 1 else []
+        cells += [f"{m['mean']['R@5']:.3f}", f"{m['mean']['R@10']:.3f}"]
+        lines.append(cells)
+    retrieval_table = _render(header, lines, left=2)
+
+    header = ["method", *(f"probe m{i}" for i in range(modalities)), "mean probe"]
+    header += [f"vol R@1 {i}->rest" for i in range(modalities)] + ["train s"]
+    lines = []
+    for row in rows:
+        m = row["metrics"]
+        probe = m["probe"]
+        cells = [row["method"], *(f"{acc:.3f}" for acc in probe), f"{sum(probe) / len(probe):.3f}"]
+        cells += [f"{m['joint_volume'][f'{i}->rest']['R@1']:.3f}" for i in range(modalities)]
+        cells += [f"{row['seconds']:.1f}"]
+        lines.append(cells)
+    return retrieval_table + "\n\n" + _render(header, lines)
 
 
 def _plot(path: str, runs: list[tuple[str, dict]]) -> bool:
@@ -171,6 +219,16 @@ def _write_outputs(out: str, payload: dict, runs: list[tuple[str, dict]]) -> Non
     print(f"wrote {os.path.join(out, 'metrics.json')}" + (f" and {png}" if wrote else " (no matplotlib: no PNG)"))
 
 
+def _legend(chance: dict) -> str:
+    return (
+        f"chance: R@1 {chance['R@1']:.4f}, probe {chance['probe']:.3f}. Retrieval scoring: cosine for the "
+        "InfoNCE losses; for GRAM ascending volume with the query modality as anchor and the gallery "
+        "modality as the single data modality (k = 2). 'vol R@1 m->rest': modality m against the tuple of "
+        "all other modalities of each sample by ascending volume (k = M, GRAM's multimodal retrieval), "
+        "for every method."
+    )
+
+
 def _single(args: argparse.Namespace) -> int:
     config = _config(args)
     config = replace(config, out=args.out or os.path.join("runs", _run_name(config)))
@@ -183,56 +241,75 @@ def _single(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     history = trainer.history
     print(f"\nloss {history['loss'][0]:.4f} (step 1) -> {history['loss'][-1]:.4f} (step {trainer.step})")
-    print(format_table([(_method(config), metrics, seconds)], config.modalities))
-    print(f"chance: R@1 {metrics['chance']['R@1']:.4f}, probe {metrics['chance']['probe']:.3f}")
+    row = {"method": _method(config), "metrics": metrics, "r1_per_seed": [metrics["mean"]["R@1"]], "seconds": seconds}
+    print(format_tables([row], config.modalities))
+    print(_legend(metrics["chance"]))
     payload = {"config": asdict(config), "metrics": metrics, "history": history, "seconds": seconds}
     _write_outputs(config.out, payload, [(_method(config), history)])
     return 0
 
 
-def compare_configs(args: argparse.Namespace) -> list[TrainConfig]:
-    """Fixed anchor for each choice of anchor, CentroBind and GRAM (anchor --anchor), same data and seed."""
-    configs = [_config(args, loss="anchor", anchor=a) for a in range(args.modalities)]
-    configs.append(_config(args, loss="centroid"))
+def compare_configs(args: argparse.Namespace, seed: int | None = None) -> list[TrainConfig]:
+    """Fixed anchor for each choice of anchor, CentroBind, pairwise CLIP and GRAM (anchor --anchor),
+    all on the same data, seed and budget."""
+    seed = args.seed if seed is None else seed
+    configs = [_config(args, loss="anchor", anchor=a, seed=seed) for a in range(args.modalities)]
+    configs.append(_config(args, loss="centroid", seed=seed))
+    configs.append(_config(args, loss="pairwise", seed=seed))
     if args.modalities <= 8:
-        configs.append(_config(args, loss="gram"))
+        configs.append(_config(args, loss="gram", seed=seed))
     return configs
 
 
 def _compare(args: argparse.Namespace) -> int:
-    configs = compare_configs(args)
-    out = args.out or os.path.join("runs", f"compare-m{args.modalities}-s{args.seed}{'-quick' if args.quick else ''}")
-    c0 = configs[0]
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    tag = f"compare-m{args.modalities}-s{args.seed}{f'x{args.seeds}' if args.seeds > 1 else ''}"
+    out = args.out or os.path.join("runs", tag + ("-quick" if args.quick else ""))
+    c0 = compare_configs(args)[0]
     print(
         f"anchor study: {args.modalities} modalities (modality {args.modalities - 1} is the noisy one), "
-        f"{c0.steps} steps x batch {c0.batch_size}, seed {args.seed}, {c0.eval_size} held-out pairs"
+        f"{c0.steps} steps x batch {c0.batch_size}, seed(s) {', '.join(map(str, seeds))}, "
+        f"{c0.eval_size} held-out pairs, probe fitted on {c0.probe_size}"
     )
-    rows, runs, results = [], [], []
-    for config in configs:
-        start = time.perf_counter()
-        trainer = Trainer(config, args.device)
-        metrics = trainer.fit()
-        seconds = time.perf_counter() - start
-        name = _method(config)
-        rows.append((name, metrics, seconds))
-        runs.append((name, trainer.history))
-        results.append(
-            {
-                "method": name,
-                "config": asdict(config),
-                "metrics": metrics,
-                "seconds": seconds,
-                "history": trainer.history,
-            }
-        )
+    per_method: dict[str, dict] = {}
+    runs, results = [], []
+    for seed in seeds:
+        for config in compare_configs(args, seed):
+            start = time.perf_counter()
+            trainer = Trainer(config, args.device)
+            metrics = trainer.fit()
+            seconds = time.perf_counter() - start
+            name = _method(config)
+            entry = per_method.setdefault(name, {"metrics": [], "seconds": 0.0})
+            entry["metrics"].append(metrics)
+            entry["seconds"] += seconds / len(seeds)
+            if seed == seeds[0]:
+                runs.append((name, trainer.history))
+            results.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    "config": asdict(config),
+                    "metrics": metrics,
+                    "seconds": seconds,
+                    "history": trainer.history,
+                }
+            )
+    rows = [
+        {
+            "method": name,
+            "metrics": _average(entry["metrics"]),
+            "r1_per_seed": [m["mean"]["R@1"] for m in entry["metrics"]],
+            "seconds": entry["seconds"],
+        }
+        for name, entry in per_method.items()
+    ]
     print()
-    print(format_table(rows, args.modalities))
-    chance = rows[0][1]["chance"]
-    print(
-        f"chance: R@1 {chance['R@1']:.4f}, probe {chance['probe']:.3f}. Retrieval: cosine for the InfoNCE "
-        "losses, ascending GRAM volume (query modality as anchor, k = 2) for GRAM."
-    )
-    _write_outputs(out, {"compare": results}, runs)
+    if len(seeds) > 1:
+        print(f"means over {len(seeds)} seeds; 'sd (seeds)': standard deviation of mean R@1 across seeds")
+    print(format_tables(rows, args.modalities))
+    print(_legend(rows[0]["metrics"]["chance"]))
+    _write_outputs(out, {"seeds": seeds, "summary": rows, "runs": results}, runs)
     return 0
 
 
@@ -242,4 +319,7 @@ def main(argv: list[str]) -> int:
         args = parse_args(list(argv))
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    import torch
+
+    torch.set_num_threads(args.threads)
     return _compare(args) if args.compare else _single(args)
