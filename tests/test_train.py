@@ -205,6 +205,7 @@ def test_autocast_run_is_finite():
         (["--steps", "0"], "--steps must be positive"),
         (["--compare", "--resume", "x.pt"], "--resume applies to a single run"),
         (["--compare", "--seeds", "0"], "--seeds must be positive"),
+        (["--loss", "anchor", "--leave-one-out"], "--leave-one-out applies to --loss centroid"),
         (["--modalities", "three"], "invalid int value"),
     ],
 )
@@ -226,9 +227,11 @@ def test_cli_parse_defaults_and_quick():
         ("anchor", 1),
         ("anchor", 2),
         ("centroid", 0),
+        ("centroid", 0),
         ("pairwise", 0),
         ("gram", 0),
     ]
+    assert [c.leave_one_out for c in compare] == [False, False, False, False, True, False, False]
     assert len({(c.seed, c.steps, c.batch_size, c.dim, c.lr) for c in compare}) == 1  # same data, seed, budget
 
 

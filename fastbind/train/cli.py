@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1500, --quick 500)")
     p.add_argument("--anchor", type=int, default=0, help="anchor modality of --loss anchor/gram (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 256, --quick 128)")
+    p.add_argument(
+        "--leave-one-out", action="store_true", help="--loss centroid: anchor = centroid of the other modalities"
+    )
     p.add_argument("--dim", type=int, default=64, help="embedding dimension (default 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the initialisation")
@@ -76,6 +79,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.leave_one_out and args.loss != "centroid" and not args.compare:
+        parser.error("--leave-one-out applies to --loss centroid")
     if args.compare and args.resume:
         parser.error("--resume applies to a single run, not to --compare")
     return args
@@ -92,6 +97,7 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
         lr=args.lr,
         seed=args.seed,
         autocast=args.autocast,
+        leave_one_out=args.leave_one_out and args.loss == "centroid",
         eval_every=100,
         progress=not args.no_progress,
     )
@@ -105,7 +111,8 @@ def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 def _run_name(config: TrainConfig) -> str:
     anchored = config.loss in ("anchor", "gram")
-    return f"{config.loss}{config.anchor if anchored else ''}-m{config.modalities}-s{config.seed}"
+    loo = "-loo" if config.leave_one_out else ""
+    return f"{config.loss}{config.anchor if anchored else ''}{loo}-m{config.modalities}-s{config.seed}"
 
 
 def _method(config: TrainConfig) -> str:
@@ -113,7 +120,9 @@ def _method(config: TrainConfig) -> str:
         return f"anchor={config.anchor}"
     if config.loss == "gram":
         return f"gram (anchor {config.anchor})"
-    return {"centroid": "centroid (CentroBind)", "pairwise": "pairwise CLIP"}[config.loss]
+    if config.loss == "centroid":
+        return "centroid leave-one-out" if config.leave_one_out else "centroid (CentroBind)"
+    return "pairwise CLIP"
 
 
 def _average(metrics: list[dict]) -> dict:
@@ -250,14 +259,18 @@ def _single(args: argparse.Namespace) -> int:
 
 
 def compare_configs(args: argparse.Namespace, seed: int | None = None) -> list[TrainConfig]:
-    """Fixed anchor for each choice of anchor, CentroBind, pairwise CLIP and GRAM (anchor --anchor),
+    """Fixed anchor for each choice of anchor, CentroBind (plain and leave-one-out), pairwise CLIP and
+    GRAM (anchor --anchor),
     all on the same data, seed and budget."""
     seed = args.seed if seed is None else seed
-    configs = [_config(args, loss="anchor", anchor=a, seed=seed) for a in range(args.modalities)]
-    configs.append(_config(args, loss="centroid", seed=seed))
-    configs.append(_config(args, loss="pairwise", seed=seed))
+
+    def make(loss, anchor=args.anchor, leave_one_out=False):
+        return _config(args, loss=loss, anchor=anchor, leave_one_out=leave_one_out, seed=seed)
+
+    configs = [make("anchor", anchor=a) for a in range(args.modalities)]
+    configs += [make("centroid"), make("centroid", leave_one_out=True), make("pairwise")]
     if args.modalities <= 8:
-        configs.append(_config(args, loss="gram", seed=seed))
+        configs.append(make("gram"))
     return configs
 
 

@@ -6,7 +6,7 @@ temperature:
 * ``gram``     — ``fastbind.gram_loss(z[anchor], *others)`` (GRAM: the anchor modality crossed with
   the batch, the other modalities of each sample span the volume; anchor 0 by default).
 * ``centroid`` — ``fastbind.centroid_loss(*z)`` (CentroBind: every modality against the per-sample
-  centroid of all modalities).
+  centroid of all modalities; ``leave_one_out``: against the centroid of the other modalities).
 * ``anchor``   — ``fastbind.anchor_loss(z[anchor], *others)`` (ImageBind-style fixed anchor).
 * ``pairwise`` — the sum of ``fastbind.infonce(z[a], z[b])`` over all pairs a < b (CLIP on every
   pair).
@@ -50,6 +50,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     temperature: float = 0.1  # initial value of the learnable temperature
+    leave_one_out: bool = False  # centroid: each modality's anchor is the centroid of the others
     seed: int = 0
     autocast: bool = False
     eval_every: int = 100  # 0: evaluate only at the end
@@ -67,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: modalities must be >= 2, got {self.modalities}")
         if self.loss == "gram" and self.modalities > 8:
             raise ValueError(f"TrainConfig: gram supports 2 to 8 modalities, got {self.modalities}")
+        if self.leave_one_out and self.loss != "centroid":
+            raise ValueError(f"TrainConfig: leave_one_out applies to the centroid loss, not to {self.loss!r}")
         if not 0 <= self.anchor < self.modalities:
             raise ValueError(f"TrainConfig: anchor must be in [0, {self.modalities - 1}], got {self.anchor}")
         for name in ("steps", "batch_size", "dim", "hidden", "eval_size", "probe_size"):
@@ -79,13 +82,15 @@ class TrainConfig:
         return "volume" if self.loss == "gram" else "cosine"
 
 
-def binding_loss(name: str, embeddings: list[torch.Tensor], temperature, anchor: int = 0) -> torch.Tensor:
+def binding_loss(
+    name: str, embeddings: list[torch.Tensor], temperature, anchor: int = 0, leave_one_out: bool = False
+) -> torch.Tensor:
     """The scalar training loss `name` (one of LOSSES) of the per-modality embeddings [B, D]."""
     others = [z for i, z in enumerate(embeddings) if i != anchor]
     if name == "gram":
         return fb.gram_loss(embeddings[anchor], *others, temperature=temperature)
     if name == "centroid":
-        return fb.centroid_loss(*embeddings, temperature=temperature)
+        return fb.centroid_loss(*embeddings, temperature=temperature, leave_one_out=leave_one_out)
     if name == "anchor":
         return fb.anchor_loss(embeddings[anchor], *others, temperature=temperature)
     if name == "pairwise":
@@ -164,7 +169,7 @@ class Trainer:
         self.model.train()
         with self._autocast():
             embeddings = self.model(inputs)
-            loss = binding_loss(c.loss, embeddings, self.model.temperature, c.anchor)
+            loss = binding_loss(c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -265,10 +270,10 @@ class Trainer:
     def load(self, path: str) -> None:
         state = torch.load(path, map_location=self.device, weights_only=False)
         saved = state["config"]
-        for key in ("loss", "modalities", "anchor", "dim", "hidden", "seed", "batch_size", "data"):
-            if saved[key] != getattr(self.config, key):
+        for key in ("loss", "modalities", "anchor", "leave_one_out", "dim", "hidden", "seed", "batch_size", "data"):
+            if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.config, key):
                 raise ValueError(
-                    f"resume: checkpoint {path} was trained with {key}={saved[key]!r}, "
+                    f"resume: checkpoint {path} was trained with {key}={saved.get(key)!r}, "
                     f"this run has {key}={getattr(self.config, key)!r}"
                 )
         self.model.load_state_dict(state["model"])
