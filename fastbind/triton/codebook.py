@@ -25,9 +25,14 @@ from fastbind.triton._common import AotSpec
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 _NORM_EPS = 1e-12  # as fastbind.reference.codebook: a zero vector is at cosine distance 1 from every code
 # Index sentinels, ordered: real code indices < empty-slot indices (2^60 + slot) < taken (2^61) < "none" (2^62).
-_EMPTY = tl.constexpr(1 << 60)
-_TAKEN = tl.constexpr(1 << 61)
-_NONE = tl.constexpr(1 << 62)
+# In-register code indices are int32 (K < 2^29); sentinels order after every real index:
+# empty slots (2^29 + slot) < taken (2^30) < "none" (2^31 - 1).
+_EMPTY = tl.constexpr(1 << 29)
+_TAKEN = tl.constexpr(1 << 30)
+_NONE = tl.constexpr(2147483647)
+# Non-finite scores of real codes become the largest float, so that +inf is free to mean "already
+# taken / padded column": a real code then always beats a padded one, and k <= K real codes exist.
+_FMAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -39,25 +44,21 @@ def _lex_min(s, i, NONE: tl.constexpr):
 
 
 @triton.jit
-def _merge_topk(best_s, best_i, score, idx, slots, KP: tl.constexpr, TAKEN: tl.constexpr, NONE: tl.constexpr):
-    """The KP lexicographically smallest (score, index) pairs of best ∪ tile, ascending, [M, KP]."""
+def _merge_tile(best_s, best_i, score, cols, slots, KP: tl.constexpr, NONE: tl.constexpr):
+    """The KP lexicographically smallest (score, index) pairs of the list best [M, KP] and the tile
+    score [M, BLOCK_N] (indices cols [BLOCK_N]), ascending. Taken entries become +inf."""
     new_s = tl.full(best_s.shape, float("inf"), tl.float32)
-    new_i = tl.full(best_i.shape, NONE, tl.int64)
+    new_i = tl.full(best_i.shape, NONE, tl.int32)
     for r in range(KP):
-        ms, js = _lex_min(score, idx, NONE)
+        ms = tl.min(score, 1)
+        js = tl.min(tl.where(score == ms[:, None], cols[None, :], NONE), 1)
         mo, jo = _lex_min(best_s, best_i, NONE)
         take_tile = (ms < mo) | ((ms == mo) & (js < jo))
-        m = tl.where(take_tile, ms, mo)
-        j = tl.where(take_tile, js, jo)
         put = slots[None, :] == r
-        new_s = tl.where(put, m[:, None], new_s)
-        new_i = tl.where(put, j[:, None], new_i)
-        hit_t = take_tile[:, None] & (idx == js[:, None])
-        score = tl.where(hit_t, float("inf"), score)
-        idx = tl.where(hit_t, TAKEN, idx)
-        hit_o = (~take_tile)[:, None] & (best_i == jo[:, None])
-        best_s = tl.where(hit_o, float("inf"), best_s)
-        best_i = tl.where(hit_o, TAKEN, best_i)
+        new_s = tl.where(put, tl.where(take_tile, ms, mo)[:, None], new_s)
+        new_i = tl.where(put, tl.where(take_tile, js, jo)[:, None], new_i)
+        score = tl.where(take_tile[:, None] & (cols[None, :] == js[:, None]), float("inf"), score)
+        best_s = tl.where((~take_tile)[:, None] & (best_i == jo[:, None]), float("inf"), best_s)
     return new_s, new_i
 
 
@@ -91,10 +92,10 @@ def _codebook_lookup_fwd_kernel(
     row_mask = rows < N
     slots = tl.arange(0, KP)
     best_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
-    best_i = tl.full((BLOCK_M, KP), _EMPTY, tl.int64) + slots[None, :].to(tl.int64)
+    best_i = tl.full((BLOCK_M, KP), _EMPTY, tl.int32) + slots[None, :]
 
     for n0 in range(0, K, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -104,7 +105,9 @@ def _codebook_lookup_fwd_kernel(
                 x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
             )
             bt = tl.load(
-                b_ptr + cols[None, :] * stride_b + dd[:, None], mask=col_mask[None, :] & d_mask[:, None], other=0.0
+                b_ptr + cols.to(tl.int64)[None, :] * stride_b + dd[:, None],
+                mask=col_mask[None, :] & d_mask[:, None],
+                other=0.0,
             )
             if UPCAST:
                 a = a.to(tl.float32)
@@ -112,16 +115,26 @@ def _codebook_lookup_fwd_kernel(
             acc = tl.dot(a, bt, acc, input_precision=INPUT_PRECISION)
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
         score = acc + bias[None, :]
-        # NaN never wins a comparison: map it (and padded columns) to +inf; padded columns carry
-        # indices >= K, so a real code with an infinite score still beats them.
-        score = tl.where(col_mask[None, :] & (score == score), score, float("inf"))
-        idx = tl.broadcast_to(cols[None, :], (BLOCK_M, BLOCK_N))
-        best_s, best_i = _merge_topk(best_s, best_i, score, idx, slots, KP, _TAKEN, _NONE)
+        score = tl.where((score == score) & (score < float("inf")), score, _FMAX)  # NaN/inf: worst real
+        score = tl.where(col_mask[None, :], score, float("inf"))  # padded columns: never before a real code
+        if KP == 1:  # k = 1: a running lexicographic minimum, no list
+            ms = tl.min(score, 1)
+            js = tl.min(tl.where(score == ms[:, None], cols[None, :], _NONE), 1)
+            b_s = tl.min(best_s, 1)
+            b_i = tl.min(best_i, 1)
+            take = (ms < b_s) | ((ms == b_s) & (js < b_i))
+            best_s = tl.where(take, ms, b_s)[:, None]
+            best_i = tl.where(take, js, b_i)[:, None]
+        else:
+            # merge only when some row of the tile beats its current k-th best
+            worst = tl.max(best_s, 1)
+            if tl.max((tl.min(score, 1) <= worst).to(tl.int32), 0) > 0:
+                best_s, best_i = _merge_tile(best_s, best_i, score, cols, slots, KP, _NONE)
 
     # Exact distances of the winners, recomputed from x and the fp32 codes.
     exact = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
     for r in range(K_TOP):
-        j = tl.sum(tl.where(slots[None, :] == r, best_i, 0), 1)
+        j = tl.sum(tl.where(slots[None, :] == r, best_i, 0), 1).to(tl.int64)
         j_mask = row_mask & (j < K)
         acc_xe = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -153,11 +166,11 @@ def _codebook_lookup_fwd_kernel(
             d_r = -acc_xe
         exact = tl.where(slots[None, :] == r, d_r[:, None], exact)
 
-    # Re-sort the K_TOP winners by (exact distance, index); empty slots (r >= K_TOP) stay last.
+    # Re-sort the K_TOP winners by (exact distance, index); NaN distances order as the largest.
     out_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
-    out_i = tl.full((BLOCK_M, KP), _NONE, tl.int64)
-    keyed = tl.where(exact == exact, exact, float("inf"))  # NaN distances order as +inf
+    out_i = tl.full((BLOCK_M, KP), _NONE, tl.int32)
     live = slots[None, :] < K_TOP
+    keyed = tl.where((exact == exact) & (exact < float("inf")), exact, _FMAX)
     keyed = tl.where(live, keyed, float("inf"))
     cand_i = tl.where(live, best_i, _TAKEN)
     for r in range(K_TOP):
@@ -173,7 +186,7 @@ def _codebook_lookup_fwd_kernel(
     out_mask = row_mask[:, None] & (slots[None, :] < K_TOP)
     offs = rows[:, None] * K_TOP + slots[None, :]
     tl.store(dist_ptr + offs, out_s, mask=out_mask)
-    tl.store(index_ptr + offs, out_i, mask=out_mask)
+    tl.store(index_ptr + offs, out_i.to(tl.int64), mask=out_mask)
 
 
 def _interpreting() -> bool:
@@ -181,12 +194,17 @@ def _interpreting() -> bool:
 
 
 def _config(dtype: torch.dtype, k: int) -> dict:
-    """Tile sizes. fp32: 64×64×32 tiles (ieee fp32 dot); bf16/fp16: a 64-row M tile and 128 codes, the
-    smallest shape that lowers to wgmma on sm_90 with 4 warps. Large k keeps more state per row in
-    registers, so the code tile shrinks to stay spill-free."""
+    """Tile sizes, chosen from the sm_90/sm_80 ptxas reports (zero spills for k = 1, 8 and 32).
+
+    fp32 ("ieee": no tensor cores) runs the dot on FMA units, whose operand layouts are register
+    hungry: 8 warps over a 64×64 tile. bf16/fp16: a 64-row M tile with 4 warps (one warpgroup) is
+    what lowers to wgmma on sm_90; 64 codes × 32 dims per step keeps the top-k list, the tile and
+    the operand stages within 255 registers. Larger k holds more per-row state, so fp32 shrinks the
+    code tile to 32 for k > 8.
+    """
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64 if k <= 8 else 32, "BLOCK_D": 32, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_N": 128 if k <= 8 else 64, "BLOCK_D": 64, "num_warps": 4}
+        return {"BLOCK_M": 64, "BLOCK_N": 64 if k <= 8 else 32, "BLOCK_D": 32, "num_warps": 8}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4}
 
 
 def prepare_codebook(codebook: torch.Tensor, metric: str, weight: torch.Tensor | None, dtype: torch.dtype):
