@@ -36,7 +36,13 @@ UNEQUAL_SIZES = {2: [5, 7], 3: [4, 1, 6]}
 DIM = 12
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 JOIN_TIMEOUT_S = 300  # a whole world (spawn + imports + every check) on a busy 2-core machine
-GLOO_TIMEOUT_S = 60  # a collective that one rank never enters fails instead of hanging
+GLOO_TIMEOUT_S = 60
+TRAIN_LOSSES = (
+    "gram",
+    "centroid",
+    "anchor",
+    "pairwise",
+)  # a collective that one rank never enters fails instead of hanging
 
 
 def _loss_cases():
@@ -77,7 +83,9 @@ def _check_names():
     names = ["gather_values_offset", "gather_gradient", "gather_3d", "private_clip_contract"]
     for backend, _ in _backends():
         names += [f"{case[0]}@{backend}" for case in _loss_cases()]
-    return [f"{n}/{layout}" for n in names for layout in ("unequal", "equal")]
+    names = [f"{n}/{layout}" for n in names for layout in ("unequal", "equal")]
+    # The training layer on several processes (per-rank batches of 11 rows: unequal for 2 and 3).
+    return names + [f"trainer[{loss}]/b11" for loss in TRAIN_LOSSES]
 
 
 # ----------------------------------------------------------------------------- checks (per rank)
@@ -201,6 +209,21 @@ def _check_loss(sizes, fn_name, n_inputs, kwargs, backend, dtype):
     torch.testing.assert_close(_summed(tau.grad), tau_full.grad, **tol, msg=lambda m: f"temperature gradient: {m}")
 
 
+def _check_trainer(loss: str):
+    """3 steps of fastbind.train on every process (gathering losses, summed gradients) equal 3
+    single-process steps on the global batch: same losses, same parameters."""
+    from fastbind.train import TrainConfig, Trainer
+
+    config = TrainConfig(loss=loss, steps=3, batch_size=11, dim=8, hidden=16, eval_every=0, progress=False)
+    multi, single = Trainer(config, distributed=True), Trainer(config, distributed=False)
+    assert multi.world == dist.get_world_size()
+    got = [multi.train_step() for _ in range(3)]
+    expected = [single.train_step() for _ in range(3)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(multi.model.named_parameters(), single.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _run_checks(world: int) -> dict[str, str]:
     simple = {
         "gather_values_offset": _check_gather_values_offset,
@@ -211,10 +234,12 @@ def _run_checks(world: int) -> dict[str, str]:
     results = {}
     for name in _check_names():
         base, layout = name.rsplit("/", 1)
-        sizes = _sizes(layout, world)
+        sizes = _sizes(layout, world) if layout in ("unequal", "equal") else None
         try:
             if base in simple:
                 simple[base](sizes)
+            elif base.startswith("trainer["):
+                _check_trainer(base[len("trainer[") : -1])
             else:
                 case_name, backend = base.rsplit("@", 1)
                 dtype = dict(_backends())[backend]

@@ -8,11 +8,16 @@ linear-probe accuracy per modality) and writes ``metrics.json``, ``curves.png`` 
 ``checkpoint.pt`` into ``--out`` (default ``runs/<name>``). ``--compare`` trains a fixed-anchor model
 for every choice of anchor, CentroBind and GRAM on the same data and seed and prints one table;
 ``--quick`` shrinks it for ``make demo``.
+
+Several processes: ``torchrun --nproc_per_node 2 -m fastbind.cli train --loss centroid ...`` (gloo on
+CPU, NCCL with ``--device cuda``): every process trains on its rows of each global batch with the
+gathering losses (``gather=True``) and summed gradients, so the run equals the single-process one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -335,4 +340,32 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    return _compare(args) if args.compare else _single(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _init_torchrun(args)
+    if _is_rank0():
+        return _compare(args) if args.compare else _single(args)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # only rank 0 prints
+        return _compare(args) if args.compare else _single(args)
+
+
+def _is_rank0() -> bool:
+    from fastbind.distributed import rank
+
+    return rank() == 0
+
+
+def _init_torchrun(args: argparse.Namespace) -> None:
+    """Launched by torchrun: join the process group (NCCL for CUDA devices, gloo for CPU). Every
+    process then trains on its rows of each global batch with the gathering losses."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if args.device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")

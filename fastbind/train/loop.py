@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 import fastbind as fb
+import fastbind.distributed as dist_utils
 from fastbind.train.data import SyntheticConfig, SyntheticMultimodal
 from fastbind.train.metrics import joint_volume_retrieval, linear_probe, pairwise_retrieval
 from fastbind.train.models import BindingModel
@@ -83,19 +84,28 @@ class TrainConfig:
 
 
 def binding_loss(
-    name: str, embeddings: list[torch.Tensor], temperature, anchor: int = 0, leave_one_out: bool = False
+    name: str,
+    embeddings: list[torch.Tensor],
+    temperature,
+    anchor: int = 0,
+    leave_one_out: bool = False,
+    gather: bool = False,
 ) -> torch.Tensor:
-    """The scalar training loss `name` (one of LOSSES) of the per-modality embeddings [B, D]."""
+    """The scalar training loss `name` (one of LOSSES) of the per-modality embeddings [B, D].
+
+    gather=True: embeddings are this process's rows; the result is its share of the loss on the
+    batch gathered over the default process group (the shares sum to the global loss)."""
     others = [z for i, z in enumerate(embeddings) if i != anchor]
+    kw = {"temperature": temperature, "gather": gather}
     if name == "gram":
-        return fb.gram_loss(embeddings[anchor], *others, temperature=temperature)
+        return fb.gram_loss(embeddings[anchor], *others, **kw)
     if name == "centroid":
-        return fb.centroid_loss(*embeddings, temperature=temperature, leave_one_out=leave_one_out)
+        return fb.centroid_loss(*embeddings, leave_one_out=leave_one_out, **kw)
     if name == "anchor":
-        return fb.anchor_loss(embeddings[anchor], *others, temperature=temperature)
+        return fb.anchor_loss(embeddings[anchor], *others, **kw)
     if name == "pairwise":
         pairs = [(a, b) for a in range(len(embeddings)) for b in range(a + 1, len(embeddings))]
-        return sum(fb.infonce(embeddings[a], embeddings[b], temperature=temperature) for a, b in pairs)
+        return sum(fb.infonce(embeddings[a], embeddings[b], **kw) for a, b in pairs)
     raise ValueError(f"binding_loss: loss must be one of {', '.join(LOSSES)}, got {name!r}")
 
 
@@ -141,10 +151,20 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Holds the data, the model, the optimizer and the history of one training run."""
 
-    def __init__(self, config: TrainConfig, device: str | torch.device = "cpu"):
+    def __init__(self, config: TrainConfig, device: str | torch.device = "cpu", distributed: bool | None = None):
+        """distributed: None = when a torch.distributed process group is initialised (torchrun). Then
+        every process trains on its rows of the global batch, the losses gather the batch
+        (gather=True), the parameter gradients are summed over processes (each process's loss is
+        its share of the global loss) and only rank 0 prints and writes: the run equals the
+        single-process run on the global batch up to float rounding."""
         config.validate()
         self.config = config
         self.device = torch.device(device)
+        self.distributed = dist_utils.world_size() > 1 if distributed is None else distributed
+        self.rank = dist_utils.rank() if self.distributed else 0
+        self.world = dist_utils.world_size() if self.distributed else 1
+        if config.batch_size < self.world:
+            raise ValueError(f"Trainer: batch_size {config.batch_size} < {self.world} processes")
         self.data = SyntheticMultimodal(SyntheticConfig(modalities=config.modalities, seed=config.seed, **config.data))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
@@ -165,13 +185,18 @@ class Trainer:
         """One optimizer step on training batch number `self.step`; returns its loss."""
         c = self.config
         batch = self.data.batch(self.step, c.batch_size)
-        inputs = [x.to(self.device) for x in batch.inputs]
+        rows = self._local_rows()
+        inputs = [x[rows].to(self.device) for x in batch.inputs]
         self.model.train()
         with self._autocast():
             embeddings = self.model(inputs)
-            loss = binding_loss(c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out)
+            loss = binding_loss(
+                c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out, gather=self.distributed
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.distributed:
+            loss = self._sum_over_processes(loss)
         self.optimizer.step()
         self.step += 1
         value = float(loss.detach())
@@ -180,12 +205,36 @@ class Trainer:
         self.history["temperature"].append(float(self.model.temperature.detach()))
         return value
 
+    def _local_rows(self) -> slice:
+        """This process's rows of the global batch: sizes differ by at most one (B need not divide)."""
+        base, extra = divmod(self.config.batch_size, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (1 if self.rank < extra else 0))
+
+    def _sum_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
+        """Sum the parameter gradients (shares of one global loss) and the loss shares over processes."""
+        import torch.distributed as dist
+
+        # Every process uses every parameter (all encoders, the temperature), so no grad is None.
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [loss.detach().float().reshape(1)])
+        dist.all_reduce(flat)  # one collective for every gradient and the loss
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.grad.dtype)
+            offset += p.numel()
+        return flat[-1]
+
     def fit(self, steps: int | None = None, log=print) -> dict:
         """Train until `steps` (default config.steps) total steps, evaluating and checkpointing
         periodically; returns the final metrics."""
         c = self.config
         total = c.steps if steps is None else steps
-        bar = _Progress(total, c.progress, f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}")
+        bar = _Progress(
+            total,
+            c.progress and self.rank == 0,
+            f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}",
+        )
         loss = math.nan
         while self.step < total:
             loss = self.train_step()
@@ -195,12 +244,12 @@ class Trainer:
             elif self.history["eval_r1"]:
                 values["R@1"] = self.history["eval_r1"][-1]
             bar.update(self.step, **values)
-            if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0:
+            if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.rank == 0:
                 self.save(os.path.join(c.out, "checkpoint.pt"))
         metrics = self.evaluate()
         self.history["eval_step"].append(self.step)
         self.history["eval_r1"].append(metrics["mean"]["R@1"])
-        if c.out:
+        if c.out and self.rank == 0:
             self.save(os.path.join(c.out, "checkpoint.pt"))
         return metrics
 
