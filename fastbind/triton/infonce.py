@@ -13,7 +13,8 @@ logits l = q_p·k_pᵀ/τ, positive of row i at column i + diag_offset.
   dL/dk (second kind) for its own rows, D chunk by D chunk.
 
 16-bit operands stay 16-bit into ``tl.dot`` on a GPU (wgmma on sm_90 with BLOCK_M = 64 and
-num_warps = 4); under ``TRITON_INTERPRET=1`` they are upcast right after loading, because the
+num_warps = 4; in the backward dS is rounded to the operand dtype for the gradient GEMM, as flash
+attention does); under ``TRITON_INTERPRET=1`` they are upcast right after loading, because the
 interpreter's bf16 arithmetic is wrong. Statistics and accumulators are float32.
 """
 
@@ -29,9 +30,14 @@ from fastbind.triton._common import AotSpec
 
 __all__ = ["aot_specs", "infonce_bwd_triton", "infonce_fwd_triton"]
 
-# GPU tiles: 64×64 logits, D in chunks of 64 — the smallest M tile that wgmma takes, and small
-# enough that the backward's [64, 64] dS tile plus one operand chunk stay in registers (4 warps).
-GPU_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64)
+# GPU tiles, chosen with the ahead-of-time compile (benchmarks/triton_resources.py) for zero spills on
+# sm_90 and sm_80 at num_warps = 4. 16-bit operands: 64×64 logit tiles, D in chunks of 32 (BLOCK_M = 64
+# is the smallest M tile wgmma takes). float32 ("ieee": FMA, no tensor cores): 64×32 tiles and D
+# chunks of 16, because the FMA dot keeps both operand chunks in registers.
+GPU_BLOCKS = {
+    "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16),
+    "16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32),
+}
 # Interpreter tiles: the interpreter runs programs one by one, so small tiles keep the tests'
 # awkward shapes multi-tile (B = 37 spans 3 tiles) while staying fast.
 INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
@@ -43,10 +49,15 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _load_rows(base, rows, row_mask, d0, D, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[len(rows), BLOCK_D] chunk of a [n, D] row-major matrix, zero outside (rows < n, d < D)."""
-    ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-    block = tl.load(base + rows[:, None] * D + ds[None, :], mask=row_mask[:, None] & (ds < D)[None, :], other=0.0)
+def _load_rows(base, n_rows, d0, D, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_R, BLOCK_D] chunk (columns d0...) of the rows of a row-major [*, D] matrix starting at
+    `base` (already offset in int64), zero outside (row >= n_rows, d >= D). In-tile offsets are int32:
+    they stay below BLOCK_R·D."""
+    rows = tl.arange(0, BLOCK_R)
+    ds = d0 + tl.arange(0, BLOCK_D)
+    block = tl.load(
+        base + rows[:, None] * D + ds[None, :], mask=(rows < n_rows)[:, None] & (ds < D)[None, :], other=0.0
+    )
     if UPCAST:
         block = block.to(tl.float32)
     return block
@@ -54,12 +65,10 @@ def _load_rows(base, rows, row_mask, d0, D, UPCAST: tl.constexpr, BLOCK_D: tl.co
 
 @triton.jit
 def _dots(
-    a_base,
-    b_base,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
+    a_tile,
+    n_a_tile,
+    b_tile,
+    n_b_tile,
     D,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -67,11 +76,11 @@ def _dots(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] float32 tile of raw dot products a[rows]·b[cols]ᵀ."""
+    """[BLOCK_M, BLOCK_N] float32 tile of raw dot products of the rows at a_tile and at b_tile."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        a = _load_rows(a_base, rows, row_mask, d0, D, UPCAST, BLOCK_D)
-        b = _load_rows(b_base, cols, col_mask, d0, D, UPCAST, BLOCK_D)
+        a = _load_rows(a_tile, n_a_tile, d0, D, UPCAST, BLOCK_M, BLOCK_D)
+        b = _load_rows(b_tile, n_b_tile, d0, D, UPCAST, BLOCK_N, BLOCK_D)
         s = tl.dot(a, tl.trans(b), s, input_precision=INPUT_PRECISION)
     return s
 
@@ -110,32 +119,37 @@ def _infonce_fwd_kernel(
         lse_out, loss_out = col_lse_ptr + pair * B2, col_loss_ptr + pair * B2
     inv_t = 1.0 / tl.load(temp_ptr).to(tl.float32)
 
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < n_a
+    zero64 = pid * 0  # int64 zero: the loop index is int32 on the GPU and a Python int when interpreted
+    row0 = block * BLOCK_M  # int64: the first row of this program
+    a_tile = a_base + row0 * D
+    n_a_tile = n_a - row0
+    rows = tl.arange(0, BLOCK_M)  # local row index (int32)
+    row_mask = rows < n_a_tile
+    # positives: local row i pairs with b row row0 + i + offset = local column i + (pos_shift - start)
+    pos_shift = row0 + offset
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     positive = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, n_b, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_mask = cols < n_b
-        logits = (
-            _dots(a_base, b_base, rows, row_mask, cols, col_mask, D, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-            * inv_t
-        )
+        cols = tl.arange(0, BLOCK_N)  # local column index (int32)
+        col_mask = cols < n_b - start
+        b_tile = b_base + (zero64 + start) * D  # int64 offset of the column tile
+        logits = _dots(a_tile, n_a_tile, b_tile, n_b - start, D, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        logits = logits * inv_t
         valid = col_mask[None, :]
         masked = tl.where(valid, logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(masked, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(masked - new_max[:, None]), axis=1)
         run_max = new_max
         logit_sum += tl.sum(tl.where(valid, logits, 0.0), axis=1)
-        is_pos = valid & (cols[None, :] == rows[:, None] + offset)
+        is_pos = valid & (cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32))
         positive += tl.sum(tl.where(is_pos, logits, 0.0), axis=1)
     lse = run_max + tl.log(run_sum)
-    has_pos = (rows + offset >= 0) & (rows + offset < n_b)
+    has_pos = (rows + pos_shift >= 0) & (rows + pos_shift < n_b)
     loss = lse - (1.0 - label_smoothing) * tl.where(has_pos, positive, 0.0) - (label_smoothing / n_b) * logit_sum
-    tl.store(lse_out + rows, lse, mask=row_mask)
-    tl.store(loss_out + rows, loss, mask=row_mask)
+    tl.store(lse_out + row0 + rows, lse, mask=row_mask)
+    tl.store(loss_out + row0 + rows, loss, mask=row_mask)
 
 
 @triton.jit
@@ -182,28 +196,33 @@ def _infonce_bwd_kernel(
     smooth_a = label_smoothing / n_b  # the a-side cross-entropy runs over the n_b entries of its row
     smooth_b = label_smoothing / n_a
 
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    row_mask = rows < n_a
-    g_a = tl.load(g_a_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    lse_a = tl.load(lse_a_ptr + rows, mask=row_mask, other=0.0)
+    zero64 = pid * 0  # int64 zero: the loop index is int32 on the GPU and a Python int when interpreted
+    row0 = block * BLOCK_M  # int64: the first row of this program
+    a_tile = a_base + row0 * D
+    out_tile = out + row0 * D
+    n_a_tile = n_a - row0
+    rows = tl.arange(0, BLOCK_M)  # local row index (int32)
+    row_mask = rows < n_a_tile
+    pos_shift = row0 + offset
+    g_a = tl.load(g_a_ptr + row0 + rows, mask=row_mask, other=0.0).to(tl.float32)
+    lse_a = tl.load(lse_a_ptr + row0 + rows, mask=row_mask, other=0.0)
     for start in range(0, n_b, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_mask = cols < n_b
-        g_b = tl.load(g_b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        lse_b = tl.load(lse_b_ptr + cols, mask=col_mask, other=0.0)
-        logits = (
-            _dots(a_base, b_base, rows, row_mask, cols, col_mask, D, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-            * inv_t
-        )
+        cols = tl.arange(0, BLOCK_N)
+        col_mask = cols < n_b - start
+        b_tile = b_base + (zero64 + start) * D  # int64 offset of the column tile
+        g_b = tl.load(g_b_ptr + start + cols, mask=col_mask, other=0.0).to(tl.float32)
+        lse_b = tl.load(lse_b_ptr + start + cols, mask=col_mask, other=0.0)
+        logits = _dots(a_tile, n_a_tile, b_tile, n_b - start, D, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        logits = logits * inv_t
         grad = g_a[:, None] * (tl.exp(logits - lse_a[:, None]) - smooth_a)
         grad += g_b[None, :] * (tl.exp(logits - lse_b[None, :]) - smooth_b)
-        is_pos = cols[None, :] == rows[:, None] + offset
+        is_pos = cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32)
         grad -= tl.where(is_pos, (1.0 - label_smoothing) * (g_a[:, None] + g_b[None, :]), 0.0)
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad * inv_t, 0.0)  # dL/dS
         for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            b = _load_rows(b_base, cols, col_mask, d0, D, UPCAST, BLOCK_D)
-            out_ptrs = out + rows[:, None] * D + ds[None, :]
+            ds = d0 + tl.arange(0, BLOCK_D)
+            b = _load_rows(b_tile, n_b - start, d0, D, UPCAST, BLOCK_N, BLOCK_D)
+            out_ptrs = out_tile + rows[:, None] * D + ds[None, :]
             out_mask = row_mask[:, None] & (ds < D)[None, :]
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
             acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
@@ -211,7 +230,10 @@ def _infonce_bwd_kernel(
 
 
 def _launch_config(q: torch.Tensor) -> dict:
-    blocks = INTERPRETER_BLOCKS if q.device.type == "cpu" else GPU_BLOCKS
+    if q.device.type == "cpu":
+        blocks = INTERPRETER_BLOCKS
+    else:
+        blocks = GPU_BLOCKS["fp32" if q.dtype == torch.float32 else "16bit"]
     upcast = _interpreting() or q.dtype == torch.float32
     return dict(UPCAST=upcast, INPUT_PRECISION="ieee", **blocks)
 
@@ -320,7 +342,8 @@ def aot_specs() -> list[AotSpec]:
     )
     for dtype in ("fp32", "bf16"):
         op = f"*{dtype}"
-        consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee", **GPU_BLOCKS)
+        blocks = GPU_BLOCKS["fp32" if dtype == "fp32" else "16bit"]
+        consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee", **blocks)
         fwd = dict(
             row_loss_ptr="*fp32",
             col_loss_ptr="*fp32",
