@@ -340,12 +340,17 @@ def main(argv: list[str]) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _init_torchrun(args)
-    if _is_rank0():
-        return _compare(args) if args.compare else _single(args)
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # only rank 0 prints
-        return _compare(args) if args.compare else _single(args)
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _init_torchrun(args)
+    try:
+        if _is_rank0():
+            return _compare(args) if args.compare else _single(args)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # only rank 0 prints
+            return _compare(args) if args.compare else _single(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def _is_rank0() -> bool:
@@ -354,14 +359,14 @@ def _is_rank0() -> bool:
     return rank() == 0
 
 
-def _init_torchrun(args: argparse.Namespace) -> None:
+def _init_torchrun(args: argparse.Namespace) -> bool:
     """Launched by torchrun: join the process group (NCCL for CUDA devices, gloo for CPU). Every
     process then trains on its rows of each global batch with the gathering losses."""
     import torch
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
+    if dist.is_initialized():  # the caller owns the process group
+        return False
     if args.device.startswith("cuda"):
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -369,3 +374,4 @@ def _init_torchrun(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+    return True
