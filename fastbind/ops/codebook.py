@@ -96,25 +96,6 @@ def _dispatch_dtype(x: torch.Tensor, *others) -> torch.dtype:
 # public functions
 
 
-def winner_distance(
-    x: torch.Tensor, codebook: torch.Tensor, index: torch.Tensor, metric: str, weight: torch.Tensor | None
-) -> torch.Tensor:
-    """Differentiable distance [N, k] of rows x [N, D] to their codes codebook[index] ([N, k]), in
-    x's dtype; the formulas of :func:`fastbind.reference.codebook.pairwise_distance`."""
-    codes = codebook[index]  # [N, k, D]
-    rows = x[:, None, :]
-    if metric == "l2":
-        sq = (rows - codes).square()
-        return (sq if weight is None else sq * weight).sum(-1)
-    if metric == "cosine":
-        rows = rows / ref.weighted_norm(rows, weight)
-        codes = codes / ref.weighted_norm(codes, weight)
-        prod = rows * codes
-        return 1.0 - (prod if weight is None else prod * weight).sum(-1)
-    prod = rows * codes
-    return -(prod if weight is None else prod * weight).sum(-1)
-
-
 def codebook_lookup(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -156,7 +137,7 @@ def codebook_lookup(
         needs_grad = x.requires_grad or codebook.requires_grad or (weight is not None and weight.requires_grad)
         if needs_grad and torch.is_grad_enabled():
             w = None if weight is None else weight.float()
-            dist = winner_distance(flat.float(), codebook.float(), index, metric, w)
+            dist = ref.paired_distance(flat.float()[:, None, :], codebook.float()[index], metric, w)
     return dist.reshape(*lead, k), index.reshape(*lead, k)
 
 
@@ -192,11 +173,7 @@ def quantize(
     index = index[..., 0]
     dtype = _compute_dtype(x, codebook, weight)
     code = codebook[index]
-    diff = x.to(dtype) - code.to(dtype)
-    sq = diff * diff
-    if weight is not None:
-        sq = sq * weight.to(dtype)
-    sqdist = sq.sum(-1)
+    sqdist = ref.paired_distance(x.to(dtype), code.to(dtype), "l2", None if weight is None else weight.to(dtype))
     return ref.straight_through(x, code.to(x.dtype)), index, sqdist
 
 

@@ -31,17 +31,28 @@ def weighted_norm(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     return sq.sum(-1, keepdim=True).clamp_min(_NORM_EPS * _NORM_EPS).sqrt()
 
 
+def paired_distance(
+    x: torch.Tensor, codes: torch.Tensor, metric: str = "l2", weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Distance of each row of x [..., D] to the code at the same position of codes [..., D]
+    (broadcasting) -> [...]: the metric formulas above, computed directly."""
+    if metric == "l2":
+        sq = (x - codes).square()
+        return (sq if weight is None else sq * weight).sum(-1)
+    if metric == "cosine":
+        x = x / weighted_norm(x, weight)
+        codes = codes / weighted_norm(codes, weight)
+    prod = x * codes if weight is None else x * codes * weight
+    return (1.0 - prod.sum(-1)) if metric == "cosine" else -prod.sum(-1)
+
+
 def pairwise_distance(
     x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Full distance matrix [N, K] between x [N, D] and codebook [K, D] (computed directly, no
     expansion trick, so it is exact up to the dtype's rounding)."""
     if metric == "l2":
-        diff = x[:, None, :] - codebook[None, :, :]
-        sq = diff * diff
-        if weight is not None:
-            sq = sq * weight
-        return sq.sum(-1)
+        return paired_distance(x[:, None, :], codebook[None, :, :], "l2", weight)
     if metric == "cosine":
         x = x / weighted_norm(x, weight)
         codebook = codebook / weighted_norm(codebook, weight)
@@ -96,12 +107,7 @@ def quantize(
     _, index = codebook_lookup(x.detach(), codebook.detach(), 1, metric, None if weight is None else weight.detach())
     index = index[..., 0]
     code = codebook[index]
-    diff = x - code
-    sq = diff * diff
-    if weight is not None:
-        sq = sq * weight
-    sqdist = sq.sum(-1)
-    return straight_through(x, code), index, sqdist
+    return straight_through(x, code), index, paired_distance(x, code, "l2", weight)
 
 
 def toc_scores(codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0) -> torch.Tensor:
