@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fastbind as fb
 from fastbind.train import (
     LOSSES,
     SyntheticConfig,
@@ -185,10 +187,19 @@ def test_checkpoint_resume_gives_the_same_next_loss(loss, tmp_path):
         Trainer(_tiny(loss="pairwise")).load(str(tmp_path / "ckpt.pt"))
 
 
-def test_autocast_run_is_finite():
-    trainer = Trainer(_tiny(loss="centroid", steps=4, eval_every=0, autocast=True))
-    values = [trainer.train_step() for _ in range(4)]
-    assert all(math.isfinite(v) for v in values), values
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_autocast_run_follows_float32_run(loss, backend):
+    """bf16 autocast: finite losses close to the float32 run's (same data, same initialisation)."""
+    fb.set_backend(backend)  # conftest resets it
+    config = _tiny(loss=loss, steps=3, eval_every=0, batch_size=32)
+    lowp = Trainer(replace(config, autocast=True))
+    full = Trainer(config)
+    got = [lowp.train_step() for _ in range(3)]
+    expected = [full.train_step() for _ in range(3)]
+    assert all(math.isfinite(v) for v in got), got
+    assert got != expected  # autocast did change the arithmetic
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=0.05, atol=0.05)
 
 
 # ----------------------------------------------------------------------------- CLI

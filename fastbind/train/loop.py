@@ -30,6 +30,7 @@ import torch
 
 import fastbind as fb
 import fastbind.distributed as dist_utils
+from fastbind._backend import resolve
 from fastbind.train.data import SyntheticConfig, SyntheticMultimodal
 from fastbind.train.metrics import joint_volume_retrieval, linear_probe, pairwise_retrieval
 from fastbind.train.models import BindingModel
@@ -190,9 +191,14 @@ class Trainer:
         self.model.train()
         with self._autocast():
             embeddings = self.model(inputs)
-            loss = binding_loss(
-                c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out, gather=self.distributed
-            )
+        # The loss runs outside autocast: the fused backends take the bf16/fp16 embeddings as GEMM
+        # operands and accumulate in float32; the reference computes in its input dtype (GRAM's det
+        # has no bf16 kernel), so it gets float32.
+        if resolve("binding_loss", None, self.device, embeddings[0].dtype) == "torch":
+            embeddings = [z.float() for z in embeddings]
+        loss = binding_loss(
+            c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out, gather=self.distributed
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.distributed:
