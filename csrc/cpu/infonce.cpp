@@ -144,7 +144,9 @@ Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn) {
   TORCH_CHECK(q.size(2) == k.size(2), fn, ": q and k differ in D: ", q.sizes(), " vs ", k.sizes());
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu(), fn, ": CPU tensors expected");
   Pairs pairs;
-  at::Tensor qf = q.to(at::kFloat).contiguous(), kf = k.to(at::kFloat).contiguous();
+  // detached: the GEMMs run on OpenMP worker threads, which do not inherit the caller's
+  // below-autograd dispatch state (out= GEMMs on tensors that require grad would be refused there)
+  at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous();
   pairs.P = q.size(0);
   pairs.PK = k.size(0);
   pairs.B1 = q.size(1);
@@ -161,6 +163,32 @@ float read_inv_temperature(const at::Tensor& temperature) {
   return 1.0f / temperature.to(at::kFloat).item<float>();
 }
 
+// Threads own contiguous ranges of row blocks ([begin, end) per thread, multiples of kRowBlock): each
+// streams its rows through stream_tiles with single-threaded GEMMs (BLAS runs on one thread inside a
+// parallel region) and a serial epilogue. One parallel region per forward (and one per column block
+// in the backward) instead of one per tile: on a 2-core machine shared with other work, every
+// barrier costs a descheduled thread's time slice.
+std::vector<int64_t> row_ranges(int64_t rows) {
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::vector<int64_t> bounds(threads + 1);
+  for (int64_t t = 0; t <= threads; ++t) bounds[t] = std::min(rows, (blocks * t / threads) * kRowBlock);
+  return bounds;
+}
+
+std::vector<at::Tensor> narrow_rows(const std::vector<at::Tensor>& ts, int64_t begin, int64_t length) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.narrow(0, begin, length));
+  return out;
+}
+
+// Column statistics of one thread: running max, sum of exp (relative to the max), sum of logits.
+struct ColumnStats {
+  at::Tensor max, sum, logit;  // [P, B2] each
+  ColumnStats(int64_t P, int64_t B2, const at::TensorOptions& f32)
+      : max(at::full({P, B2}, kNegInf, f32)), sum(at::zeros({P, B2}, f32)), logit(at::zeros({P, B2}, f32)) {}
+};
+
 // -> (row_loss [P, B1], col_loss [P, B2], row_lse [P, B1], col_lse [P, B2]), float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                            const at::Tensor& temperature,
@@ -170,74 +198,83 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
 
+  // row statistics: rows are owned by one thread, so these are shared
   at::Tensor row_max = at::full({P, B1}, kNegInf, f32), row_sum = at::zeros({P, B1}, f32);
   at::Tensor row_logit = at::zeros({P, B1}, f32), positive = at::zeros({P, B1}, f32);
-  at::Tensor col_max = at::full({P, B2}, kNegInf, f32), col_sum = at::zeros({P, B2}, f32);
-  at::Tensor col_logit = at::zeros({P, B2}, f32);
   float *rmax = row_max.data_ptr<float>(), *rsum = row_sum.data_ptr<float>();
   float *rlog = row_logit.data_ptr<float>(), *pos = positive.data_ptr<float>();
-  float *cmax = col_max.data_ptr<float>(), *csum = col_sum.data_ptr<float>(), *clog = col_logit.data_ptr<float>();
+  const std::vector<int64_t> bounds = row_ranges(B1);
+  const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<ColumnStats> cols;  // per thread, merged in thread order below (deterministic)
+  for (int64_t t = 0; t < threads; ++t) cols.emplace_back(P, B2, f32);
 
-  const int64_t max_chunks = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
-  const int64_t max_rows = std::min(kRowBlock, B1);
-  // per (pair, chunk): the chunk's row max / sum of exp / sum of logits, merged after the chunk pass
-  std::vector<float> part_max(P * max_chunks * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t first_row = bounds[t];
+      float *cmax = cols[t].max.data_ptr<float>(), *csum = cols[t].sum.data_ptr<float>();
+      float* clog = cols[t].logit.data_ptr<float>();
+      const int64_t max_rows = std::min(kRowBlock, B1), chunks_max = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
+      std::vector<float> part_max(chunks_max * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
+      std::vector<float> new_max(kChunk);
+      fastbind::cpu::stream_tiles(
+          narrow_rows(pr.queries, first_row, bounds[t + 1] - first_row), pr.keys,
+          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+            const int64_t r0 = first_row + tile.r0, chunks = (tile.nc + kChunk - 1) / kChunk;
+            for (int64_t p = 0; p < P; ++p) {
+              for (int64_t c = 0; c < chunks; ++c) {
+                const int64_t j0 = c * kChunk, w = std::min(kChunk, tile.nc - j0);
+                const float* s = products[p].data_ptr<float>() + j0;
+                float* cm = cmax + p * B2 + tile.c0 + j0;
+                float* cs = csum + p * B2 + tile.c0 + j0;
+                float* part = part_max.data() + c * max_rows;
+                std::copy(cm, cm + w, new_max.data());  // new_max = max(running, this chunk's column max)
+                chunk_max(s, tile.nc, tile.nr, w, inv_t, part, new_max.data());
+                for (int64_t j = 0; j < w; ++j) {  // rescale the running column sums to the new max
+                  cs[j] = cm[j] == kNegInf ? 0.f : cs[j] * std::exp(cm[j] - new_max[j]);
+                  cm[j] = new_max[j];
+                }
+                chunk_sums(s, tile.nc, tile.nr, w, inv_t, part, cm, part_exp.data() + c * max_rows,
+                           part_logit.data() + c * max_rows, cs, clog + p * B2 + tile.c0 + j0);
+                for (int64_t i = 0; i < tile.nr; ++i) {  // the positive of row i sits at column i + diag_offset
+                  const int64_t j = r0 + i + diag_offset - tile.c0 - j0;
+                  if (j >= 0 && j < w) pos[p * B1 + r0 + i] = s[i * tile.nc + j] * inv_t;
+                }
+              }
+              // merge the chunks' row statistics into the running row statistics (in chunk order)
+              for (int64_t i = 0; i < tile.nr; ++i) {
+                const int64_t row = p * B1 + r0 + i;
+                float m = rmax[row];
+                for (int64_t c = 0; c < chunks; ++c) m = vmax(m, part_max[c * max_rows + i]);
+                float sum = rmax[row] == kNegInf ? 0.f : rsum[row] * std::exp(rmax[row] - m);
+                for (int64_t c = 0; c < chunks; ++c) {
+                  sum += part_exp[c * max_rows + i] * std::exp(part_max[c * max_rows + i] - m);
+                  rlog[row] += part_logit[c * max_rows + i];
+                }
+                rmax[row] = m;
+                rsum[row] = sum;
+              }
+            }
+          },
+          kRowBlock, kColBlock);
+    }
+  });
 
-  fastbind::cpu::stream_tiles(
-      pr.queries, pr.keys,
-      [&](const fastbind::cpu::Tile& t, const std::vector<at::Tensor>& products) {
-        const int64_t chunks = (t.nc + kChunk - 1) / kChunk;
-        at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
-          std::vector<float> new_max(kChunk);
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t p = task / chunks, c = task % chunks;
-            const int64_t j0 = c * kChunk, w = std::min(kChunk, t.nc - j0);
-            const float* s = products[p].data_ptr<float>() + j0;
-            float* cm = cmax + p * B2 + t.c0 + j0;
-            float* cs = csum + p * B2 + t.c0 + j0;
-            float* part = part_max.data() + (p * max_chunks + c) * max_rows;
-            // new_max = max(running column max, this chunk's column max)
-            std::copy(cm, cm + w, new_max.data());
-            chunk_max(s, t.nc, t.nr, w, inv_t, part, new_max.data());
-            for (int64_t j = 0; j < w; ++j) {  // rescale the running column sums to the new max
-              cs[j] = cm[j] == kNegInf ? 0.f : cs[j] * std::exp(cm[j] - new_max[j]);
-              cm[j] = new_max[j];
-            }
-            chunk_sums(s, t.nc, t.nr, w, inv_t, part, cm, part_exp.data() + (p * max_chunks + c) * max_rows,
-                       part_logit.data() + (p * max_chunks + c) * max_rows, cs, clog + p * B2 + t.c0 + j0);
-            // the positive logit of row i sits at column i + diag_offset
-            for (int64_t i = 0; i < t.nr; ++i) {
-              const int64_t j = t.r0 + i + diag_offset - t.c0 - j0;
-              if (j >= 0 && j < w) pos[p * B1 + t.r0 + i] = s[i * t.nc + j] * inv_t;
-            }
-          }
-        });
-        // merge the chunks' row statistics into the running row statistics (in chunk order)
-        at::parallel_for(0, P * t.nr, 256, [&](int64_t begin, int64_t end) {
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t p = task / t.nr, i = task % t.nr, row = p * B1 + t.r0 + i;
-            float m = rmax[row];
-            for (int64_t c = 0; c < chunks; ++c) m = std::fmax(m, part_max[(p * max_chunks + c) * max_rows + i]);
-            float sum = rmax[row] == kNegInf ? 0.f : rsum[row] * std::exp(rmax[row] - m);
-            for (int64_t c = 0; c < chunks; ++c) {
-              const int64_t at_ = (p * max_chunks + c) * max_rows + i;
-              sum += part_exp[at_] * std::exp(part_max[at_] - m);
-              rlog[row] += part_logit[at_];
-            }
-            rmax[row] = m;
-            rsum[row] = sum;
-          }
-        });
-      },
-      kRowBlock, kColBlock);
+  // merge the threads' column statistics in thread order
+  at::Tensor col_max = cols[0].max, col_sum = cols[0].sum, col_logit = cols[0].logit;
+  for (int64_t t = 1; t < threads; ++t) {
+    at::Tensor m = at::maximum(col_max, cols[t].max);
+    col_sum = col_sum * (col_max - m).exp().nan_to_num(0.f) + cols[t].sum * (cols[t].max - m).exp().nan_to_num(0.f);
+    col_logit = col_logit + cols[t].logit;
+    col_max = m;
+  }
 
   // CE = lse - (1-ε)·positive - (ε/B)·Σ logits; rows/columns without a positive keep the smoothing part
   const double eps = label_smoothing;
   at::Tensor row_lse = row_max + row_sum.log(), col_lse = col_max + col_sum.log();
   at::Tensor rows = at::arange(B1, f32.dtype(at::kLong));
   at::Tensor row_has = ((rows + diag_offset >= 0) & (rows + diag_offset < B2)).to(at::kFloat);
-  at::Tensor cols = at::arange(B2, f32.dtype(at::kLong));
-  at::Tensor col_has = ((cols - diag_offset >= 0) & (cols - diag_offset < B1)).to(at::kFloat);
+  at::Tensor cols_idx = at::arange(B2, f32.dtype(at::kLong));
+  at::Tensor col_has = ((cols_idx - diag_offset >= 0) & (cols_idx - diag_offset < B1)).to(at::kFloat);
   // the positive of column j is row j - diag_offset: gather it from the rows' positives
   at::Tensor col_pos = at::zeros({P, B2}, f32);
   const int64_t lo = std::max<int64_t>(0, diag_offset), hi = std::min<int64_t>(B2, B1 + diag_offset);
@@ -255,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                                                    const at::Tensor& col_lse, double label_smoothing,
                                                    int64_t diag_offset) {
   const Pairs pr = unpack(q, k, "infonce_bwd");
-  const int64_t P = pr.P, B1 = pr.B1, B2 = pr.B2, D = q.size(2);
+  const int64_t P = pr.P, PK = pr.PK, B1 = pr.B1, B2 = pr.B2, D = q.size(2);
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor g_row = grad_row_loss.to(at::kFloat).contiguous(), g_col = grad_col_loss.to(at::kFloat).contiguous();
@@ -265,32 +302,48 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   // per-element smoothing terms g·ε/B (the positive's (1-ε) term is subtracted separately)
   at::Tensor smooth_row = g_row * (eps / B2), smooth_col = g_col * (eps / B1);
 
-  at::Tensor grad_q = at::zeros({P, B1, D}, f32), grad_k = at::zeros({pr.PK, B2, D}, f32);
+  at::Tensor grad_q = at::zeros({P, B1, D}, f32), grad_k = at::zeros({PK, B2, D}, f32);
   if (!use_rows && !use_cols) return {grad_q, grad_k};
   const float *gr = g_row.data_ptr<float>(), *gc = g_col.data_ptr<float>();
   const float *rl = r_lse.data_ptr<float>(), *cl = c_lse.data_ptr<float>();
   const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
+  const std::vector<int64_t> bounds = row_ranges(B1);
+  const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
+  // dK of one column block, per thread (rows of different threads meet in the same key rows)
+  at::Tensor grad_k_part = at::empty({threads, PK, std::min(kColBlock, B2), D}, f32);
 
-  fastbind::cpu::stream_tiles(
-      pr.queries, pr.keys,
-      [&](const fastbind::cpu::Tile& t, const std::vector<at::Tensor>& products) {
-        at::parallel_for(0, P * t.nr, 16, [&](int64_t begin, int64_t end) {
-          for (int64_t task = begin; task < end; ++task) {
-            const int64_t p = task / t.nr, i = task % t.nr, row = t.r0 + i;
-            float* s = products[p].data_ptr<float>() + i * t.nc;
-            grad_row(s, t.nc, inv_t, gr[p * B1 + row], rl[p * B1 + row], gc + p * B2 + t.c0, cl + p * B2 + t.c0,
-                     sr[p * B1 + row], sc + p * B2 + t.c0, use_rows, use_cols);
-            const int64_t j = row + diag_offset - t.c0;  // the positive's (1-ε)·δ term, both directions
-            if (j >= 0 && j < t.nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + t.c0 + j]);
-          }
-        });
-        for (int64_t p = 0; p < P; ++p) {
-          const at::Tensor& G = products[p];  // [nr, nc] = dL/dS of the tile
-          grad_q[p].narrow(0, t.r0, t.nr).addmm_(G, pr.keys[p].narrow(0, t.c0, t.nc));
-          grad_k[pr.PK == 1 ? 0 : p].narrow(0, t.c0, t.nc).addmm_(G.t(), pr.queries[p].narrow(0, t.r0, t.nr));
-        }
-      },
-      kRowBlock, kColBlock);
+  for (int64_t c0 = 0; c0 < B2; c0 += kColBlock) {
+    const int64_t nc = std::min(kColBlock, B2 - c0);
+    grad_k_part.zero_();
+    const std::vector<at::Tensor> keys = narrow_rows(pr.keys, c0, nc);
+    at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        const int64_t first_row = bounds[t];
+        const std::vector<at::Tensor> queries = narrow_rows(pr.queries, first_row, bounds[t + 1] - first_row);
+        fastbind::cpu::stream_tiles(
+            queries, keys,
+            [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+              const int64_t r0 = first_row + tile.r0;
+              for (int64_t p = 0; p < P; ++p) {
+                for (int64_t i = 0; i < tile.nr; ++i) {
+                  const int64_t row = r0 + i;
+                  float* s = products[p].data_ptr<float>() + i * tile.nc;
+                  grad_row(s, tile.nc, inv_t, gr[p * B1 + row], rl[p * B1 + row], gc + p * B2 + c0, cl + p * B2 + c0,
+                           sr[p * B1 + row], sc + p * B2 + c0, use_rows, use_cols);
+                  const int64_t j = row + diag_offset - c0;  // the positive's (1-ε)·δ term, both directions
+                  if (j >= 0 && j < nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + c0 + j]);
+                }
+                const at::Tensor& G = products[p];  // [nr, nc] = dL/dS of the tile
+                grad_q[p].narrow(0, r0, tile.nr).addmm_(G, keys[p]);
+                grad_k_part[t][PK == 1 ? 0 : p].narrow(0, 0, nc).addmm_(G.t(), queries[p].narrow(0, tile.r0, tile.nr));
+              }
+            },
+            kRowBlock, kColBlock);
+      }
+    });
+    at::Tensor block = grad_k.narrow(1, c0, nc);
+    for (int64_t t = 0; t < threads; ++t) block.add_(grad_k_part[t].narrow(1, 0, nc));
+  }
   return {grad_q, grad_k};
 }
 
