@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, field
 from fastbind._sysinfo import machine_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+# Where CSVs and plots go. `fastbind bench --quick` (make demo) points this at results/quick/, which
+# git ignores, so a demo run never overwrites the committed full-run results.
+RESULTS = os.environ.get("FASTBIND_BENCH_RESULTS") or os.path.join(ROOT, "benchmarks", "results")
 
 
 class SkipCase(Exception):

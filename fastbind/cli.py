@@ -55,6 +55,8 @@ def _import_benchmarks():
 
 
 def _bench(args) -> int:
+    if args.quick:  # must be set before the benchmark modules import the harness
+        os.environ.setdefault("FASTBIND_BENCH_RESULTS", os.path.join("benchmarks", "results", "quick"))
     _import_benchmarks()
     names = list(BENCHES) if args.family == "all" else [args.family]
     for name in names:
