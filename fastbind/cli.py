@@ -56,7 +56,8 @@ def _import_benchmarks():
 
 def _bench(args) -> int:
     if args.quick:  # must be set before the benchmark modules import the harness
-        os.environ.setdefault("FASTBIND_BENCH_RESULTS", os.path.join("benchmarks", "results", "quick"))
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        os.environ.setdefault("FASTBIND_BENCH_RESULTS", os.path.join(root, "benchmarks", "results", "quick"))
     _import_benchmarks()
     names = list(BENCHES) if args.family == "all" else [args.family]
     for name in names:
