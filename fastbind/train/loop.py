@@ -19,7 +19,6 @@ the same next loss as the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import sys
@@ -231,7 +230,7 @@ class Trainer:
             offset += p.numel()
         return flat[-1]
 
-    def fit(self, steps: int | None = None, log=print) -> dict:
+    def fit(self, steps: int | None = None) -> dict:
         """Train until `steps` (default config.steps) total steps, evaluating and checkpointing
         periodically; returns the final metrics."""
         c = self.config
@@ -239,9 +238,8 @@ class Trainer:
         bar = _Progress(
             total,
             c.progress and self.rank == 0,
-            f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}",
+            f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}{'-loo' if c.leave_one_out else ''}",
         )
-        loss = math.nan
         while self.step < total:
             loss = self.train_step()
             values = {"loss": loss, "tau": self.history["temperature"][-1]}
@@ -338,10 +336,10 @@ class Trainer:
         _set_rng_state(state["rng"])
 
 
-def train(config: TrainConfig, resume: str | None = None, device: str | torch.device = "cpu", log=print):
+def train(config: TrainConfig, resume: str | None = None, device: str | torch.device = "cpu"):
     """Train one model; returns (trainer, final metrics)."""
     trainer = Trainer(config, device)
     if resume:
         trainer.load(resume)
-    metrics = trainer.fit(log=log)
+    metrics = trainer.fit()
     return trainer, metrics
