@@ -131,10 +131,39 @@ def test_loss_small_and_odd_batches(backend, b):
     _loss_case(backend, 3, b, 9, "both", "mean", 0.1, seed=b, tau=0.05)
 
 
-@pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
-def test_loss_several_cpu_tiles():
-    # 1100 > 1024 columns and > 128 rows: online row and column statistics across tiles
-    _loss_case("cpu", 3, 1100, 8, "both", "none", 0.1, seed=7, tau=0.05)
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("direction", ["rows", "cols"])
+def test_rectangular_loss_across_tiles(backend, direction):
+    """Local rows against many global columns (and the transpose) with a diagonal offset, forward
+    and gradients of every operand, on more rows/columns than one cpu tile (512 x 1024) holds."""
+    _, loss_forward = gram_ops._ops(backend)
+    b, big, off, k, eps, tau = 7, (1100 if backend == "cpu" else 70), 3, 3, 0.1, 0.2
+    if backend == "cpu":
+        off = 1030  # the positives of the local rows lie in the second column tile
+    anchor_g, mods_g = _inputs(big, big, 6, k, seed=31, normalize=True)
+    local = slice(off, off + b)
+    a64 = _leaf(anchor_g[local] if direction == "rows" else anchor_g, F64)
+    m64 = [_leaf(m if direction == "rows" else m[local], F64) for m in mods_g]
+    t64 = torch.tensor(tau, dtype=F64, requires_grad=True)
+    logits = -ref.gram_volume(a64, *m64) / t64
+    target = torch.arange(b) + off
+    if direction == "cols":
+        logits = logits.t()
+    want = F.cross_entropy(logits, target, label_smoothing=eps, reduction="none")
+    a32, m32 = _leaf(a64, torch.float32), [_leaf(m, torch.float32) for m in m64]
+    t32 = torch.tensor(tau, requires_grad=True)
+    basis, span_vol = gram_ops.span_basis(m32)
+    a_sq = (a32 * a32).sum(-1)
+    if direction == "rows":
+        got = loss_forward(a32, basis, span_vol, a_sq, t32, eps, off, True, False)[0]
+    else:
+        got = loss_forward(a32, basis, span_vol, a_sq, t32, eps, -off, False, True)[1]
+    _close(got, want, 2e-4, f"{direction} loss")
+    w = torch.rand(b, dtype=F64)
+    g_want = torch.autograd.grad((want * w).sum(), [a64, *m64, t64])
+    g_got = torch.autograd.grad((got.double() * w).sum(), [a32, *m32, t32])
+    for i, (x, y) in enumerate(zip(g_got, g_want)):
+        _close(x, y, 1e-3, f"{direction} gradient {i}")
 
 
 @pytest.mark.parametrize("backend", FUSED)

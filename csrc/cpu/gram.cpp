@@ -40,10 +40,12 @@ namespace {
 
 constexpr int kMaxProducts = 7;  // k <= 8 modalities -> at most 7 products per tile
 
-// Largest row/column block of the loss tiles. 128 × 1024 floats × (k-1) products stay in L2/L3
-// while the epilogue reads them back, and keep both threads busy on the epilogue rows.
+// Tile of one thread: 512 × 1024 floats (2 MiB) per product. The three GEMM shapes of the backward
+// (P = A·Qᵀ: K = D; dA += T·Q: K = 1024; dQ += Tᵀ·A: K = 512) all run near MKL's single-thread
+// peak at these sizes (128-row tiles made the dQ product, K = 128, twice as slow), and the epilogue
+// reads each product row once, right after the GEMM wrote the tile.
 constexpr int64_t kRowBlock = 512;
-constexpr int64_t kColBlock = 2048;
+constexpr int64_t kColBlock = 1024;
 
 // Backward clamp of the distance to the span: ∂vol/∂(‖a‖², P) carry 1/dist, whose round-off
 // error in float32 is about 1e-7·‖a‖²/dist; below 1e-4·‖a‖ we clamp so that the gradient stays
@@ -225,85 +227,144 @@ void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vecto
   }
 }
 
-int64_t grain(int64_t nc) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(nc, 1)); }
+// Work split: the anchor rows are cut into one contiguous chunk per thread and every thread streams
+// the tiles of its own chunk through `stream_tiles` (GEMMs single-threaded inside the parallel
+// region). One fork/join per op instead of one per tile and per GEMM: on a 2-core machine shared
+// with other processes the barriers, not the flops, were the cost. Rows are owned by one thread;
+// column statistics and dQ are accumulated per chunk and merged in chunk order (deterministic).
+template <class Body>
+void for_row_chunks(int64_t rows, int64_t nchunks, Body&& body) {
+  const int64_t per = (rows + nchunks - 1) / nchunks;
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const int64_t r0 = c * per, nr = std::min(per, rows - r0);
+      if (nr > 0) body(c, r0, nr);
+    }
+  });
+}
+
+int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
+
+// Tiles of one chunk: the k-1 products A[r0:r0+nr]·Q_rᵀ.
+template <class Epilogue>
+void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t r0, int64_t nr, Epilogue&& epilogue) {
+  std::vector<at::Tensor> A, B;
+  product_pairs(anchor.narrow(0, r0, nr), basis, A, B);
+  stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
+}
+
+struct Operands {
+  at::Tensor anchor, basis, span_vol, anchor_sq;
+  int64_t B1, B2, R;
+};
+
+Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
+                  const at::Tensor& anchor_sq) {
+  check_inputs(op, anchor, basis, span_vol, anchor_sq);
+  // Detached: the tiles are computed on worker threads, which do not inherit the caller's
+  // below-autograd dispatch state, and ATen refuses out= GEMMs on tensors that require grad.
+  return {anchor.contiguous().detach(),   basis.contiguous().detach(), span_vol.contiguous().detach(),
+          anchor_sq.contiguous().detach(), anchor.size(0),             basis.size(1),
+          basis.size(0)};
+}
+
+// Backward over all tiles shared by the volume and the loss: `row_grad(global row) -> RowGrad`,
+// `grad_row_ptr(global row)` (volume: the row of the upstream gradient; loss: nullptr).
+// Returns (d_anchor, d_basis, d_span_vol, d_anchor_sq) and the Σ g·logit for dτ.
+template <class MakeRowGrad, class GradRow>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tiles(
+    const Operands& o, const float* g_col, const float* lse_col, MakeRowGrad&& make_row_grad, GradRow&& grad_row) {
+  const auto opts = o.anchor.options();
+  at::Tensor d_anchor = at::zeros_like(o.anchor), d_basis = at::zeros_like(o.basis);
+  at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
+  const int64_t nchunks = chunk_count(o.B1);
+  // Chunk 0 accumulates dQ into d_basis directly, the others into their own buffer.
+  std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
+  std::vector<double> dtau_part(nchunks, 0.0);
+  const float* rv = o.span_vol.data_ptr<float>();
+  const float* asq = o.anchor_sq.data_ptr<float>();
+  float* dasq = d_asq.data_ptr<float>();
+  for (int64_t c = 0; c < nchunks; ++c) {
+    d_basis_part[c] = c == 0 ? d_basis : at::zeros_like(o.basis);
+    d_span_part[c] = at::zeros({o.B2}, opts);
+  }
+  for_row_chunks(o.B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
+    std::vector<float> buf(kColBlock);
+    float* dr = d_span_part[c].data_ptr<float>();
+    double dtau = 0.0;
+    const at::Tensor chunk_anchor = o.anchor.narrow(0, r0, nr);
+    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(prods);
+      float dt = 0.f;
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const int64_t gi = r0 + t.r0 + i;
+        const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
+        backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
+                     lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
+                     dasq + gi, &dt);
+      }
+      dtau += dt;
+      for (int64_t r = 0; r < o.R; ++r) {
+        d_anchor.narrow(0, r0 + t.r0, t.nr).addmm_(prods[r], o.basis[r].narrow(0, t.c0, t.nc));
+        d_basis_part[c][r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), chunk_anchor.narrow(0, t.r0, t.nr));
+      }
+    });
+    dtau_part[c] = dtau;
+  });
+  double dtau = 0.0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (c > 0) d_basis.add_(d_basis_part[c]);
+    d_span.add_(d_span_part[c]);
+    dtau += dtau_part[c];
+  }
+  return {d_anchor, d_basis, d_span, d_asq, dtau};
+}
+
+float distance_eps(float a_sq) { return std::max(kDistRelEps * std::sqrt(a_sq), kTinyDist); }
 
 }  // namespace
 
 // vol [B1, B2]
 at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
                            const at::Tensor& anchor_sq_in) {
-  check_inputs("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
-  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
-  const int64_t B1 = anchor.size(0), B2 = basis.size(1);
-  at::Tensor vol = at::empty({B1, B2}, anchor.options());
-  if (B1 == 0 || B2 == 0) return vol;
-  std::vector<at::Tensor> A, B;
-  product_pairs(anchor, basis, A, B);
+  const Operands o = operands("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  at::Tensor vol = at::empty({o.B1, o.B2}, o.anchor.options());
   float* out = vol.data_ptr<float>();
-  const float* rv = span_vol.data_ptr<float>();
-  const float* asq = anchor_sq.data_ptr<float>();
-  stream_tiles(
-      A, B,
-      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-        const Products P = products_of(prods);
-        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
-          std::vector<float> dist(t.nc);
-          for (int64_t i = b; i < e; ++i) {
-            row_distances(P, i * t.nc, t.nc, asq[t.r0 + i], dist.data());
-            scaled_volumes(dist.data(), rv + t.c0, 1.0f, t.nc, out + (t.r0 + i) * B2 + t.c0);
-          }
-        });
-      },
-      kRowBlock, kColBlock);
+  const float* rv = o.span_vol.data_ptr<float>();
+  const float* asq = o.anchor_sq.data_ptr<float>();
+  for_row_chunks(o.B1, chunk_count(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
+    std::vector<float> dist(kColBlock);
+    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(prods);
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const int64_t gi = r0 + t.r0 + i;
+        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
+        scaled_volumes(dist.data(), rv + t.c0, 1.0f, t.nc, out + gi * o.B2 + t.c0);
+      }
+    });
+  });
   return vol;
 }
 
-// Gradients of Σ_ij grad_ij·vol_ij: (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1]).
-// Uses the loss backward's row kernel with g = grad (no softmax): recomputes the tiles.
+// Gradients of Σ_ij grad_ij·vol_ij: (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1]),
+// recomputing the tiles.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& anchor_in, const at::Tensor& basis_in,
     const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in) {
-  check_inputs("gram_volume_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
-  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
+  const Operands o = operands("gram_volume_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
-  const int64_t B1 = anchor.size(0), B2 = basis.size(1), R = basis.size(0);
-  at::Tensor d_anchor = at::zeros_like(anchor), d_basis = at::zeros_like(basis);
-  at::Tensor d_span = at::zeros({B2}, anchor.options()), d_asq = at::zeros({B1}, anchor.options());
-  if (B1 == 0 || B2 == 0) return {d_anchor, d_basis, d_span, d_asq};
-  std::vector<at::Tensor> A, B;
-  product_pairs(anchor, basis, A, B);
-  const float* rv = span_vol.data_ptr<float>();
-  const float* asq = anchor_sq.data_ptr<float>();
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == o.B1 && grad.size(1) == o.B2, "gram_volume_backward: grad must be [B1, B2]");
   const float* g = grad.data_ptr<float>();
-  float* dasq = d_asq.data_ptr<float>();
-  const int nthreads = at::get_num_threads();
-  at::Tensor col_acc = at::zeros({nthreads, kColBlock}, anchor.options());
-  stream_tiles(
-      A, B,
-      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-        const Products P = products_of(prods);
-        col_acc.zero_();
-        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
-          std::vector<float> buf(t.nc);
-          float* dr = col_acc[at::get_thread_num()].data_ptr<float>();
-          for (int64_t i = b; i < e; ++i) {
-            const float a2 = asq[t.r0 + i];
-            RowGrad rg{};
-            rg.eps_dist = std::max(kDistRelEps * std::sqrt(a2), kTinyDist);
-            float unused = 0.f;
-            backward_row(P, i * t.nc, t.nc, a2, rv + t.c0, nullptr, nullptr, g + (t.r0 + i) * B2 + t.c0, rg,
-                         buf.data(), dr, dasq + t.r0 + i, &unused);
-          }
-        });
-        d_span.narrow(0, t.c0, t.nc).add_(col_acc.narrow(1, 0, t.nc).sum(0));
-        for (int64_t r = 0; r < R; ++r) {
-          d_anchor.narrow(0, t.r0, t.nr).addmm_(prods[r], basis[r].narrow(0, t.c0, t.nc));
-          d_basis[r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), anchor.narrow(0, t.r0, t.nr));
-        }
+  const float* asq = o.anchor_sq.data_ptr<float>();
+  auto [d_anchor, d_basis, d_span, d_asq, unused] = backward_tiles(
+      o, nullptr, nullptr,
+      [&](int64_t gi, int64_t, int64_t) {
+        RowGrad rg{};
+        rg.eps_dist = distance_eps(asq[gi]);
+        rg.diag = -1;
+        return rg;
       },
-      kRowBlock, kColBlock);
+      [&](int64_t gi, int64_t c0) { return g + gi * o.B2 + c0; });
   return {d_anchor, d_basis, d_span, d_asq};
 }
 
@@ -315,97 +376,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
     const at::Tensor& anchor_sq_in, const at::Tensor& temperature, double label_smoothing, int64_t diag_offset,
     bool rows, bool cols) {
-  check_inputs("gram_loss_forward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
-  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
-  const int64_t B1 = anchor.size(0), B2 = basis.size(1);
+  const Operands o = operands("gram_loss_forward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const int64_t B1 = o.B1, B2 = o.B2;
   if (rows) TORCH_CHECK(diag_offset >= 0 && B1 + diag_offset <= B2, "gram_loss_forward: rows need positives");
   if (cols) TORCH_CHECK(diag_offset <= 0 && B2 - diag_offset <= B1, "gram_loss_forward: cols need positives");
   const float neg_inv_tau = -1.0f / temperature.item<float>();
   const float eps = static_cast<float>(label_smoothing);
-  const auto opts = anchor.options();
+  const auto opts = o.anchor.options();
   const float ninf = -std::numeric_limits<float>::infinity();
-  at::Tensor row_max_t = at::full({B1}, ninf, opts), row_exp = at::zeros({B1}, opts);
-  at::Tensor row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
-  at::Tensor col_max_t = at::full({B2}, ninf, opts), col_exp = at::zeros({B2}, opts);
-  at::Tensor col_sum = at::zeros({B2}, opts), col_pos = at::zeros({B2}, opts);
-  std::vector<at::Tensor> A, B;
-  product_pairs(anchor, basis, A, B);
-  const float* rv = span_vol.data_ptr<float>();
-  const float* asq = anchor_sq.data_ptr<float>();
-  float *rmax = row_max_t.data_ptr<float>(), *rexp = row_exp.data_ptr<float>();
-  float *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
-  float *cmax = col_max_t.data_ptr<float>(), *cexp = col_exp.data_ptr<float>();
-  float *csum = col_sum.data_ptr<float>(), *cpos = col_pos.data_ptr<float>();
-  // The rows of a tile are split into `nchunks` contiguous chunks, one per thread; each chunk keeps
-  // partial column statistics (max, Σ exp(x − max), Σ x) that are merged in chunk order.
-  const int64_t nchunks = std::max<int64_t>(1, at::get_num_threads());
-  at::Tensor part = at::empty({nchunks, 3, kColBlock}, opts);
-  stream_tiles(
-      A, B,
-      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-        const Products P = products_of(prods);
-        const int64_t chunk_rows = (t.nr + nchunks - 1) / nchunks;
-        at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-          std::vector<float> dist(t.nc);
-          for (int64_t c = cb; c < ce; ++c) {
-            const int64_t b = c * chunk_rows, e = std::min(t.nr, b + chunk_rows);
-            float* pmax = part[c][0].data_ptr<float>();
-            float* pexp = part[c][1].data_ptr<float>();
-            float* psum = part[c][2].data_ptr<float>();
-            std::fill(pmax, pmax + t.nc, ninf);
-            std::fill(pexp, pexp + t.nc, 0.f);
-            std::fill(psum, psum + t.nc, 0.f);
-            for (int64_t i = b; i < e; ++i) {
-              const int64_t gi = t.r0 + i;
-              float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-              row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
-              scaled_volumes(dist.data(), rv + t.c0, neg_inv_tau, t.nc, logit);
-              const int64_t pos = gi + diag_offset - t.c0;
-              if (pos >= 0 && pos < t.nc) {
-                rpos[gi] = logit[pos];
-                cpos[gi + diag_offset] = logit[pos];
-              }
-              if (rows) {
-                const float m = std::max(rmax[gi], row_max(logit, t.nc));
-                float es, s;
-                exp_sum_and_sum(logit, t.nc, m, &es, &s);
-                rexp[gi] = rexp[gi] * std::exp(rmax[gi] - m) + es;
-                rmax[gi] = m;
-                rsum[gi] += s;
-              }
-              if (cols) max_into(logit, t.nc, pmax);
-            }
-            if (cols) {
-              for (int64_t i = b; i < e; ++i) exp_sum_into(P.p[0] + i * t.nc, pmax, t.nc, pexp, psum);
-            }
-          }
-        });
-        if (!cols) return;
-        // Merge the chunks' partial column statistics into the running ones (online LSE).
-        for (int64_t c = 0; c < nchunks && c * chunk_rows < t.nr; ++c) {
-          const float* pmax = part[c][0].data_ptr<float>();
-          const float* pexp = part[c][1].data_ptr<float>();
-          const float* psum = part[c][2].data_ptr<float>();
-          for (int64_t j = 0; j < t.nc; ++j) {
-            const int64_t gj = t.c0 + j;
-            const float m = std::max(cmax[gj], pmax[j]);
-            cexp[gj] = cexp[gj] * std::exp(cmax[gj] - m) + pexp[j] * std::exp(pmax[j] - m);
-            cmax[gj] = m;
-            csum[gj] += psum[j];
-          }
+  at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
+  at::Tensor col_pos = at::zeros({B2}, opts);
+  const int64_t nchunks = chunk_count(B1);
+  // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
+  at::Tensor col_max = at::full({nchunks, B2}, ninf, opts), col_exp = at::zeros({nchunks, B2}, opts);
+  at::Tensor col_sum = at::zeros({nchunks, B2}, opts);
+  const float* rv = o.span_vol.data_ptr<float>();
+  const float* asq = o.anchor_sq.data_ptr<float>();
+  float *rlse = row_lse.data_ptr<float>(), *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
+  float* cpos = col_pos.data_ptr<float>();
+  for_row_chunks(B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
+    std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
+    std::vector<float> rmax(nr, ninf), rexp(nr, 0.f);
+    float* cmax = col_max[c].data_ptr<float>();
+    float* cexp = col_exp[c].data_ptr<float>();
+    float* csum = col_sum[c].data_ptr<float>();
+    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(prods);
+      if (cols) {
+        std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);
+        std::fill(texp.begin(), texp.begin() + t.nc, 0.f);
+        std::fill(tsum.begin(), tsum.begin() + t.nc, 0.f);
+      }
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const int64_t li = t.r0 + i, gi = r0 + li;
+        float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
+        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
+        scaled_volumes(dist.data(), rv + t.c0, neg_inv_tau, t.nc, logit);
+        const int64_t pos = gi + diag_offset - t.c0;
+        if (pos >= 0 && pos < t.nc) {
+          rpos[gi] = logit[pos];
+          cpos[gi + diag_offset] = logit[pos];
         }
-      },
-      kRowBlock, kColBlock);
-  at::Tensor row_loss = at::zeros({B1}, opts), row_lse = at::zeros({B1}, opts);
-  at::Tensor col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
-  if (rows) {
-    row_lse = row_max_t + row_exp.log();
-    row_loss = row_lse - (1.0 - eps) * row_pos - (eps / static_cast<double>(B2)) * row_sum;
-  }
+        if (rows) {
+          const float m = std::max(rmax[li], row_max(logit, t.nc));
+          float es, s;
+          exp_sum_and_sum(logit, t.nc, m, &es, &s);
+          rexp[li] = rexp[li] * std::exp(rmax[li] - m) + es;
+          rmax[li] = m;
+          rsum[gi] += s;
+        }
+        if (cols) max_into(logit, t.nc, tmax.data());
+      }
+      if (!cols) return;
+      for (int64_t i = 0; i < t.nr; ++i) exp_sum_into(P.p[0] + i * t.nc, tmax.data(), t.nc, texp.data(), tsum.data());
+      for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
+        const int64_t gj = t.c0 + j;
+        const float m = std::max(cmax[gj], tmax[j]);
+        cexp[gj] = cexp[gj] * std::exp(cmax[gj] - m) + texp[j] * std::exp(tmax[j] - m);
+        cmax[gj] = m;
+        csum[gj] += tsum[j];
+      }
+    });
+    if (rows) {
+      for (int64_t li = 0; li < nr; ++li) rlse[r0 + li] = rmax[li] + std::log(rexp[li]);
+    }
+  });
+  at::Tensor row_loss = at::zeros({B1}, opts), col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
+  if (rows) row_loss = row_lse - (1.0 - eps) * row_pos - (eps / static_cast<double>(B2)) * row_sum;
   if (cols) {
-    col_lse = col_max_t + col_exp.log();
-    col_loss = col_lse - (1.0 - eps) * col_pos - (eps / static_cast<double>(B1)) * col_sum;
+    // Merge the chunks' column statistics: lse = log Σ_c exp(max_c)·exp_c.
+    const at::Tensor m = std::get<0>(col_max.max(0));
+    col_lse = m + (col_exp * (col_max - m).exp()).sum(0).log();
+    col_loss = col_lse - (1.0 - eps) * col_pos - (eps / static_cast<double>(B1)) * col_sum.sum(0);
   }
   return {row_loss, col_loss, row_lse, col_lse};
 }
@@ -418,64 +460,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
     const at::Tensor& basis_in, const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in,
     const at::Tensor& temperature, const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
     double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
-  check_inputs("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  const at::Tensor anchor = anchor_in.contiguous(), basis = basis_in.contiguous();
-  const at::Tensor span_vol = span_vol_in.contiguous(), anchor_sq = anchor_sq_in.contiguous();
-  const int64_t B1 = anchor.size(0), B2 = basis.size(1), R = basis.size(0);
-  const auto opts = anchor.options();
+  const Operands o = operands("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+  const auto opts = o.anchor.options();
   // A disabled direction contributes nothing: its upstream weights are zero.
-  const at::Tensor grad_row = rows ? grad_row_in.to(at::kFloat).contiguous() : at::zeros({B1}, opts);
-  const at::Tensor grad_col = cols ? grad_col_in.to(at::kFloat).contiguous() : at::zeros({B2}, opts);
-  const at::Tensor row_lse = row_lse_in.contiguous(), col_lse = col_lse_in.contiguous();
+  const at::Tensor grad_row = rows ? grad_row_in.to(at::kFloat).contiguous() : at::zeros({o.B1}, opts);
+  const at::Tensor grad_col = cols ? grad_col_in.to(at::kFloat).contiguous() : at::zeros({o.B2}, opts);
+  const at::Tensor row_lse = row_lse_in.to(at::kFloat).contiguous(), col_lse = col_lse_in.to(at::kFloat).contiguous();
   const float tau = temperature.item<float>();
   const float eps = static_cast<float>(label_smoothing);
-  at::Tensor d_anchor = at::zeros_like(anchor), d_basis = at::zeros_like(basis);
-  at::Tensor d_span = at::zeros({B2}, opts), d_asq = at::zeros({B1}, opts);
-  std::vector<at::Tensor> A, B;
-  product_pairs(anchor, basis, A, B);
-  const float* rv = span_vol.data_ptr<float>();
-  const float* asq = anchor_sq.data_ptr<float>();
-  const float *grow = grad_row.data_ptr<float>(), *gcol = grad_col.data_ptr<float>();
-  const float *rlse = row_lse.data_ptr<float>(), *clse = col_lse.data_ptr<float>();
-  float* dasq = d_asq.data_ptr<float>();
-  const int nthreads = at::get_num_threads();
-  at::Tensor col_acc = at::zeros({nthreads, kColBlock}, opts);
-  std::vector<double> dtau_acc(nthreads, 0.0);
-  stream_tiles(
-      A, B,
-      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-        const Products P = products_of(prods);
-        col_acc.zero_();
-        at::parallel_for(0, t.nr, grain(t.nc), [&](int64_t b, int64_t e) {
-          std::vector<float> buf(t.nc);
-          const int tid = at::get_thread_num();
-          float* dr = col_acc[tid].data_ptr<float>();
-          float dt = 0.f;
-          for (int64_t i = b; i < e; ++i) {
-            const int64_t gi = t.r0 + i;
-            const int64_t pos = gi + diag_offset - t.c0;
-            RowGrad rg{grow[gi],
-                       rlse[gi],
-                       eps / static_cast<float>(B2),
-                       eps / static_cast<float>(B1),
-                       1.0f - eps,
-                       -1.0f / tau,
-                       std::max(kDistRelEps * std::sqrt(asq[gi]), kTinyDist),
-                       (pos >= 0 && pos < t.nc) ? pos : -1};
-            backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, gcol + t.c0, clse + t.c0, nullptr, rg, buf.data(),
-                         dr, dasq + gi, &dt);
-          }
-          dtau_acc[tid] += dt;
-        });
-        d_span.narrow(0, t.c0, t.nc).add_(col_acc.narrow(1, 0, t.nc).sum(0));
-        for (int64_t r = 0; r < R; ++r) {
-          d_anchor.narrow(0, t.r0, t.nr).addmm_(prods[r], basis[r].narrow(0, t.c0, t.nc));
-          d_basis[r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), anchor.narrow(0, t.r0, t.nr));
-        }
+  const float* grow = grad_row.data_ptr<float>();
+  const float* rlse = row_lse.data_ptr<float>();
+  const float* asq = o.anchor_sq.data_ptr<float>();
+  const float row_smooth = eps / static_cast<float>(o.B2), col_smooth = eps / static_cast<float>(o.B1);
+  auto [d_anchor, d_basis, d_span, d_asq, dtau] = backward_tiles(
+      o, grad_col.data_ptr<float>(), col_lse.data_ptr<float>(),
+      [&](int64_t gi, int64_t c0, int64_t nc) {
+        const int64_t pos = gi + diag_offset - c0;
+        return RowGrad{grow[gi],    rlse[gi],           row_smooth, col_smooth, 1.0f - eps, -1.0f / tau,
+                       distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1};
       },
-      kRowBlock, kColBlock);
-  double dtau = 0.0;
-  for (double v : dtau_acc) dtau += v;
+      [](int64_t, int64_t) -> const float* { return nullptr; });
   at::Tensor d_tau = at::full({}, -dtau / tau, temperature.options().dtype(at::kFloat));
   return {d_anchor, d_basis, d_span, d_asq, d_tau};
 }
