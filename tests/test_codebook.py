@@ -56,7 +56,7 @@ def shapes(backend):
     # (leading shape, K, D): N < any tile, odd sizes, several column tiles of the CPU kernel
     base = [((1,), 3, 5), ((37,), 61, 19), ((3, 7), 40, 33)]
     if backend == "cpu":
-        base.append(((700,), 2500, 70))  # > 1 row block (256) and > 1 column block (2048)
+        base.append(((700,), 2500, 70))  # several row blocks (256) and column blocks (256), partial last ones
     return base
 
 
@@ -129,6 +129,19 @@ def test_non_finite_rows(backend):
     assert torch.isnan(dist[2]).all() or not torch.isfinite(dist[2]).any()
     assert not torch.isfinite(dist[4]).any()
     assert ((index >= 0) & (index < 6)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_code_ranks_last_and_leaves_other_codes_alone(backend):
+    x = torch.randn(21, 7)
+    e = torch.randn(300, 7)  # > one CPU column block: the NaN code shares a tile with real codes
+    e[5, 2] = float("nan")
+    dist, index = fb.codebook_lookup(x, e, 4, backend=backend)
+    assert not (index == 5).any()
+    full = ref.pairwise_distance(x.double(), e.double())
+    expected = torch.sort(full, dim=1, stable=True)  # NaN sorts last
+    assert torch.equal(index, expected.indices[:, :4])
+    torch.testing.assert_close(dist.double(), expected.values[:, :4], atol=2e-4, rtol=2e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
