@@ -264,3 +264,33 @@ def test_cli_single_run_writes_outputs_and_resumes(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["history"]["step"] == list(range(1, 10))
+
+
+def test_cli_compare_runs_every_method_and_averages_seeds(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["--compare", "--modalities", "2", "--steps", "3", "--batch-size", "16", "--quick", "--seeds", "2"]
+    assert cli.main([*argv, "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    methods = [
+        "anchor=0",
+        "anchor=1",
+        "centroid (CentroBind)",
+        "centroid leave-one-out",
+        "pairwise CLIP",
+        "gram (anchor 0)",
+    ]
+    for method in methods:
+        assert method in printed
+    assert "sd (seeds)" in printed and "vol R@1 1->rest" in printed
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["seeds"] == [0, 1] and len(payload["runs"]) == 2 * len(methods)
+    for row in payload["summary"]:
+        runs = [r for r in payload["runs"] if r["method"] == row["method"]]
+        assert sorted(r["seed"] for r in runs) == [0, 1]
+        mean_r1 = sum(r["metrics"]["mean"]["R@1"] for r in runs) / 2
+        assert row["metrics"]["mean"]["R@1"] == pytest.approx(mean_r1)
+        assert row["r1_per_seed"] == [r["metrics"]["mean"]["R@1"] for r in runs]
+    # seeds give different data and initialisations
+    first = [r for r in payload["runs"] if r["method"] == "anchor=0"]
+    assert first[0]["history"]["loss"] != first[1]["history"]["loss"]
+    assert (out / "curves.png").exists()
