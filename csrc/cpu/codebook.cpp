@@ -263,9 +263,13 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   const std::pair<RowMinFn, RowTopkFn> kernels = row_kernels();
   const RowMinFn row_min = kernels.first;
   const RowTopkFn row_topk = kernels.second;
-  const int64_t num_blocks = (N + kRowBlock - 1) / kRowBlock;
+  // Fewer rows than threads × kRowBlock (small batches, large codebooks): smaller row blocks, so
+  // that every thread still gets rows.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t row_block = std::min<int64_t>(kRowBlock, std::max<int64_t>(16, (N + threads - 1) / threads));
+  const int64_t num_blocks = (N + row_block - 1) / row_block;
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
-    const int64_t row_lo = block_lo * kRowBlock, row_hi = std::min(N, block_hi * kRowBlock);
+    const int64_t row_lo = block_lo * row_block, row_hi = std::min(N, block_hi * row_block);
     const int64_t chunk = direct ? row_hi - row_lo : kChunkRows;
     std::vector<float> best(std::min(chunk, row_hi - row_lo) * k);
     std::vector<int64_t> best_j(best.size());
@@ -290,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
           }
         }
       };
-      stream_tiles({A}, {B}, epilogue, kRowBlock, kColBlock);
+      stream_tiles({A}, {B}, epilogue, row_block, kColBlock);
 
       // Winners: fill slots no finite score reached (non-finite rows) with the lowest unused
       // indices, recompute the exact distance, re-sort by (distance, index).

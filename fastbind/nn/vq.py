@@ -11,7 +11,7 @@ Training step (``self.training`` and not frozen), all statistics in float32, und
 1. first batch only: codebook initialisation from the batch's tokens (all modalities pooled):
    ``"kmeans++"`` seeding or ``"random"`` distinct samples (``"none"``: keep the codebook, e.g.
    set by :meth:`initialize`);
-2. lookup of every modality with the *current* codebook (fused :func:`fastbind.quantize`,
+2. lookup of every modality with the *current* codebook (fused :func:`fastbind.codebook_lookup`,
    optionally with the kept-dimension weight of :meth:`set_dim_weight` / :meth:`apply_toc`);
 3. EMA, sequentially for m = 1..M exactly as CMG codes its MM-EMA, with A^m the one-hot
    assignments of modality m [N, K] and n = Σ_k N_k:
@@ -54,8 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastbind.ops.codebook import quantize
-from fastbind.reference.codebook import toc_mask
+from fastbind.ops.codebook import codebook_lookup
+from fastbind.reference.codebook import straight_through, toc_mask
 
 INITS = ("kmeans++", "random", "none")
 # Noise added to a replacement code, relative to the RMS of the code it copies: far below the
@@ -258,10 +258,12 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook
         outs, indices, codes = [], [], []
         for f in flat:
-            q, index, _ = quantize(f, codebook, self.metric, weight, backend=self.backend)
-            outs.append(q)
+            _, index = codebook_lookup(f.detach(), codebook, 1, self.metric, weight, backend=self.backend)
+            index = index[:, 0]
+            code = codebook[index]
+            outs.append(straight_through(f, code.to(f.dtype)))
             indices.append(index)
-            codes.append(codebook[index])
+            codes.append(code)
         loss = self._loss(flat, codes, weight)
         if multi and self.matching_weight > 0:
             # a copy: the EMA below updates the buffer in place, the matching loss saves it for backward
