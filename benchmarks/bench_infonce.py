@@ -114,9 +114,9 @@ def build(provider: str, mode: str, device: str = "cpu", B: int = 1024, M: int =
 def cases(quick: bool = False):
     providers = [p for p in PROVIDERS if p != "fastbind-triton" or torch.cuda.is_available()]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if quick:
+    if quick:  # `make demo`: one small size, every provider (each case is a fresh subprocess)
         for provider in providers:
-            yield Case(NAME, provider, "fwd+bwd", dict(B=1024, M=3, D=512), device=device, repeat=3)
+            yield Case(NAME, provider, "fwd+bwd", dict(B=512, M=3, D=512), device=device, repeat=3)
         return
     for M in (3, 4):
         for B in (512, 1024, 2048, 4096, 8192, 16384, 32768):
