@@ -283,3 +283,28 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(x, e), f(x, e)):
         torch.testing.assert_close(got, want)
+
+
+def test_benchmark_builders_and_skips(monkeypatch):
+    import sys
+
+    from benchmarks import bench_codebook as bench
+    from benchmarks._harness import SkipCase
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    with pytest.raises(SkipCase, match="faiss-cpu not installed"):
+        bench.build("faiss", "lookup", N=64, K=16, D=8)
+    monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)
+    with pytest.raises(SkipCase, match="vector-quantize-pytorch not installed"):
+        bench.build("vqpytorch", "vq", N=64, K=16, D=8)
+    with pytest.raises(SkipCase, match="budget"):
+        bench.build("fastbind-cpu", "lookup", N=262144, K=16384, D=256)
+    with pytest.raises(SkipCase, match="GiB for the N×K matrix"):
+        bench.build("torch", "lookup", N=262144, K=8192, D=64)
+    providers = {"fastbind-cpu"} if "cpu" in FUSED else set()
+    for provider in providers | {"torch"}:
+        bench.build(provider, "lookup", N=64, K=16, D=8, k=2)()
+    if "cpu" in FUSED:
+        bench.build("fastbind-cpu", "vq", N=64, K=16, D=8)()
+    quick = list(bench.cases(quick=True))
+    assert len(quick) <= 6 and {c.mode for c in quick} == {"lookup", "vq"}
