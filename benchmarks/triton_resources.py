@@ -2,7 +2,7 @@
 
 For each `AotSpec` returned by `aot_specs()` of `fastbind/triton/{gram,infonce,codebook}.py`, the
 kernel is compiled with `triton.compile(..., target=GPUTarget("cuda", cc, 32))`; its PTX is run
-through Triton's bundled `ptxas -v` (the system nvcc's ptxas rejects Triton 3.9's PTX) for
+through the `ptxas -v` that Triton itself uses for the arch (the system nvcc's ptxas rejects Triton 3.9's PTX) for
 registers and spill bytes; shared memory comes from the compile metadata (an oversized config
 compiles and would only fail at launch, so we check it here); wgmma is looked up in the PTX.
 
@@ -21,15 +21,20 @@ import subprocess
 import sys
 import tempfile
 
+# Keep the current default explicitly (and the compile quiet): FP fusion on, as on the GPU path.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 FAMILIES = ("gram", "infonce", "codebook")
 TARGETS = (90, 80)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90 (H100/H200)
 
 
-def _ptxas() -> str:
-    import triton.backends.nvidia as nvidia
+def _ptxas(cc: int) -> str:
+    # The ptxas Triton itself uses for this arch (its bundled CUDA 12.9 ptxas for sm_80, the newer
+    # "ptxas-blackwell" for sm_90+, whose PTX version the older one rejects).
+    from triton.backends.nvidia.compiler import get_ptxas
 
-    return os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    return get_ptxas(cc).path
 
 
 def compile_spec(spec, cc: int) -> dict:
@@ -50,7 +55,7 @@ def compile_spec(spec, cc: int) -> dict:
         with open(path, "w") as f:
             f.write(ptx)
         out = subprocess.run(
-            [_ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            [_ptxas(cc), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
             capture_output=True,
             text=True,
             check=True,
