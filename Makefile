@@ -3,12 +3,14 @@ PY_SYS  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.fastbind-deps
+BSTAMP  := $(VENV)/.fastbind-bench-deps
 # Tests run the Triton kernels on CPU tensors through Triton's interpreter.
 TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2
 
-.PHONY: venv build demo test bench lint format clean
+.PHONY: venv bench-deps build demo test bench lint format clean
 
 venv: $(STAMP)
+bench-deps: $(BSTAMP)
 
 # Re-installs only when the pinned requirements change (idempotent otherwise).
 $(STAMP): requirements-dev.txt
@@ -18,6 +20,11 @@ $(STAMP): requirements-dev.txt
 	FASTBIND_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# Benchmark-only peers (faiss-cpu, vector-quantize-pytorch); --no-deps keeps the pinned CPU torch.
+$(BSTAMP): requirements-bench.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-bench.txt
+	touch $@
+
 # Incremental (ninja) build of the C++ extension fastbind._C next to the sources.
 build: venv
 	flock .build.lock $(PY) setup.py -q build_ext --inplace
@@ -25,12 +32,12 @@ build: venv
 test: build
 	$(TEST_ENV) $(PY) -m pytest -q -ra tests
 
-demo: build
+demo: build bench-deps
 	$(VENV)/bin/fastbind info
 	$(VENV)/bin/fastbind bench all --quick
 	$(VENV)/bin/fastbind train --compare --quick
 
-bench: build
+bench: build bench-deps
 	$(VENV)/bin/fastbind bench all
 
 lint: venv
