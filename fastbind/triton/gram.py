@@ -38,9 +38,15 @@ OP_NAMES = (
     "fastbind::gram_loss_backward_triton",
 )
 
-# 64 x 64 tiles: M >= 64 with 4 warps lets the bf16 dot lower to wgmma on sm_90; BLOCK_K = 32
-# keeps the k-1 reloads of the anchor tile cheap and the register footprint spill-free.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+# Tile (BLOCK_M, BLOCK_N, BLOCK_K) per operand dtype, chosen from the sm_90 resource report (zero
+# spills for k = 2..8 with 4 warps):
+# * 16-bit operands: M = 64 with 4 warps lets the dot lower to wgmma on sm_90;
+# * float32 operands: the "ieee" dot is FMA-based and holds its operands in registers, so the
+#   tile is small (64 x 64 x 32 spilled hundreds of bytes).
+TILES = {"fp32": (32, 16, 8), "16bit": (64, 32, 16)}
+# Software pipelining buys nothing for the FMA-based fp32 dot and cost a few spilled registers.
+NUM_STAGES = {"fp32": 1, "16bit": 2}
+BLOCK_M, BLOCK_N, BLOCK_K = TILES["16bit"]
 NUM_WARPS = 4
 # Backward clamp of the distance (relative to |a_i|), as in csrc/cpu/gram.cpp.
 DIST_REL_EPS = 1e-4
@@ -495,13 +501,23 @@ def _operands(anchor, basis, span_vol, anchor_sq):
     return anchor, basis, span_vol.float().contiguous(), anchor_sq.float().contiguous()
 
 
+def _tile(dtype: torch.dtype) -> tuple[int, int, int]:
+    return TILES["fp32" if dtype == torch.float32 else "16bit"]
+
+
 def _common(anchor, basis):
     b1, d = anchor.shape
     nq, b2, _ = basis.shape
     upcast = _interpreting() and anchor.dtype != torch.float32
-    return dict(
-        B1=b1, B2=b2, D=d, stride_a=anchor.stride(0), stride_qr=basis.stride(0), stride_qj=basis.stride(1)
-    ), dict(NQ=nq, UPCAST=upcast, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    bm, bn, bk = _tile(anchor.dtype)
+    sizes = dict(B1=b1, B2=b2, D=d, stride_a=anchor.stride(0), stride_qr=basis.stride(0), stride_qj=basis.stride(1))
+    stages = NUM_STAGES["fp32" if anchor.dtype == torch.float32 else "16bit"]
+    meta = dict(NQ=nq, UPCAST=upcast, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS, num_stages=stages)
+    return sizes, meta
+
+
+def _grid2d(sizes, meta):
+    return (triton.cdiv(sizes["B1"], meta["BLOCK_M"]), triton.cdiv(sizes["B2"], meta["BLOCK_N"]))
 
 
 @torch.library.custom_op("fastbind::gram_volume_triton", mutates_args=())
@@ -511,7 +527,7 @@ def gram_volume_triton(
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
     sizes, meta = _common(anchor, basis)
     out = torch.empty(sizes["B1"], sizes["B2"], device=anchor.device, dtype=torch.float32)
-    grid = (triton.cdiv(sizes["B1"], BLOCK_M), triton.cdiv(sizes["B2"], BLOCK_N))
+    grid = _grid2d(sizes, meta)
     _gram_volume_fwd_kernel[grid](out, anchor, basis, span_vol, anchor_sq, **sizes, **meta)
     return out
 
@@ -534,7 +550,7 @@ def gram_volume_backward_triton(
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
     sizes, meta = _common(anchor, basis)
     d_a, d_q, d_r, d_asq = _zero_grads(anchor, basis)
-    grid = (triton.cdiv(sizes["B1"], BLOCK_M), triton.cdiv(sizes["B2"], BLOCK_N))
+    grid = _grid2d(sizes, meta)
     _gram_volume_bwd_kernel[grid](
         d_a, d_q, d_r, d_asq, grad.float().contiguous(), anchor, basis, span_vol, anchor_sq, **sizes, **meta
     )
@@ -566,9 +582,9 @@ def gram_loss_forward_triton(
     col_loss, col_lse = torch.zeros(b2, device=dev), torch.zeros(b2, device=dev)
     args = (anchor, basis, span_vol, anchor_sq, tau, float(label_smoothing), int(diag_offset))
     if rows:
-        _gram_loss_fwd_kernel[(triton.cdiv(b1, BLOCK_M),)](row_loss, row_lse, *args, **sizes, AXIS=1, **meta)
+        _gram_loss_fwd_kernel[(triton.cdiv(b1, meta["BLOCK_M"]),)](row_loss, row_lse, *args, **sizes, AXIS=1, **meta)
     if cols:
-        _gram_loss_fwd_kernel[(triton.cdiv(b2, BLOCK_N),)](col_loss, col_lse, *args, **sizes, AXIS=0, **meta)
+        _gram_loss_fwd_kernel[(triton.cdiv(b2, meta["BLOCK_N"]),)](col_loss, col_lse, *args, **sizes, AXIS=0, **meta)
     return row_loss, col_loss, row_lse, col_lse
 
 
@@ -597,7 +613,7 @@ def gram_loss_backward_triton(
     g_row = grad_row.float().contiguous() if rows else torch.zeros(sizes["B1"], device=dev)
     g_col = grad_col.float().contiguous() if cols else torch.zeros(sizes["B2"], device=dev)
     tau = temperature.to(device=dev, dtype=torch.float32).reshape(1)
-    grid = (triton.cdiv(sizes["B1"], BLOCK_M), triton.cdiv(sizes["B2"], BLOCK_N))
+    grid = _grid2d(sizes, meta)
     _gram_loss_bwd_kernel[grid](
         d_a,
         d_q,
@@ -628,11 +644,12 @@ def gram_loss_backward_triton(
 def aot_specs(ks=(3, 8)) -> list[AotSpec]:
     """Every GRAM kernel for k in `ks`, with float32 and bfloat16 operands."""
     specs = []
-    tile = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     sizes = dict(B1="i32", B2="i32", D="i32", stride_a="i32", stride_qr="i32", stride_qj="i32")
     for k in ks:
         for dtype in ("fp32", "bf16"):
             op = f"*{dtype}"
+            bm, bn, bk = TILES["fp32" if dtype == "fp32" else "16bit"]
+            tile = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             const = dict(NQ=k - 1, UPCAST=False, **tile)
             vol_fwd = dict(out_ptr="*fp32", a_ptr=op, q_ptr=op, r_ptr="*fp32", asq_ptr="*fp32", **sizes)
             loss_fwd = dict(
@@ -682,6 +699,7 @@ def aot_specs(ks=(3, 8)) -> list[AotSpec]:
                         constexprs=dict(consts),
                         dtype=dtype,
                         num_warps=NUM_WARPS,
+                        num_stages=NUM_STAGES["fp32" if dtype == "fp32" else "16bit"],
                         expect_wgmma=dtype == "bf16",
                     )
                 )
