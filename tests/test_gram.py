@@ -352,3 +352,50 @@ def test_argument_errors():
         fb.gram_volume(a.double(), m1.double(), backend="cpu")
     with pytest.raises(ValueError, match="direction"):
         fb.gram_loss(a, m1, m2, direction="a2a")
+
+
+@pytest.mark.parametrize("backend", ["torch", *FUSED])
+@pytest.mark.parametrize("direction", ["both", "a2d", "d2a"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gather_shares_sum_to_single_process(backend, direction, reduction, monkeypatch):
+    """gather=True in one process: each simulated rank's gather concatenates every rank's (leaf)
+    rows, so autograd sums all ranks' gradients into each rank's rows, as the real all-gather's
+    backward does. The shares must sum to the full loss and the gradients equal the full ones."""
+    import fastbind.distributed as dist_mod
+
+    sizes = [5, 8]  # unequal per-rank batches
+    dtype = F64 if backend == "torch" else torch.float32
+    anchor, mods = _inputs(sum(sizes), sum(sizes), 10, 3, dtype=dtype, seed=41, normalize=True)
+    full = [_leaf(x) for x in (anchor, *mods)]
+    tau_full = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    kw = dict(label_smoothing=0.1, direction=direction, reduction=reduction, backend=backend)
+    want = fb.gram_loss(*full, temperature=tau_full, **kw)
+    w = torch.rand(want.shape, dtype=dtype) + 0.5
+    (want * w).sum().backward()
+
+    bounds = [0, sizes[0], sum(sizes)]
+    local = [[_leaf(x[bounds[r] : bounds[r + 1]]) for x in (anchor, *mods)] for r in range(2)]
+    tau = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    total = 0.0
+    for r in range(2):
+        position = {id(t): i for i, t in enumerate(local[r])}
+
+        def fake_gather(x, group=None, r=r, position=position):
+            i = position[id(x)]
+            return torch.cat([local[q][i] for q in range(2)]), bounds[r]
+
+        monkeypatch.setattr(dist_mod, "gather_with_grad", fake_gather)
+        share = fb.gram_loss(*local[r], temperature=tau, gather=True, **kw)
+        if reduction == "none":
+            _close(share, want[bounds[r] : bounds[r + 1]], 2e-5, f"rank {r} per-row share")
+            total = total + (share * w[bounds[r] : bounds[r + 1]]).sum()
+        else:
+            total = total + share
+    if reduction != "none":
+        _close(total, want, 2e-5, "sum of shares")
+        total = total * w
+    total.backward()
+    for i in range(3):
+        got = torch.cat([local[r][i].grad for r in range(2)])
+        _close(got, full[i].grad, 1e-4, f"input {i} gradient")
+    _close(tau.grad, tau_full.grad, 1e-4, "temperature gradient")
