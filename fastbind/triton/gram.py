@@ -43,7 +43,7 @@ OP_NAMES = (
 # * 16-bit operands: M = 64 with 4 warps lets the dot lower to wgmma on sm_90;
 # * float32 operands: the "ieee" dot is FMA-based and holds its operands in registers, so the
 #   tile is small (64 x 64 x 32 spilled hundreds of bytes).
-TILES = {"fp32": (32, 16, 8), "16bit": (64, 32, 16)}
+TILES = {"fp32": (32, 32, 8), "16bit": (64, 32, 16)}
 # Software pipelining buys nothing for the FMA-based fp32 dot and cost a few spilled registers.
 NUM_STAGES = {"fp32": 1, "16bit": 2}
 BLOCK_M, BLOCK_N, BLOCK_K = TILES["16bit"]
