@@ -123,6 +123,9 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, supported: tup
     return ""
 
 
+# Selection reads the environment and the extension's build info (a str-returning op that
+# torch.compile cannot trace): under torch.compile it runs once at trace time, as a constant.
+@torch._dynamo.assume_constant_result
 def resolve(
     op: str,
     backend: str | None,

@@ -156,3 +156,21 @@ def test_codebook_checks():
         d2, i2 = fb.codebook_lookup(strided.contiguous(), e, k=2, backend=backend)
         torch.testing.assert_close(d1, d2)
         assert torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "name", ["gram_volume", "gram_volume_paired", "gram_loss", "infonce", "anchor_loss", "centroid_loss"]
+)
+def test_reference_takes_16bit_inputs_with_float32_accumulation(name, dtype):
+    """The torch backend accepts 16-bit inputs like the fused ones: float32 maths on the rounded
+    inputs (losses come back in float32, volumes in the input dtype)."""
+    call, n = MULTI[name]
+    ts = [t.to(dtype) for t in _mods(n)]
+    out = call(ts, backend="torch")
+    expected = call([t.float() for t in ts], backend="torch")
+    assert out.dtype == (dtype if name.startswith("gram_volume") else torch.float32)
+    if name != "centroid_loss":  # (the centroid itself is rounded to the operand dtype, by design)
+        torch.testing.assert_close(out.float(), expected.to(out.dtype).float())
+    if "cpu" in fb.backends():
+        torch.testing.assert_close(call(ts, backend="cpu").float(), out.float(), atol=2e-2, rtol=2e-2)

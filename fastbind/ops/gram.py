@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 
 from fastbind._backend import _triton_status as _triton_available
-from fastbind._backend import extension_loaded
-from fastbind._backend import resolve as _resolve
+from fastbind._backend import extension_loaded, resolve
 from fastbind.ops._checks import (
     check_loss_args,
     check_modalities,
@@ -178,11 +177,6 @@ if _triton_available()[0]:
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
-# Backend selection reads the environment and the extension's build info (a str-returning op that
-# torch.compile cannot trace): under torch.compile it runs once at trace time, as a constant.
-resolve = torch._dynamo.assume_constant_result(_resolve)
-
-
 def _check_gram_inputs(fn: str, anchor, modalities) -> None:
     tensors = [anchor, *modalities]
     names = ["anchor"] + [f"modality {i}" for i in range(1, len(modalities) + 1)]
@@ -257,10 +251,10 @@ def _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau
     target = torch.arange(b, device=anchor.device) + offset
     row_ce = col_ce = None
     if rows:
-        logits = -ref.gram_volume(anchor, *modalities_g) / tau  # [b, B]
+        logits = ref.gram_logits(anchor, *modalities_g, temperature=tau)  # [b, B]
         row_ce = F.cross_entropy(logits, target, label_smoothing=eps, reduction="none")
     if cols:
-        logits = -ref.gram_volume(anchor_g, *modalities) / tau  # [B, b]
+        logits = ref.gram_logits(anchor_g, *modalities, temperature=tau)  # [B, b]
         col_ce = F.cross_entropy(logits.t(), target, label_smoothing=eps, reduction="none")
     return row_ce, col_ce
 

@@ -114,6 +114,8 @@ def _fused_forward(backend: str):
 def _rows_cols(backend, q, k, temperature, label_smoothing, diag_offset):
     """Per-row / per-column cross-entropies of the pairs (q [P, B1, D], k [1|P, B2, D]): [P, B1], [P, B2]."""
     if backend == "torch":
+        if q.dtype in _HALF:  # float32 accumulation, like the fused kernels (DESIGN §5)
+            q, k = q.float(), k.float()
         keys = [k[0]] * q.shape[0] if k.shape[0] == 1 else list(k)
         pairs = [ref.infonce_rows_cols(qp, kp, temperature, label_smoothing, diag_offset) for qp, kp in zip(q, keys)]
         return torch.stack([r for r, _ in pairs]), torch.stack([c for _, c in pairs])

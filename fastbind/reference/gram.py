@@ -38,12 +38,23 @@ def _safe_sqrt_det(gram: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, vol_ok, torch.sqrt(det_value.clamp(min=0)))
 
 
+def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    # 16-bit inputs: Gram entries and determinants in float32 (DESIGN §5; CPU det has no bf16 kernel)
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
 def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor) -> torch.Tensor:
     """GRAM volumes [B1, B2]: vol_ij = sqrt(max(det G_ij, 0)), G_ij = Gram of (a_i, m^1_j, ..., m^{k-1}_j).
 
     anchor [B1, D], each modality [B2, D]. Equals ``volume_computation3/4/5`` of the GRAM release
-    (which takes ``abs`` of the determinant) wherever the determinant is not round-off.
+    (which takes ``abs`` of the determinant) wherever the determinant is not round-off. Computed in
+    float32 for 16-bit inputs and returned in the input dtype.
     """
+    return _gram_volume_accumulated(anchor, *modalities).to(anchor.dtype)
+
+
+def _gram_volume_accumulated(anchor: torch.Tensor, *modalities: torch.Tensor) -> torch.Tensor:
+    anchor, *modalities = _upcast(anchor, *modalities)
     b1, b2 = anchor.shape[0], modalities[0].shape[0]
     mods = torch.stack(modalities, dim=0)  # [k-1, B2, D]
     aa = (anchor * anchor).sum(-1)  # [B1]
@@ -60,13 +71,13 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor) -> torch.Tensor
 
 def gram_volume_paired(*modalities: torch.Tensor) -> torch.Tensor:
     """Volume of each sample's own k-tuple [B]: sqrt(max(det(V_b^T V_b), 0)), V_b = [m^1_b ... m^k_b]."""
-    mods = torch.stack(modalities, dim=1)  # [B, k, D]
-    return _safe_sqrt_det(mods @ mods.transpose(1, 2))
+    mods = torch.stack(_upcast(*modalities), dim=1)  # [B, k, D]
+    return _safe_sqrt_det(mods @ mods.transpose(1, 2)).to(modalities[0].dtype)
 
 
 def gram_logits(anchor, *modalities, temperature=0.07) -> torch.Tensor:
-    """logits_ij = -vol_ij / temperature [B1, B2]."""
-    return -gram_volume(anchor, *modalities) / temperature
+    """logits_ij = -vol_ij / temperature [B1, B2] (float32 for 16-bit inputs)."""
+    return -_gram_volume_accumulated(anchor, *modalities) / temperature
 
 
 def gram_loss(
