@@ -10,7 +10,7 @@ float32, exactly the cases the targets name, with their baselines, and writes
   peak-RSS increase.
 * Codebook lookup (N = 65536, K = 8192, D = 256, k = 1) against faiss-cpu and torch.cdist + argmin.
 
-The huge cases run once after the warm-up (repeat=0): a single timing, reported as such.
+The huge cases run twice (repeat=0): the warm-up run is their single timing, then the memory run.
 """
 
 from __future__ import annotations
