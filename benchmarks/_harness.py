@@ -182,7 +182,7 @@ def add_ratios(rows: list[dict], ratios: list[tuple[str, str]]) -> None:
             base = peers[baseline]
             if "median_ms" in row and "median_ms" in base:
                 row[f"time_vs_{baseline}"] = row["median_ms"] / base["median_ms"]
-                if base["peak_mb"] > 0:
+                if base["peak_mb"] >= 1.0:  # a baseline that allocates ~nothing (gemm-floor) has no ratio
                     row[f"mem_vs_{baseline}"] = row["peak_mb"] / base["peak_mb"]
 
 
