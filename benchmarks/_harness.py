@@ -165,6 +165,24 @@ def run_case(case: Case, timeout: float = 900.0) -> dict:
     return json.loads(lines[-1])
 
 
+def gemm_floor(a, b, count: int, block_rows: int = 2048):
+    """`count` products a·bᵀ (a, b [B, D]) as plain torch.mm into a reused output: the GEMM floor of
+    a fused op that does the same GEMMs. Above 8192 rows the products run in `block_rows`-row
+    blocks (same flops, a block_rows × B output instead of B × B)."""
+    import torch
+
+    n = a.shape[0]
+    rows = n if n <= 8192 else block_rows
+    out = torch.empty(rows, n, device=a.device, dtype=a.dtype)
+
+    def fn():
+        for _ in range(count):
+            for r0 in range(0, n, rows):
+                torch.mm(a[r0 : r0 + rows], b.t(), out=out[: min(rows, n - r0)])
+
+    return fn
+
+
 def add_ratios(rows: list[dict], ratios: list[tuple[str, str]]) -> None:
     """For each (provider, baseline): `<metric>_vs_<baseline>` = provider / baseline, same params."""
 

@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks._harness import RESULTS, Case, SkipCase, plot, run_cases
+from benchmarks._harness import RESULTS, Case, SkipCase, gemm_floor, plot, run_cases
 
 NAME = "infonce"
 PROVIDERS = ("fastbind-cpu", "fastbind-triton", "reference", "naive", "gemm-floor")
@@ -54,19 +54,8 @@ def naive_centroid_loss(*zs):
 
 
 def _floor(tensors, mode: str, m: int):
-    """The GEMMs of the fused op as plain torch.mm (outputs written into a reused buffer)."""
-    a, b = tensors[0], tensors[1]
-    n = a.shape[0]
-    rows = n if n <= 8192 else FLOOR_BLOCK_ROWS
-    out = torch.empty(rows, n, device=a.device, dtype=a.dtype)
-    count = _gemm_count(mode, m)
-
-    def fn():
-        for _ in range(count):
-            for r0 in range(0, n, rows):
-                torch.mm(a[r0 : r0 + rows], b.t(), out=out[: min(rows, n - r0)])
-
-    return fn
+    """The GEMMs of the fused op as plain torch.mm (see _harness.gemm_floor)."""
+    return gemm_floor(tensors[0], tensors[1], _gemm_count(mode, m), FLOOR_BLOCK_ROWS)
 
 
 def build(provider: str, mode: str, device: str = "cpu", B: int = 1024, M: int = 3, D: int = 512):
