@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from fastbind.nn._temperature import _TemperatureMixin
 from fastbind.ops.gram import gram_loss
 
 
-class GramLoss(torch.nn.Module):
+class GramLoss(_TemperatureMixin):
     """GRAM loss module: ``loss = GramLoss()(anchor, *modalities)``.
 
     As the GRAM release, the temperature is a parameter initialised to ``temperature`` (0.07) and
@@ -25,13 +26,7 @@ class GramLoss(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"GramLoss: temperature must be > 0, got {temperature}")
-        value = torch.tensor(float(temperature))
-        if learnable_temperature:
-            self.temperature = torch.nn.Parameter(value)
-        else:
-            self.register_buffer("temperature", value)
+        self._init_temperature("GramLoss", temperature, learnable_temperature)
         self.label_smoothing = label_smoothing
         self.direction = direction
         self.reduction = reduction

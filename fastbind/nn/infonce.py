@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fastbind.nn._temperature import _TemperatureMixin
 from fastbind.ops.infonce import centroid_loss, infonce
-
-
-class _TemperatureMixin(torch.nn.Module):
-    def _init_temperature(self, name: str, temperature: float, learnable: bool) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"{name}: temperature must be a float > 0, got {temperature!r}")
-        value = torch.tensor(float(temperature))
-        if learnable:
-            # learnt directly, as GRAM's τ (CLIP's log-scale parametrisation is a choice of the caller)
-            self.temperature = torch.nn.Parameter(value)
-        else:
-            self.register_buffer("temperature", value)
 
 
 class CentroBindLoss(_TemperatureMixin):
