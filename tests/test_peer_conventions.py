@@ -200,18 +200,21 @@ def vqp_ema(codebook, cluster_size, embed_avg, z, decay, eps):
     return embed_avg / smoothed[:, None], cluster_size, embed_avg
 
 
-def test_vqp_smoothed_copy_of_the_counts():
-    """laplace="copy" + count_init="zero" is vector-quantize-pytorch's EMA (cluster_size starts at 0,
-    embed_avg at the codes); the default "stored" differs for codes a batch leaves unused."""
+@pytest.mark.parametrize("start", ["one", "zero"])
+def test_vqp_smoothed_copy_of_the_counts(start):
+    """laplace="copy" is vector-quantize-pytorch's EMA: cluster_size starts at 1 in current releases
+    (count_init="one"), at 0 in older ones (count_init="zero"), embed_avg at the codes; the default
+    "stored" differs for codes a batch leaves unused."""
     torch.manual_seed(5)
     k, d, decay, eps = 8, 4, 0.8, 1e-5
     e0 = torch.randn(k, d, dtype=torch.float64)
-    ours = VectorQuantizer(k, d, decay=decay, laplace="copy", count_init="zero", dead_code_steps=0, init="none")
-    ours = ours.double()
+    kw = dict(decay=decay, count_init=start, dead_code_steps=0, init="none")
+    ours = VectorQuantizer(k, d, laplace="copy", **kw).double()
+    stored = VectorQuantizer(k, d, **kw).double()
     ours.initialize(e0)
-    stored = VectorQuantizer(k, d, decay=decay, count_init="zero", dead_code_steps=0, init="none").double()
     stored.initialize(e0)
-    codebook, size, avg = e0.clone(), torch.zeros(k, dtype=torch.float64), e0.clone()
+    size = torch.full((k,), 1.0 if start == "one" else 0.0, dtype=torch.float64)
+    codebook, avg = e0.clone(), e0.clone()
     for _ in range(4):
         z = torch.randn(40, d, dtype=torch.float64) * 0.5 + e0[:3].mean(0)  # most codes stay unused
         ours(z)
