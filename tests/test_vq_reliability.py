@@ -1,6 +1,7 @@
 """VectorQuantizer on bad input (issue 12, points 3, 7 and 10): non-finite tokens never reach the
 codebook, every module dtype trains, and bad constructor / method arguments raise clear errors."""
 
+import copy
 import math
 import warnings
 
@@ -265,3 +266,15 @@ def test_one_dimensional_tokens():
     assert qa.shape == (3,) and ia.shape == () and math.isfinite(float(loss))
     (qa, _), _, loss = vq([torch.randn(1, 3), torch.randn(1, 3)])  # B = 1: a batch of one sample
     assert qa.shape == (1, 3) and math.isfinite(float(loss))
+
+
+def test_load_state_dict_with_assign_still_restores_the_state():
+    """load_state_dict(assign=True) sets the codebook by attribute: the `vq.codebook = cb` hook must
+    not reset the loaded EMA state (the later buffers and the extra state are loaded after it)."""
+    src = VectorQuantizer(6, 3, dead_code_steps=0)
+    src(torch.randn(40, 3))
+    dst = VectorQuantizer(6, 3, dead_code_steps=0)
+    dst.load_state_dict(copy.deepcopy(src.state_dict()), assign=True)
+    assert dst.step == src.step and torch.equal(dst.ema_count, src.ema_count)
+    x = torch.randn(30, 3)
+    assert torch.equal(dst(x)[1], src(x)[1]) and torch.equal(dst.codebook, src.codebook)

@@ -325,8 +325,10 @@ class VectorQuantizer(nn.Module):
 
     def __setattr__(self, name, value):
         # `vq.codebook = cb` (vector-quantize-pytorch's setter) is an explicit initialisation: the
-        # lazy k-means++ of the first training step must not overwrite it.
-        if name == "codebook" and isinstance(value, torch.Tensor) and "codebook" in self.__dict__.get("_buffers", {}):
+        # lazy k-means++ of the first training step must not overwrite it. (A meta module, e.g.
+        # load_state_dict(assign=True) after construction on "meta", gets the tensor itself.)
+        buffers = self.__dict__.get("_buffers", {})
+        if name == "codebook" and isinstance(value, torch.Tensor) and name in buffers and not buffers[name].is_meta:
             self.initialize(value)
             return
         super().__setattr__(name, value)
