@@ -16,9 +16,9 @@ all train; the codebook buffer follows the module's dtype and is the rounded val
    codebook set explicitly first — :meth:`initialize` or ``vq.codebook = tensor`` — counts as
    initialised and is never overwritten. Initialisation sets o = E and N = 1 for every code
    (``count_init="one"``, the default: an initial code is the mean of one pseudo-token, so a code
-   no token picks stays where it was put) or N = 0 (``count_init="zero"``, CMG's start: from step 2
-   on the codebooks differ, and a code unused in the first steps is o/(smoothed ≈ ε) — far out,
-   effectively dead until replaced);
+   no token picks stays where it was put) or N = 0 (``count_init="zero"``, CMG's start: the first
+   EMA update gives a different codebook, and a code unused in the first steps becomes
+   o/(smoothed ≈ ε) — far out, effectively dead until replaced);
 2. lookup of every modality with the *current* codebook (fused :func:`fastbind.codebook_lookup`,
    optionally with the kept-dimension weight of :meth:`set_dim_weight` / :meth:`apply_toc`);
 3. EMA, sequentially for m = 1..M exactly as CMG codes its MM-EMA, with A^m the one-hot
