@@ -208,7 +208,7 @@ def test_toc_public_matches_formula(alpha, beta):
     e64 = e.double()
     kk = e.shape[0]
     sim = (e64.sum(0) ** 2 - (e64**2).sum(0)) / (kk * (kk - 1))
-    scores = -alpha * sim + beta * e64.var(0, unbiased=False)
+    scores = -alpha * sim + beta * e64.var(0, unbiased=True)  # CMG: torch.var, unbiased
     torch.testing.assert_close(fb.toc_scores(e, alpha, beta).double(), scores, atol=1e-5, rtol=1e-5)
     assert fb.toc_select(e, 4, alpha, beta).tolist() == torch.argsort(scores, descending=True)[:4].tolist()
     assert fb.toc_scores(e64).dtype == torch.float64

@@ -93,7 +93,7 @@ def test_toc_scores_formula(alpha, beta):
         dtype=torch.float64,
     )
     mean = e.mean(0)
-    var = ((e - mean) ** 2).mean(0)
+    var = ((e - mean) ** 2).sum(0) / (k - 1)  # unbiased, as CMG's torch.var
     torch.testing.assert_close(ref.toc_scores(e, alpha, beta), -alpha * sim + beta * var)
     order = sorted(range(5), key=lambda d: -float(-alpha * sim[d] + beta * var[d]))
     assert ref.toc_select(e, 3, alpha, beta).tolist() == order[:3]

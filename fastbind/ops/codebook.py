@@ -195,7 +195,8 @@ def _toc_dtype(codebook: torch.Tensor) -> torch.dtype:
 def toc_scores(codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0, *, backend: str | None = None):
     """TOC score of each dimension of codebook [K, D] -> [D] (float32, float64 for float64 input).
 
-    score_d = −α·sim_d + β·Var_d with sim_d = ((Σ_i E_id)² − Σ_i E_id²)/(K(K−1)) (DESIGN §2.4).
+    score_d = −α·sim_d + β·Var_d with sim_d = ((Σ_i E_id)² − Σ_i E_id²)/(K(K−1)) (DESIGN §2.4) and
+    Var_d the unbiased variance (divisor K − 1) of dimension d over the codes, as CMG's TOC.
     An O(K·D) column reduction: every backend computes it with torch ops on the codebook's device
     (``backend`` is validated, not needed).
     """

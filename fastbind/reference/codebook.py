@@ -114,14 +114,15 @@ def toc_scores(codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0) ->
     """TOC score of every dimension of a codebook E [K, D] -> [D].
 
     sim_d = ((Σ_i E_id)² − Σ_i E_id²) / (K(K−1))  (mean product of distinct code pairs in dim d),
-    score_d = −α·sim_d + β·Var_d (population variance over the K codes). Needs K ≥ 2.
+    score_d = −α·sim_d + β·Var_d with the unbiased variance over the K codes (divisor K − 1), as
+    CMG's TOC (``torch.var``'s default) computes it. Needs K ≥ 2.
     """
     num_codes = codebook.shape[0]
     col_sum = codebook.sum(0)
     sim = (col_sum * col_sum - (codebook * codebook).sum(0)) / (num_codes * (num_codes - 1))
     score = -alpha * sim
     if beta != 0.0:
-        score = score + beta * codebook.var(0, unbiased=False)
+        score = score + beta * codebook.var(0, correction=1)
     return score
 
 

@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 
-from fastbind.train.loop import LOSSES, TrainConfig, Trainer
+from fastbind.train.loop import LOSSES, RunFileError, TrainConfig, Trainer, load_checkpoint
 
 __all__ = ["main", "build_parser", "parse_args"]
 
@@ -82,13 +85,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "eval_every" else 1):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if args.leave_one_out and args.loss != "centroid" and not args.compare:
         parser.error("--leave-one-out applies to --loss centroid")
     if args.compare and args.resume:
         parser.error("--resume applies to a single run, not to --compare")
+    problem = _device_problem(args.device)
+    if problem:
+        parser.error(f"--device {args.device}: {problem}")
     return args
+
+
+def _device_problem(device: str) -> str | None:
+    """Why `device` cannot train here (None when it can): unparsable, meta (no data), not present."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return f"not a torch device ({str(exc).splitlines()[0]})"
+    if dev.type == "meta":
+        return "meta tensors hold no data; training needs a real device (cpu, cuda, ...)"
+    try:  # allocate and read back one value: catches absent GPUs, bad indices, unbuilt backends
+        float(torch.ones(1, device=dev).sum())
+    except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable; report it in one line
+        lines = str(exc).strip().splitlines()
+        return f"not usable here ({lines[0] if lines else type(exc).__name__})"
+    return None
+
+
+def _check_out(out: str) -> None:
+    """Create the output folder and make sure a file can be written there, before any training (a
+    failure at the final save would lose the whole run). RunFileError with the reason."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fastbind-write-test-"):
+            pass
+    except OSError as exc:
+        raise RunFileError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
 
 
 def _config(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -166,7 +201,8 @@ def format_tables(rows: list[dict], modalities: int) -> str:
     """Two tables, one line per method. rows: {"method", "metrics" (seed-averaged), "r1_per_seed",
     "seconds"}. Retrieval: R@1 of every ordered pair (query->gallery), mean R@1/5/10 over pairs.
     Probe and GRAM-style retrieval: linear-probe accuracy per modality, their mean, R@1 of each
-    modality against the tuple of all others by ascending volume (k = M), training time."""
+    modality against the tuple of all others by ascending volume (k = M; M <= 8 only, the range of
+    gram_volume), training time."""
     pairs = [f"{a}->{b}" for a in range(modalities) for b in range(modalities) if a != b]
     seeds = len(rows[0]["r1_per_seed"])
     header = ["method", "score", *(f"R@1 {p}" for p in pairs), "mean R@1"]
@@ -186,14 +222,17 @@ def format_tables(rows: list[dict], modalities: int) -> str:
         lines.append(cells)
     retrieval_table = _render(header, lines, left=2)
 
+    # GRAM's joint-volume retrieval exists for M <= 8 only (gram_volume's k = M); no columns otherwise
+    volume = all(row["metrics"]["joint_volume"] for row in rows)
     header = ["method", *(f"probe m{i}" for i in range(modalities)), "mean probe"]
-    header += [f"vol R@1 {i}->rest" for i in range(modalities)] + ["train s"]
+    header += [f"vol R@1 {i}->rest" for i in range(modalities)] if volume else []
+    header += ["train s"]
     lines = []
     for row in rows:
         m = row["metrics"]
         probe = m["probe"]
         cells = [row["method"], *(f"{acc:.3f}" for acc in probe), f"{sum(probe) / len(probe):.3f}"]
-        cells += [f"{m['joint_volume'][f'{i}->rest']['R@1']:.3f}" for i in range(modalities)]
+        cells += [f"{m['joint_volume'][f'{i}->rest']['R@1']:.3f}" for i in range(modalities)] if volume else []
         cells += [f"{row['seconds']:.1f}"]
         lines.append(cells)
     return retrieval_table + "\n\n" + _render(header, lines)
@@ -239,13 +278,16 @@ def _legend(chance: dict) -> str:
         "InfoNCE losses; for GRAM ascending volume with the query modality as anchor and the gallery "
         "modality as the single data modality (k = 2). 'vol R@1 m->rest': modality m against the tuple of "
         "all other modalities of each sample by ascending volume (k = M, GRAM's multimodal retrieval), "
-        "for every method."
+        "for every method (M <= 8 only)."
     )
 
 
 def _single(args: argparse.Namespace) -> int:
     config = _config(args)
     config = replace(config, out=args.out or os.path.join("runs", _run_name(config)))
+    if args.resume:
+        load_checkpoint(args.resume)  # a bad file fails here, before the output folder is created
+    _check_out(config.out)
     trainer = Trainer(config, args.device)
     if args.resume:
         trainer.load(args.resume)
@@ -283,6 +325,7 @@ def _compare(args: argparse.Namespace) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     tag = f"compare-m{args.modalities}-s{args.seed}{f'x{args.seeds}' if args.seeds > 1 else ''}"
     out = args.out or os.path.join("runs", tag + ("-quick" if args.quick else ""))
+    _check_out(out)
     c0 = compare_configs(args)[0]
     print(
         f"anchor study: {args.modalities} modalities (modality {args.modalities - 1} is the noisy one), "
@@ -346,6 +389,10 @@ def main(argv: list[str]) -> int:
             return _compare(args) if args.compare else _single(args)
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # only rank 0 prints
             return _compare(args) if args.compare else _single(args)
+    except RunFileError as exc:  # a bad --resume or --out: one line, as argparse reports usage errors
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"fastbind train: error: {msg}", file=sys.stderr)
+        return 2
     finally:
         if joined:
             import torch.distributed as dist

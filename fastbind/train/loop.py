@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm import tqdm
 
 import fastbind as fb
 import fastbind.distributed as dist_utils
@@ -34,7 +35,7 @@ from fastbind.train.data import SyntheticConfig, SyntheticMultimodal
 from fastbind.train.metrics import joint_volume_retrieval, linear_probe, pairwise_retrieval
 from fastbind.train.models import BindingModel
 
-__all__ = ["LOSSES", "TrainConfig", "Trainer", "train", "binding_loss"]
+__all__ = ["LOSSES", "TrainConfig", "Trainer", "train", "binding_loss", "load_checkpoint", "RunFileError"]
 
 LOSSES = ("gram", "centroid", "anchor", "pairwise")
 
@@ -109,34 +110,19 @@ def binding_loss(
     raise ValueError(f"binding_loss: loss must be one of {', '.join(LOSSES)}, got {name!r}")
 
 
-class _Progress:
-    """A dependency-free text progress bar: redrawn in place on a terminal, a few lines otherwise."""
-
-    def __init__(self, total: int, enabled: bool, label: str, stream=None):
-        self.total, self.enabled, self.label = total, enabled, label
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.start = time.perf_counter()
-        self.last_line = -1
-
-    def update(self, step: int, **values) -> None:
-        if not self.enabled:
-            return
-        # Off a terminal, print about ten lines per run (and the last step).
-        decile = (10 * step) // max(self.total, 1)
-        if not self.tty and decile == self.last_line and step != self.total:
-            return
-        self.last_line = decile
-        width = 24
-        filled = int(width * step / max(self.total, 1))
-        rate = step / max(time.perf_counter() - self.start, 1e-9)
-        fields = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-        line = f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total}  {fields}  {rate:.1f} it/s"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+def _progress(total: int, start: int, enabled: bool, label: str) -> tqdm:
+    """tqdm on stderr (stdout keeps the tables). Off a terminal (logs, CI) tqdm still redraws with
+    carriage returns, so refresh at most every 30 s there instead of every 0.1 s."""
+    tty = sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        initial=start,
+        desc=label,
+        disable=not enabled,
+        mininterval=0.1 if tty else 30.0,
+        dynamic_ncols=tty,
+        leave=True,
+    )
 
 
 def _rng_state() -> dict:
@@ -235,8 +221,9 @@ class Trainer:
         periodically; returns the final metrics."""
         c = self.config
         total = c.steps if steps is None else steps
-        bar = _Progress(
+        bar = _progress(
             total,
+            self.step,
             c.progress and self.rank == 0,
             f"{c.loss}{'@' + str(c.anchor) if c.loss in ('anchor', 'gram') else ''}{'-loo' if c.leave_one_out else ''}",
         )
@@ -247,9 +234,11 @@ class Trainer:
                 values["R@1"] = self._periodic_eval()
             elif self.history["eval_r1"]:
                 values["R@1"] = self.history["eval_r1"][-1]
-            bar.update(self.step, **values)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            bar.update(1)
             if c.out and c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.rank == 0:
                 self.save(os.path.join(c.out, "checkpoint.pt"))
+        bar.close()
         metrics = self.evaluate()
         self.history["eval_step"].append(self.step)
         self.history["eval_r1"].append(metrics["mean"]["R@1"])
@@ -321,19 +310,58 @@ class Trainer:
         os.replace(tmp, path)  # never leave a half-written checkpoint behind
 
     def load(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        """Resume from a checkpoint written by :meth:`save`. Loaded with ``weights_only=True`` (an
+        untrusted file cannot run code); a missing, empty, corrupt or foreign file raises a one-line
+        ``ValueError``."""
+        state = load_checkpoint(path, self.device)
         saved = state["config"]
+        if not isinstance(saved, dict):
+            raise RunFileError(f"resume: {path} is not a fastbind training checkpoint (config is not a dict)")
         for key in ("loss", "modalities", "anchor", "leave_one_out", "dim", "hidden", "seed", "batch_size", "data"):
             if saved.get(key, getattr(TrainConfig(), key)) != getattr(self.config, key):
-                raise ValueError(
+                raise RunFileError(
                     f"resume: checkpoint {path} was trained with {key}={saved.get(key)!r}, "
                     f"this run has {key}={getattr(self.config, key)!r}"
                 )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RunFileError(f"resume: {path} does not match this model ({reason})") from None
         self.step = state["data_cursor"]
         self.history = state["history"]
         _set_rng_state(state["rng"])
+
+
+class RunFileError(ValueError):
+    """A checkpoint or output folder that cannot be used (missing, empty, corrupt, foreign, not
+    writable): the CLI reports it in one line instead of a traceback."""
+
+
+_CHECKPOINT_KEYS = ("config", "model", "optimizer", "data_cursor", "rng", "history")
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
+    """The state dict of a fastbind training checkpoint, loaded with ``torch.load(weights_only=True)``;
+    ValueError (one line, naming the file) when it is missing, empty, unreadable or not one of ours."""
+    if not os.path.exists(path):
+        raise RunFileError(f"resume: checkpoint {path} does not exist")
+    if not os.path.isfile(path):
+        raise RunFileError(f"resume: checkpoint {path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise RunFileError(f"resume: checkpoint {path} is empty")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights only" in reason.lower():  # torch's advice to load unsafely is not ours to give
+            reason = "it holds objects other than tensors and plain containers, which weights_only=True refuses"
+        raise RunFileError(f"resume: {path} is not a readable torch checkpoint ({reason})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunFileError(f"resume: {path} is not a fastbind training checkpoint (missing {', '.join(missing)})")
+    return state
 
 
 def train(config: TrainConfig, resume: str | None = None, device: str | torch.device = "cpu"):
