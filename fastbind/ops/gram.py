@@ -250,18 +250,19 @@ def _reduce(per_row: torch.Tensor, reduction: str, total_rows: int, scale: int =
 
 
 def _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols):
-    """Reference per-row / per-column CE of local rows vs global columns and vice versa."""
-    import torch.nn.functional as F
+    """Reference per-row / per-column CE of local rows vs global columns and vice versa (without the
+    cancellation of lse − positive, as the fused kernels)."""
+    from fastbind.reference.infonce import cross_entropy_rows
 
     b = anchor.shape[0]
-    target = torch.arange(b, device=anchor.device) + offset
+    local = torch.arange(b, device=anchor.device)
     row_ce = col_ce = None
     if rows:
         logits = ref.gram_logits(anchor, *modalities_g, temperature=tau)  # [b, B]
-        row_ce = F.cross_entropy(logits, target, label_smoothing=eps, reduction="none")
+        row_ce = cross_entropy_rows(logits, local, local + offset, eps)
     if cols:
         logits = ref.gram_logits(anchor_g, *modalities, temperature=tau)  # [B, b]
-        col_ce = F.cross_entropy(logits.t(), target, label_smoothing=eps, reduction="none")
+        col_ce = cross_entropy_rows(logits.t(), local, local + offset, eps)
     return row_ce, col_ce
 
 
