@@ -9,14 +9,22 @@ The contract used by every loss with ``gather=True`` (``gram_loss``, ``infonce``
   and returns this rank's slice, so that gradients flowing through any rank's copy reach the rank
   that owns the rows.
 * Each rank computes its local rows against the global columns (``a2d``) and its local columns
-  against the global rows (``d2a``) and returns its **share** of the global loss: the shares sum to
-  the single-process loss on the concatenated batch (``reduction="mean"`` divides by the global B).
-  Since the backward of the gather sums over ranks, each rank's input gradients (and the
-  temperature gradient, summed over ranks as DDP does for parameters) equal the single-process ones.
+  against the global rows (``d2a``) and returns the **DDP-convention loss** (open_clip's): with
+  ``W`` processes, ``W`` times its share of the global loss, where the shares (the sums of its rows'
+  and columns' terms divided by the global B for ``reduction="mean"``) sum to the single-process
+  loss on the concatenated batch. So for equal per-rank batches a rank returns the mean loss of its
+  own rows and columns, and for any batches (unequal ones included) **the mean over ranks equals
+  the single-process loss** exactly. Since the backward of the gather sums over ranks, each rank's
+  input gradients are ``W`` times the single-process gradients of its rows, and DDP's averaging of
+  parameter gradients (the temperature included) gives exactly the single-process gradients: no
+  scaling by the world size anywhere. ``reduction="sum"`` follows the same rule (``W`` times the
+  local sum); ``"none"`` returns the per-row losses of the local rows, unscaled.
 
-This is open_clip's ``local_loss=True, gather_with_grad=True`` scheme, except that both directions
-are computed locally (open_clip's local loss uses the local rows only for both cross-entropies and
-relies on the all-reduce of parameter gradients to average).
+For equal per-rank batches (which open_clip assumes) this is exactly open_clip's
+``ClipLoss(local_loss=True, gather_with_grad=True)``: local images against all texts and local
+texts (= this rank's columns) against all images, the mean of the two — same value and gradients on
+every rank (tests/test_distributed.py ``open_clip_local_loss``); unequal batches are weighted by the
+rank's share so that the mean over ranks stays exact.
 
 Outside an initialised process group (or with a group of one process) everything here is the
 identity: ``gather_with_grad(x) == (x, 0)``.
@@ -29,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 __all__ = [
+    "ddp_scale",
     "gather_with_grad",
     "gather_sizes",
     "is_distributed",
@@ -51,6 +60,12 @@ def world_size(group=None) -> int:
 def rank(group=None) -> int:
     """This process's rank in ``group`` (default group when None); 0 outside a process group."""
     return dist.get_rank(group) if is_distributed() else 0
+
+
+def ddp_scale(group=None) -> int:
+    """The factor W (= world size) that turns a rank's share of a global loss into the DDP-convention
+    loss every ``gather=True`` loss returns (1 outside a process group)."""
+    return world_size(group)
 
 
 def _uses_nccl(group) -> bool:
@@ -134,15 +149,16 @@ def local_rows_loss(
     label_smoothing: float = 0.0,
     direction: str = "both",
     reduction: str = "mean",
+    group=None,
 ) -> torch.Tensor:
-    """This rank's share of a symmetric cross-entropy whose positives lie on the global diagonal.
+    """This rank's DDP-convention loss of a symmetric cross-entropy whose positives lie on the global diagonal.
 
     row_logits: ``[b, B]`` this rank's rows against all B global columns (``a2d``; the positive of
     local row i is column ``offset + i``). col_logits: ``[B, b]`` all global rows against this rank's
     columns (``d2a``; the positive of local column j is row ``offset + j``). Label smoothing spreads
-    ``eps/B`` over the global batch. Returns the share: ``"mean"`` divides by the global B so that the
-    shares of all ranks sum to the single-process loss, ``"sum"`` sums the local rows, ``"none"``
-    gives the ``[b]`` per-row losses of the local rows (for ``"both"``: the mean of the two
+    ``eps/B`` over the global batch. ``"mean"`` returns ``W·Σ_local / B`` (W = world size of
+    ``group``): the mean over ranks is the single-process loss; ``"sum"`` returns ``W·Σ_local``;
+    ``"none"`` gives the ``[b]`` per-row losses of the local rows (for ``"both"``: the mean of the two
     directions of row i). A plain-PyTorch helper for reference paths; the fused ops implement the
     same contract with a diagonal offset.
     """
@@ -164,7 +180,7 @@ def local_rows_loss(
     if reduction == "none":
         return losses
     if reduction == "sum":
-        return losses.sum()
+        return losses.sum() * ddp_scale(group)
     if reduction == "mean":
-        return losses.sum() / global_b
+        return losses.sum() * (ddp_scale(group) / global_b)
     raise ValueError(f"local_rows_loss: reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")

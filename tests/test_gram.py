@@ -357,13 +357,16 @@ def test_argument_errors():
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
 @pytest.mark.parametrize("direction", ["both", "a2d", "d2a"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gather_shares_sum_to_single_process(backend, direction, reduction, monkeypatch):
+def test_gather_follows_ddp_convention(backend, direction, reduction, monkeypatch):
     """gather=True in one process: each simulated rank's gather concatenates every rank's (leaf)
     rows, so autograd sums all ranks' gradients into each rank's rows, as the real all-gather's
-    backward does. The shares must sum to the full loss and the gradients equal the full ones."""
+    backward does. DDP convention: the mean over the 2 ranks of the losses is the full loss, and
+    the accumulated gradients are 2x the full ones (DDP's averaging divides by 2); per-row losses
+    ("none") are those of the full loss, with the full gradients."""
     import fastbind.distributed as dist_mod
 
     sizes = [5, 8]  # unequal per-rank batches
+    world = len(sizes)
     dtype = F64 if backend == "torch" else torch.float32
     anchor, mods = _inputs(sum(sizes), sum(sizes), 10, 3, dtype=dtype, seed=41, normalize=True)
     full = [_leaf(x) for x in (anchor, *mods)]
@@ -376,6 +379,7 @@ def test_gather_shares_sum_to_single_process(backend, direction, reduction, monk
     bounds = [0, sizes[0], sum(sizes)]
     local = [[_leaf(x[bounds[r] : bounds[r + 1]]) for x in (anchor, *mods)] for r in range(2)]
     tau = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    monkeypatch.setattr(dist_mod, "ddp_scale", lambda group=None: world)
     total = 0.0
     for r in range(2):
         position = {id(t): i for i, t in enumerate(local[r])}
@@ -385,17 +389,18 @@ def test_gather_shares_sum_to_single_process(backend, direction, reduction, monk
             return torch.cat([local[q][i] for q in range(2)]), bounds[r]
 
         monkeypatch.setattr(dist_mod, "gather_with_grad", fake_gather)
-        share = fb.gram_loss(*local[r], temperature=tau, gather=True, **kw)
+        loss = fb.gram_loss(*local[r], temperature=tau, gather=True, **kw)
         if reduction == "none":
-            _close(share, want[bounds[r] : bounds[r + 1]], 2e-5, f"rank {r} per-row share")
-            total = total + (share * w[bounds[r] : bounds[r + 1]]).sum()
+            _close(loss, want[bounds[r] : bounds[r + 1]], 2e-5, f"rank {r} per-row losses")
+            total = total + (loss * w[bounds[r] : bounds[r + 1]]).sum()
         else:
-            total = total + share
+            total = total + loss
+    factor = 1 if reduction == "none" else world
     if reduction != "none":
-        _close(total, want, 2e-5, "sum of shares")
+        _close(total / world, want, 2e-5, "mean of the ranks' losses")
         total = total * w
     total.backward()
     for i in range(3):
         got = torch.cat([local[r][i].grad for r in range(2)])
-        _close(got, full[i].grad, 1e-4, f"input {i} gradient")
-    _close(tau.grad, tau_full.grad, 1e-4, "temperature gradient")
+        _close(got, factor * full[i].grad, 1e-4, f"input {i} gradient")
+    _close(tau.grad / factor, tau_full.grad, 1e-4, "temperature gradient")

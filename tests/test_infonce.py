@@ -200,9 +200,13 @@ class FakeGroup:
 
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
 @pytest.mark.parametrize("loss", ["infonce", "centroid_loo", "anchor"])
-def test_gather_shares_sum_to_single_process_loss(backend, loss, monkeypatch):
-    """Each rank's share (rows against gathered columns + columns against gathered rows, with a
-    diagonal offset) sums to the single-process loss, and so do the gradients (unequal b_r)."""
+def test_gather_follows_ddp_convention(backend, loss, monkeypatch):
+    """Each rank's loss (rows against gathered columns + columns against gathered rows, with a
+    diagonal offset) follows DDP's convention for unequal b_r: the mean over ranks is the
+    single-process loss and the accumulated gradients are W times the single-process ones (DDP's
+    averaging of parameter gradients divides by W)."""
+    import fastbind.distributed as dist_mod
+
     sizes = [5, 8]
     m = 2 if loss == "infonce" else 3
     full = [torch.randn(sum(sizes), 12, dtype=torch.float64) for _ in range(m)]
@@ -232,20 +236,23 @@ def test_gather_shares_sum_to_single_process_loss(backend, loss, monkeypatch):
     per_rank = [stacked(zs) for zs in locals_]
     fake = FakeGroup([[pr[0] for pr in per_rank], [pr[1] for pr in per_rank]])
     monkeypatch.setattr(ops, "_gather", fake.gather)
+    world = len(sizes)
+    monkeypatch.setattr(dist_mod, "ddp_scale", lambda group=None: world)
     total = 0.0
     for r in range(2):
         fake.rank, fake.calls = r, 0
-        share = call(locals_[r], gather=True)
-        share.backward(retain_graph=True)
-        total = total + share.detach().double()
+        rank_loss = call(locals_[r], gather=True)
+        rank_loss.backward(retain_graph=True)
+        total = total + rank_loss.detach().double()
     leaves = [z.clone().requires_grad_() for z in full]
     single = call(leaves, gather=False)
     single.backward()
     tol = 1e-9 if backend == "torch" else 2e-5
-    torch.testing.assert_close(total, single.detach().double(), atol=tol, rtol=tol)
+    torch.testing.assert_close(total / world, single.detach().double(), atol=tol, rtol=tol)
     for i in range(m):
         got = torch.cat([locals_[r][i].grad for r in range(2)])
-        torch.testing.assert_close(got, leaves[i].grad, atol=tol * leaves[i].grad.abs().max().item(), rtol=0)
+        want = world * leaves[i].grad
+        torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("backend", FUSED)

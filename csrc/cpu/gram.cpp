@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastbind/saturated_ce.h"
 #include "fastbind/tiled.h"
 
 // The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
@@ -114,12 +115,14 @@ FB_VECTORISED float row_max(const float* __restrict x, int64_t n) {
   return m;
 }
 
-// Σ_j exp(x_j − shift) and Σ_j x_j.
-FB_VECTORISED void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, float* exp_sum, float* sum) {
+// Σ_{j≠skip} exp(x_j − shift) and Σ_j x_j (skip: the positive, added back exactly by
+// ce_from_stats in fastbind/saturated_ce.h; -1 or out of range: none).
+FB_VECTORISED void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, int64_t skip, float* exp_sum,
+                                   float* sum) {
   float es = 0.f, s = 0.f;
 #pragma omp simd reduction(+ : es, s)
   for (int64_t j = 0; j < n; ++j) {
-    es += fast_exp(x[j] - shift);
+    es += j != skip ? fast_exp(x[j] - shift) : 0.f;
     s += x[j];
   }
   *exp_sum = es;
@@ -132,12 +135,12 @@ FB_VECTORISED void max_into(const float* __restrict x, int64_t n, float* __restr
   for (int64_t j = 0; j < n; ++j) col_max[j] = x[j] > col_max[j] ? x[j] : col_max[j];
 }
 
-// col_exp_j += exp(x_j − col_max_j); col_sum_j += x_j.
-FB_VECTORISED void exp_sum_into(const float* __restrict x, const float* __restrict col_max, int64_t n,
+// col_exp_j += exp(x_j − col_max_j) for j ≠ skip (the positive, as above); col_sum_j += x_j.
+FB_VECTORISED void exp_sum_into(const float* __restrict x, const float* __restrict col_max, int64_t n, int64_t skip,
                                 float* __restrict col_exp, float* __restrict col_sum) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    col_exp[j] += fast_exp(x[j] - col_max[j]);
+    col_exp[j] += j != skip ? fast_exp(x[j] - col_max[j]) : 0.f;
     col_sum[j] += x[j];
   }
 }
@@ -381,10 +384,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   if (rows) TORCH_CHECK(diag_offset >= 0 && B1 + diag_offset <= B2, "gram_loss_forward: rows need positives");
   if (cols) TORCH_CHECK(diag_offset <= 0 && B2 - diag_offset <= B1, "gram_loss_forward: cols need positives");
   const float neg_inv_tau = -1.0f / temperature.item<float>();
-  const float eps = static_cast<float>(label_smoothing);
   const auto opts = o.anchor.options();
   const float ninf = -std::numeric_limits<float>::infinity();
+  // row_lse holds the row max and row_off Σ_{j≠pos} exp(l − max) until the finalisation
   at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
+  at::Tensor row_off = at::zeros({B1}, opts);
   at::Tensor col_pos = at::zeros({B2}, opts);
   const int64_t nchunks = chunk_count(B1);
   // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
@@ -393,6 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   float *rlse = row_lse.data_ptr<float>(), *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
+  float* roff = row_off.data_ptr<float>();
   float* cpos = col_pos.data_ptr<float>();
   for_row_chunks(B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
@@ -420,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
         if (rows) {
           const float m = std::max(rmax[li], row_max(logit, t.nc));
           float es, s;
-          exp_sum_and_sum(logit, t.nc, m, &es, &s);
+          exp_sum_and_sum(logit, t.nc, m, pos, &es, &s);
           rexp[li] = rexp[li] * std::exp(rmax[li] - m) + es;
           rmax[li] = m;
           rsum[gi] += s;
@@ -428,7 +433,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
         if (cols) max_into(logit, t.nc, tmax.data());
       }
       if (!cols) return;
-      for (int64_t i = 0; i < t.nr; ++i) exp_sum_into(P.p[0] + i * t.nc, tmax.data(), t.nc, texp.data(), tsum.data());
+      for (int64_t i = 0; i < t.nr; ++i) {
+        const int64_t pos = r0 + t.r0 + i + diag_offset - t.c0;  // this tile row's positive column
+        exp_sum_into(P.p[0] + i * t.nc, tmax.data(), t.nc, pos, texp.data(), tsum.data());
+      }
       for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
         const int64_t gj = t.c0 + j;
         const float m = std::max(cmax[gj], tmax[j]);
@@ -438,16 +446,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       }
     });
     if (rows) {
-      for (int64_t li = 0; li < nr; ++li) rlse[r0 + li] = rmax[li] + std::log(rexp[li]);
+      for (int64_t li = 0; li < nr; ++li) {
+        rlse[r0 + li] = rmax[li];
+        roff[r0 + li] = rexp[li];
+      }
     }
   });
   at::Tensor row_loss = at::zeros({B1}, opts), col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
-  if (rows) row_loss = row_lse - (1.0 - eps) * row_pos - (eps / static_cast<double>(B2)) * row_sum;
+  // every row (column) has its positive here (checked above): CE from the statistics without the
+  // cancellation of lse − positive (fastbind/saturated_ce.h)
+  if (rows) std::tie(row_loss, row_lse) = ce_from_stats(row_lse, row_off, row_pos, row_sum, label_smoothing, B2);
   if (cols) {
-    // Merge the chunks' column statistics: lse = log Σ_c exp(max_c)·exp_c.
+    // Merge the chunks' column statistics: max over the chunks, Σ_c exp_c·exp(max_c − max).
     const at::Tensor m = std::get<0>(col_max.max(0));
-    col_lse = m + (col_exp * (col_max - m).exp()).sum(0).log();
-    col_loss = col_lse - (1.0 - eps) * col_pos - (eps / static_cast<double>(B1)) * col_sum.sum(0);
+    const at::Tensor off = (col_exp * (col_max - m).exp()).sum(0);
+    std::tie(col_loss, col_lse) = ce_from_stats(m, off, col_pos, col_sum.sum(0), label_smoothing, B1);
   }
   return {row_loss, col_loss, row_lse, col_lse};
 }

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "fastbind/saturated_ce.h"
 #include "fastbind/tiled.h"
 
 namespace fastbind {
@@ -87,21 +88,25 @@ void chunk_max(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, f
 }
 
 // Pass 2: row sums of exp(l - row_max) and of l; column sums of exp(l - col_max) and of l, added
-// to col_sum_exp[w] / col_sum_logit[w].
+// to col_sum_exp[w] / col_sum_logit[w]. The positive (row i, column pos0 + i) is left out of both
+// sums of exp: the finalisation adds it back exactly, so that a nearly saturated row's loss
+// log1p(Σ_{j≠pos} exp(l_j − l_pos)) keeps its digits instead of rounding 1 + tiny in float32.
 FASTBIND_CLONES
-void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, const float* row_max,
+void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, int64_t pos0, const float* row_max,
                 const float* col_max, float* row_sum_exp, float* row_sum_logit, float* col_sum_exp,
                 float* col_sum_logit) {
   for (int64_t i = 0; i < nr; ++i) {
     const float* row = s + i * ld;
     const float rm = row_max[i];
+    const int64_t positive = pos0 + i;
     float se = 0.f, sl = 0.f;
 #pragma omp simd reduction(+ : se, sl)
     for (int64_t j = 0; j < w; ++j) {
       const float l = row[j] * inv_t;
-      se += vexp(l - rm);
+      const bool off = j != positive;
+      se += off ? vexp(l - rm) : 0.f;
       sl += l;
-      col_sum_exp[j] += vexp(l - col_max[j]);
+      col_sum_exp[j] += off ? vexp(l - col_max[j]) : 0.f;
       col_sum_logit[j] += l;
     }
     row_sum_exp[i] = se;
@@ -189,6 +194,15 @@ struct ColumnStats {
       : max(at::full({P, B2}, kNegInf, f32)), sum(at::zeros({P, B2}, f32)), logit(at::zeros({P, B2}, f32)) {}
 };
 
+// (loss, lse) of rows (or columns) from their statistics (fastbind/saturated_ce.h); `has` (1/0)
+// marks those with a positive in range, the others keep lse = max + log(Σ exp) and the smoothing part.
+std::pair<at::Tensor, at::Tensor> finish(const at::Tensor& max, const at::Tensor& off_sum, const at::Tensor& pos,
+                                         const at::Tensor& has, const at::Tensor& logit_sum, double eps, int64_t n) {
+  auto [loss, lse] = ce_from_stats(max, off_sum, pos, logit_sum, eps, n);
+  const at::Tensor with = has.to(at::kBool), lse_alone = max + off_sum.log();
+  return {at::where(with, loss, lse_alone - (eps / n) * logit_sum), at::where(with, lse, lse_alone)};
+}
+
 // -> (row_loss [P, B1], col_loss [P, B2], row_lse [P, B1], col_lse [P, B2]), float32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                            const at::Tensor& temperature,
@@ -233,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
                   cs[j] = cm[j] == kNegInf ? 0.f : cs[j] * std::exp(cm[j] - new_max[j]);
                   cm[j] = new_max[j];
                 }
-                chunk_sums(s, tile.nc, tile.nr, w, inv_t, part, cm, part_exp.data() + c * max_rows,
+                chunk_sums(s, tile.nc, tile.nr, w, inv_t, r0 + diag_offset - tile.c0 - j0, part, cm,
+                           part_exp.data() + c * max_rows,
                            part_logit.data() + c * max_rows, cs, clog + p * B2 + tile.c0 + j0);
                 for (int64_t i = 0; i < tile.nr; ++i) {  // the positive of row i sits at column i + diag_offset
                   const int64_t j = r0 + i + diag_offset - tile.c0 - j0;
@@ -270,7 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
 
   // CE = lse - (1-ε)·positive - (ε/B)·Σ logits; rows/columns without a positive keep the smoothing part
   const double eps = label_smoothing;
-  at::Tensor row_lse = row_max + row_sum.log(), col_lse = col_max + col_sum.log();
   at::Tensor rows = at::arange(B1, f32.dtype(at::kLong));
   at::Tensor row_has = ((rows + diag_offset >= 0) & (rows + diag_offset < B2)).to(at::kFloat);
   at::Tensor cols_idx = at::arange(B2, f32.dtype(at::kLong));
@@ -279,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   at::Tensor col_pos = at::zeros({P, B2}, f32);
   const int64_t lo = std::max<int64_t>(0, diag_offset), hi = std::min<int64_t>(B2, B1 + diag_offset);
   if (hi > lo) col_pos.narrow(1, lo, hi - lo).copy_(positive.narrow(1, lo - diag_offset, hi - lo));
-  at::Tensor row_loss = row_lse - (1.0 - eps) * positive * row_has - (eps / B2) * row_logit;
-  at::Tensor col_loss = col_lse - (1.0 - eps) * col_pos * col_has - (eps / B1) * col_logit;
+  auto [row_loss, row_lse] = finish(row_max, row_sum, positive, row_has, row_logit, eps, B2);
+  auto [col_loss, col_lse] = finish(col_max, col_sum, col_pos, col_has, col_logit, eps, B1);
   return {row_loss, col_loss, row_lse, col_lse};
 }
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastbind.nn._temperature import _TemperatureMixin
 from fastbind.ops.gram import gram_loss
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class GramLoss(_TemperatureMixin):
@@ -32,7 +37,13 @@ class GramLoss(_TemperatureMixin):
         self.reduction = reduction
         self.backend = backend
 
-    def forward(self, anchor: torch.Tensor, *modalities: torch.Tensor, gather: bool = False, process_group=None):
+    def forward(
+        self,
+        anchor: torch.Tensor,
+        *modalities: torch.Tensor,
+        gather: bool = False,
+        process_group: ProcessGroup | None = None,
+    ) -> torch.Tensor:
         return gram_loss(
             anchor,
             *modalities,

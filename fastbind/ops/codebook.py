@@ -192,7 +192,9 @@ def _toc_dtype(codebook: torch.Tensor) -> torch.dtype:
     return torch.float64 if codebook.dtype == torch.float64 else torch.float32
 
 
-def toc_scores(codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0, *, backend: str | None = None):
+def toc_scores(
+    codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0, *, backend: str | None = None
+) -> torch.Tensor:
     """TOC score of each dimension of codebook [K, D] -> [D] (float32, float64 for float64 input).
 
     score_d = −α·sim_d + β·Var_d with sim_d = ((Σ_i E_id)² − Σ_i E_id²)/(K(K−1)) (DESIGN §2.4) and

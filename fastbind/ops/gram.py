@@ -19,6 +19,8 @@ the backward clamps dist_ij at 1e-4 ||a_i|| (forward values are exact). See csrc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fastbind._backend import _triton_status as _triton_available
@@ -31,6 +33,9 @@ from fastbind.ops._checks import (
     temperature_tensor,
 )
 from fastbind.reference import gram as ref
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["gram_volume", "gram_volume_paired", "gram_loss", "span_basis"]
 
@@ -237,38 +242,40 @@ def _per_row(row_ce, col_ce, direction: str) -> torch.Tensor:
     return (row_ce + col_ce) / 2
 
 
-def _reduce(per_row: torch.Tensor, reduction: str, total_rows: int) -> torch.Tensor:
+def _reduce(per_row: torch.Tensor, reduction: str, total_rows: int, scale: int = 1) -> torch.Tensor:
+    """scale: the DDP factor W with gather=True (fastbind.distributed.ddp_scale), else 1."""
     if reduction == "none":
         return per_row
-    return per_row.sum() if reduction == "sum" else per_row.sum() / total_rows
+    return per_row.sum() * scale if reduction == "sum" else per_row.sum() * (scale / total_rows)
 
 
 def _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols):
-    """Reference per-row / per-column CE of local rows vs global columns and vice versa."""
-    import torch.nn.functional as F
+    """Reference per-row / per-column CE of local rows vs global columns and vice versa (without the
+    cancellation of lse − positive, as the fused kernels)."""
+    from fastbind.reference.infonce import cross_entropy_rows
 
     b = anchor.shape[0]
-    target = torch.arange(b, device=anchor.device) + offset
+    local = torch.arange(b, device=anchor.device)
     row_ce = col_ce = None
     if rows:
         logits = ref.gram_logits(anchor, *modalities_g, temperature=tau)  # [b, B]
-        row_ce = F.cross_entropy(logits, target, label_smoothing=eps, reduction="none")
+        row_ce = cross_entropy_rows(logits, local, local + offset, eps)
     if cols:
         logits = ref.gram_logits(anchor_g, *modalities, temperature=tau)  # [B, b]
-        col_ce = F.cross_entropy(logits.t(), target, label_smoothing=eps, reduction="none")
+        col_ce = cross_entropy_rows(logits.t(), local, local + offset, eps)
     return row_ce, col_ce
 
 
 def gram_loss(
     anchor: torch.Tensor,
     *modalities: torch.Tensor,
-    temperature=0.07,
+    temperature: float | torch.Tensor = 0.07,
     label_smoothing: float = 0.0,
     direction: str = "both",
     reduction: str = "mean",
     backend: str | None = None,
     gather: bool = False,
-    process_group=None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """GRAM contrastive loss (DESIGN §2.2): cross-entropy of logits = -vol/temperature, targets on the diagonal.
 
@@ -278,9 +285,11 @@ def gram_loss(
     ``label_smoothing=0.1`` this equals the GRAM release's ``(CE(-vol/τ) + CE(-volᵀ/τ))/2``.
     Result: float32 (float64 for float64 inputs).
 
-    ``gather=True``: every process passes its local batch; the loss is its share of the loss on the
-    batch gathered over ``process_group`` (local rows against global columns and local columns
-    against global rows; shares sum to the single-process loss, "mean" divides by the global B).
+    ``gather=True``: every process passes its local batch and computes its local rows against the
+    columns gathered over ``process_group`` and its local columns against the gathered rows. It
+    returns the DDP-convention loss (see :mod:`fastbind.distributed`): the mean over processes equals
+    the single-process loss on the concatenated batch (equal batches: each process's loss is the mean
+    over its own rows and columns), so DDP's gradient averaging gives the single-process gradients.
     """
     fn = "gram_loss"
     _check_gram_inputs(fn, anchor, modalities)
@@ -295,17 +304,18 @@ def gram_loss(
     eps = float(label_smoothing)
     rows, cols = direction in ("both", "a2d"), direction in ("both", "d2a")
 
-    anchor_g, modalities_g, offset = anchor, list(modalities), 0
+    anchor_g, modalities_g, offset, scale = anchor, list(modalities), 0, 1
     if gather:
-        from fastbind.distributed import gather_with_grad
+        from fastbind import distributed as dist_utils
 
-        anchor_g, offset = gather_with_grad(anchor, process_group)
-        modalities_g = [gather_with_grad(m, process_group)[0] for m in modalities]
+        anchor_g, offset = dist_utils.gather_with_grad(anchor, process_group)
+        modalities_g = [dist_utils.gather_with_grad(m, process_group)[0] for m in modalities]
+        scale = dist_utils.ddp_scale(process_group)
     total = anchor_g.shape[0]
 
     if name == "torch":
         row_ce, col_ce = _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols)
-        return _reduce(_per_row(row_ce, col_ce, direction), reduction, total)
+        return _reduce(_per_row(row_ce, col_ce, direction), reduction, total, scale)
 
     _, loss_op = _ops(name)
     local = _prepare(anchor, modalities, name)
@@ -320,4 +330,4 @@ def gram_loss(
         if cols:  # global rows against the local columns: column j's positive is row j + offset
             col_ce = loss_op(glob[0], local[1], local[2], glob[3], tau.float(), eps, -offset, False, True)[1]
     out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    return _reduce(_per_row(row_ce, col_ce, direction), reduction, total).to(out_dtype)
+    return _reduce(_per_row(row_ce, col_ce, direction), reduction, total, scale).to(out_dtype)

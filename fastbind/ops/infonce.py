@@ -15,13 +15,15 @@ ONE fused custom op per backend for all pairs in one launch:
 
 The centroid (weights, normalisation, detach, leave-one-out) is O(M·B·D) torch code with autograd.
 With ``gather=True`` each process computes its rows against the gathered columns (a2d) and its
-columns against the gathered rows (d2a), with a diagonal offset, and returns its share of the loss
-(the shares sum to the single-process loss on the concatenated batch).
+columns against the gathered rows (d2a), with a diagonal offset, and returns the DDP-convention loss
+(:mod:`fastbind.distributed`): W times its share, so that the mean over the W processes is the
+single-process loss on the concatenated batch and DDP's gradient averaging is exact.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +37,9 @@ from fastbind.ops._checks import (
     temperature_tensor,
 )
 from fastbind.reference import infonce as ref
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["anchor_loss", "centroid_loss", "centroid_similarity", "infonce"]
 
@@ -131,16 +136,19 @@ def _gather(x: torch.Tensor, group):
 
 
 def _directional_losses(backend, queries, keys, temperature, label_smoothing, gather, group):
-    """(row_loss [P, b], col_loss [P, b], global batch size) for the pairs (queries[p], keys[p or 0]).
+    """(row_loss [P, b], col_loss [P, b], global batch size, DDP scale) for the pairs (queries[p], keys[p or 0]).
 
-    Without gather b = B. With gather, rows are this process's queries against all processes' keys
-    and columns this process's keys against all processes' queries.
+    Without gather b = B and the scale is 1. With gather, rows are this process's queries against all
+    processes' keys and columns this process's keys against all processes' queries, and the scale is
+    the world size W (the DDP convention: W·sum_local/B averages over ranks to the global mean).
     """
     q = torch.stack(list(queries))  # [P, b, D]
     k = torch.stack(list(keys))  # [PK, b, D]
     if not gather:
         row_loss, col_loss = _rows_cols(backend, q, k, temperature, label_smoothing, 0)
-        return row_loss, col_loss, q.shape[1]
+        return row_loss, col_loss, q.shape[1], 1
+    from fastbind import distributed as dist_utils
+
     # gather along the batch dimension ([b, P, D] per process), keep the autograd path of every rank
     q_all, offset = _gather(q.transpose(0, 1).contiguous(), group)
     k_all, _ = _gather(k.transpose(0, 1).contiguous(), group)
@@ -149,12 +157,52 @@ def _directional_losses(backend, queries, keys, temperature, label_smoothing, ga
     row_loss, _ = _rows_cols(backend, q, k_all, temperature, label_smoothing, offset)
     # local column j pairs with global row j + offset, i.e. column j's positive row is j - (-offset)
     _, col_loss = _rows_cols(backend, q_all, k, temperature, label_smoothing, -offset)
-    return row_loss, col_loss, q_all.shape[1]
+    return row_loss, col_loss, q_all.shape[1], dist_utils.ddp_scale(group)
 
 
-def _symmetric_sum(row_loss, col_loss, batch):
-    """Σ over pairs of the symmetric mean-reduced InfoNCE, from [P, b] row and column losses."""
-    return 0.5 * (row_loss.sum() + col_loss.sum()) / batch
+def _symmetric_sum(row_loss, col_loss, batch, scale):
+    """Σ over pairs of the symmetric mean-reduced InfoNCE, from [P, b] row and column losses
+    (times the DDP scale with gather)."""
+    return 0.5 * (row_loss.sum() + col_loss.sum()) * (scale / batch)
+
+
+DEFAULT_TEMPERATURE = 0.07
+
+
+def resolve_temperature(
+    fn: str,
+    temperature: float | torch.Tensor | None,
+    logit_scale: float | torch.Tensor | None,
+    device: torch.device,
+) -> float | torch.Tensor:
+    """The temperature from exactly one of ``temperature=`` and open_clip's ``logit_scale=`` (= 1/τ).
+
+    Neither: the default 0.07. A tensor ``logit_scale`` (e.g. ``log_scale.exp()``) becomes
+    ``1 / logit_scale`` by autograd, so a learnable log-scale parameter receives its gradient.
+    """
+    if logit_scale is None:
+        temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
+        check_temperature(fn, temperature, device)
+        return temperature
+    if temperature is not None:
+        raise ValueError(
+            f"{fn}: got both temperature={temperature!r} and logit_scale={logit_scale!r}; pass exactly one "
+            "(logit_scale = 1/temperature, as open_clip's ClipLoss takes it)"
+        )
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.dim() != 0:
+            raise ValueError(f"{fn}: logit_scale has shape {shape_str(logit_scale)}, expected a 0-d tensor")
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"{fn}: logit_scale has dtype {logit_scale.dtype}, expected a floating dtype")
+        temperature = logit_scale.reciprocal()
+    else:
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
+            raise TypeError(f"{fn}: logit_scale must be a float or a 0-d tensor, got {type(logit_scale).__name__}")
+        if not (logit_scale > 0 and logit_scale < float("inf")):
+            raise ValueError(f"{fn}: logit_scale must be finite and > 0 (it is 1/temperature), got {logit_scale}")
+        temperature = 1.0 / logit_scale
+    check_temperature(fn, temperature, device)
+    return temperature
 
 
 def _operands(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -168,29 +216,38 @@ def _operands(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def infonce(
     x: torch.Tensor,
     y: torch.Tensor,
-    temperature=0.07,
+    temperature: float | torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     direction: str = "both",
     reduction: str = "mean",
     *,
+    logit_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
     gather: bool = False,
-    process_group=None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE of paired batches x [B, D], y [B, D]; logits x·yᵀ/τ.
 
-    Equals open_clip's ``ClipLoss`` (single process, ``logit_scale = 1/τ``) on the same inputs.
-    ``temperature``: float or 0-d tensor (a tensor that requires grad gets its gradient).
+    Equals open_clip's ``ClipLoss`` (single process) on the same inputs with
+    ``logit_scale=logit_scale`` (keyword only; = 1/τ).
+    ``temperature``: float or 0-d tensor (a tensor that requires grad gets its gradient); default
+    0.07. ``logit_scale``: the alternative to ``temperature`` (exactly one of the two), e.g.
+    ``logit_scale=log_scale.exp()`` with a learnable ``log_scale`` (it gets its gradient).
     ``direction``: "both" (mean of the two), "a2d" (rows of x rank the columns of y), "d2a".
     ``reduction``: "mean" | "sum" | "none" ([B], per row; with gather, this process's rows).
+    ``gather=True``: the DDP-convention loss over the batch gathered on ``process_group`` (the
+    mean over processes is the single-process loss; see :mod:`fastbind.distributed`).
     Returns a float32 scalar (float64 for float64 inputs).
     """
     fn = "infonce"
     check_modalities(fn, [x, y], ["x", "y"], like="x")
+    temperature = resolve_temperature(fn, temperature, logit_scale, x.device)
     check_loss_args(fn, temperature, label_smoothing, direction, reduction, x.device)
     name = resolve(fn, backend, x.device, x.dtype, supported=SUPPORTED)
     x, y = _operands([x, y])
-    row_loss, col_loss, batch = _directional_losses(name, [x], [y], temperature, label_smoothing, gather, process_group)
+    row_loss, col_loss, batch, scale = _directional_losses(
+        name, [x], [y], temperature, label_smoothing, gather, process_group
+    )
     row_loss, col_loss = row_loss[0], col_loss[0]
     if direction == "a2d":
         per_row = row_loss
@@ -201,21 +258,24 @@ def infonce(
     if reduction == "none":
         return per_row
     total = per_row.sum()
-    return total / batch if reduction == "mean" else total
+    return total * (scale / batch) if reduction == "mean" else total * scale
 
 
 def anchor_loss(
     anchor: torch.Tensor,
     *modalities: torch.Tensor,
-    temperature=0.07,
+    temperature: float | torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    logit_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
     gather: bool = False,
-    process_group=None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """ImageBind-style fixed anchor: Σ_m infonce(modality_m, anchor), all pairs in one fused launch.
 
     anchor [B, D], each modality [B, D]; symmetric InfoNCE with mean reduction per pair.
+    ``temperature`` (default 0.07) or ``logit_scale`` (= 1/τ), exactly one, as in :func:`infonce`;
+    ``gather`` as in :func:`infonce`.
     """
     fn = "anchor_loss"
     if not modalities:
@@ -223,14 +283,14 @@ def anchor_loss(
     tensors = [anchor, *modalities]
     names = ["anchor"] + [f"modality {i}" for i in range(1, len(tensors))]
     check_modalities(fn, tensors, names, like="the anchor")
-    check_temperature(fn, temperature, anchor.device)
+    temperature = resolve_temperature(fn, temperature, logit_scale, anchor.device)
     check_label_smoothing(fn, label_smoothing)
     name = resolve(fn, backend, anchor.device, anchor.dtype, supported=SUPPORTED)
     anchor, *modalities = _operands(tensors)
-    row_loss, col_loss, batch = _directional_losses(
+    row_loss, col_loss, batch, scale = _directional_losses(
         name, modalities, [anchor], temperature, label_smoothing, gather, process_group
     )
-    return _symmetric_sum(row_loss, col_loss, batch)
+    return _symmetric_sum(row_loss, col_loss, batch, scale)
 
 
 def _check_weights(fn: str, weights, m: int, device) -> torch.Tensor | None:
@@ -256,15 +316,16 @@ def _check_weights(fn: str, weights, m: int, device) -> torch.Tensor | None:
 
 def centroid_loss(
     *modalities: torch.Tensor,
-    temperature=0.07,
+    temperature: float | torch.Tensor | None = None,
     label_smoothing: float = 0.0,
-    weights=None,
+    weights: Sequence[float] | torch.Tensor | None = None,
     normalize_anchor: bool = False,
     detach_anchor: bool = False,
     leave_one_out: bool = False,
+    logit_scale: float | torch.Tensor | None = None,
     backend: str | None = None,
     gather: bool = False,
-    process_group=None,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """CentroBind: Σ_m symmetric InfoNCE(z^m, c^(m)) against the per-sample centroid anchor.
 
@@ -272,6 +333,8 @@ def centroid_loss(
     given); ``normalize_anchor`` L2-normalises c; ``detach_anchor`` stops its gradient;
     ``leave_one_out`` aligns z^m with c^(m) = Σ_{n≠m} w_n z^n / Σ_{n≠m} w_n. All M pairs run in one
     fused launch (one shared key matrix unless leave-one-out); nothing M×B×B is kept.
+    ``temperature`` (default 0.07) or ``logit_scale`` (= 1/τ), exactly one, and ``gather`` as in
+    :func:`infonce`.
     """
     fn = "centroid_loss"
     m = len(modalities)
@@ -279,7 +342,7 @@ def centroid_loss(
         raise ValueError(f"{fn}: got M = {m} modalities, expected at least 2")
     names = [f"modality {i}" for i in range(m)]
     check_modalities(fn, list(modalities), names)
-    check_temperature(fn, temperature, modalities[0].device)
+    temperature = resolve_temperature(fn, temperature, logit_scale, modalities[0].device)
     check_label_smoothing(fn, label_smoothing)
     w = _check_weights(fn, weights, m, modalities[0].device)
     if leave_one_out:
@@ -296,8 +359,10 @@ def centroid_loss(
     work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
     anchors = ref.centroid(work, w, normalize_anchor, detach_anchor, leave_one_out)
     keys = [a.to(zs[0].dtype) for a in (anchors if leave_one_out else anchors[:1])]
-    row_loss, col_loss, batch = _directional_losses(name, zs, keys, temperature, label_smoothing, gather, process_group)
-    return _symmetric_sum(row_loss, col_loss, batch)
+    row_loss, col_loss, batch, scale = _directional_losses(
+        name, zs, keys, temperature, label_smoothing, gather, process_group
+    )
+    return _symmetric_sum(row_loss, col_loss, batch, scale)
 
 
 def centroid_similarity(

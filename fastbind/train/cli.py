@@ -11,7 +11,8 @@ for every choice of anchor, CentroBind and GRAM on the same data and seed and pr
 
 Several processes: ``torchrun --nproc_per_node 2 -m fastbind.cli train --loss centroid ...`` (gloo on
 CPU, NCCL with ``--device cuda``): every process trains on its rows of each global batch with the
-gathering losses (``gather=True``) and summed gradients, so the run equals the single-process one.
+gathering losses (``gather=True``) and gradients averaged over processes as DDP does, so the run
+equals the single-process one.
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ def binding_loss(
 ) -> torch.Tensor:
     """The scalar training loss `name` (one of LOSSES) of the per-modality embeddings [B, D].
 
-    gather=True: embeddings are this process's rows; the result is its share of the loss on the
-    batch gathered over the default process group (the shares sum to the global loss)."""
+    gather=True: embeddings are this process's rows; the result is the DDP-convention loss on the
+    batch gathered over the default process group (its mean over processes is the global loss)."""
     others = [z for i, z in enumerate(embeddings) if i != anchor]
     kw = {"temperature": temperature, "gather": gather}
     if name == "gram":
@@ -140,9 +140,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, device: str | torch.device = "cpu", distributed: bool | None = None):
         """distributed: None = when a torch.distributed process group is initialised (torchrun). Then
         every process trains on its rows of the global batch, the losses gather the batch
-        (gather=True), the parameter gradients are summed over processes (each process's loss is
-        its share of the global loss) and only rank 0 prints and writes: the run equals the
-        single-process run on the global batch up to float rounding."""
+        (gather=True), the parameter gradients and losses are averaged over processes as DDP does
+        (the losses follow DDP's convention, so no world-size factor appears) and only rank 0 prints
+        and writes: the run equals the single-process run on the global batch up to float rounding."""
         config.validate()
         self.config = config
         self.device = torch.device(device)
@@ -187,7 +187,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.distributed:
-            loss = self._sum_over_processes(loss)
+            loss = self._average_over_processes(loss)
         self.optimizer.step()
         self.step += 1
         value = float(loss.detach())
@@ -202,14 +202,16 @@ class Trainer:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (1 if self.rank < extra else 0))
 
-    def _sum_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
-        """Sum the parameter gradients (shares of one global loss) and the loss shares over processes."""
+    def _average_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
+        """Average the parameter gradients and the losses over processes, as DDP does: with the
+        gathering losses' DDP convention both averages are the single-process values."""
         import torch.distributed as dist
 
         # Every process uses every parameter (all encoders, the temperature), so no grad is None.
         params = [p for p in self.model.parameters() if p.grad is not None]
         flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [loss.detach().float().reshape(1)])
         dist.all_reduce(flat)  # one collective for every gradient and the loss
+        flat /= self.world
         offset = 0
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.grad.dtype)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fastbind.triton._common import AotSpec
+from fastbind.triton._saturated import ce_from_stats
 
 OP_NAMES = (
     "fastbind::gram_volume_triton",
@@ -246,18 +247,19 @@ def _gram_loss_fwd_kernel(
         else:
             logit = tl.where(valid_other[:, None], logit, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(logit, axis=AXIS))
+        # the positive's exp term is kept out of s_run and added back exactly by ce_from_stats
         if AXIS == 1:
-            p = tl.exp(logit - m_new[:, None])
+            p = tl.where(is_pos, 0.0, tl.exp(logit - m_new[:, None]))
             finite = tl.where(valid_other[None, :], logit, 0.0)
         else:
-            p = tl.exp(logit - m_new[None, :])
+            p = tl.where(is_pos, 0.0, tl.exp(logit - m_new[None, :]))
             finite = tl.where(valid_other[:, None], logit, 0.0)
         s_run = s_run * tl.exp(m_run - m_new) + tl.sum(p, axis=AXIS)
         m_run = m_new
         sum_run += tl.sum(finite, axis=AXIS)
         pos_run += tl.sum(tl.where(is_pos, finite, 0.0), axis=AXIS)
-    lse = m_run + tl.log(s_run)
-    loss = lse - (1.0 - label_smoothing) * pos_run - (label_smoothing / n_other) * sum_run
+    # every row (column) has its positive (checked by the caller): no cancellation of lse − positive
+    loss, lse = ce_from_stats(m_run, s_run, pos_run, sum_run, label_smoothing, n_other)
     n_mine = B1 if AXIS == 1 else B2
     tl.store(lse_ptr + mine, lse, mask=mine < n_mine)
     tl.store(loss_ptr + mine, loss, mask=mine < n_mine)

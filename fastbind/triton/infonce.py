@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastbind.triton._common import AotSpec
+from fastbind.triton._saturated import ce_from_stats
 
 __all__ = ["aot_specs", "infonce_bwd_triton", "infonce_fwd_triton"]
 
@@ -140,14 +141,20 @@ def _infonce_fwd_kernel(
         valid = col_mask[None, :]
         masked = tl.where(valid, logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(masked, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(masked - new_max[:, None]), axis=1)
+        is_pos = valid & (cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32))
+        # the positive's exp term is kept out of run_sum and added back exactly by ce_from_stats
+        off_pos = tl.where(is_pos, 0.0, tl.exp(masked - new_max[:, None]))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(off_pos, axis=1)
         run_max = new_max
         logit_sum += tl.sum(tl.where(valid, logits, 0.0), axis=1)
-        is_pos = valid & (cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32))
         positive += tl.sum(tl.where(is_pos, logits, 0.0), axis=1)
-    lse = run_max + tl.log(run_sum)
     has_pos = (rows + pos_shift >= 0) & (rows + pos_shift < n_b)
-    loss = lse - (1.0 - label_smoothing) * tl.where(has_pos, positive, 0.0) - (label_smoothing / n_b) * logit_sum
+    # without the cancellation of lse − positive (fastbind/triton/_saturated.py); rows without a
+    # positive in range keep lse of everything and the smoothing part
+    loss_pos, lse_pos = ce_from_stats(run_max, run_sum, positive, logit_sum, label_smoothing, n_b)
+    lse_alone = run_max + tl.log(tl.where(has_pos, 1.0, run_sum))  # (run_sum is 0 for a lone positive)
+    lse = tl.where(has_pos, lse_pos, lse_alone)
+    loss = tl.where(has_pos, loss_pos, lse_alone - (label_smoothing / n_b) * logit_sum)
     tl.store(lse_out + row0 + rows, lse, mask=row_mask)
     tl.store(loss_out + row0 + rows, loss, mask=row_mask)
 
