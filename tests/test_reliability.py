@@ -101,6 +101,24 @@ def test_torch_backend_second_order_gradients(name):
     torch.testing.assert_close(torch.func.jvp(torch.func.grad(f), (a,), (v,))[1], hvp)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup_and_quantize_differentiate_twice_on_every_backend(backend):
+    """dist / sqdist are torch ops around the (non-differentiable) index: Hessian-vector products
+    equal the float64 reference's."""
+    x, e = torch.randn(7, 5), torch.randn(9, 5)
+    v = torch.randn(7, 5)
+    hvps = []
+    for be, dtype in ((backend, torch.float32), ("torch", torch.float64)):
+        xx = x.to(dtype).requires_grad_()
+        ee = e.to(dtype)
+        dist, _ = fb.codebook_lookup(xx, ee, 2, "cosine", backend=be)
+        _, _, sqdist = fb.quantize(xx, ee, backend=be)
+        (g,) = torch.autograd.grad(dist.square().sum() + sqdist.square().sum(), xx, create_graph=True)
+        (hvp,) = torch.autograd.grad((g * v.to(dtype)).sum(), xx)
+        hvps.append(hvp)
+    torch.testing.assert_close(hvps[0].double(), hvps[1], atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------------
 # 4. The float64 reference lookup is O(N·K) (was O(N·K·D): (x[:, None] - e[None])² ).
 class _LargestTensor(TorchDispatchMode):
