@@ -98,7 +98,7 @@ FB_VECTORISED void row_distances(const Products& P, int64_t off, int64_t nc, flo
     for (int64_t j = 0; j < nc; ++j) dist[j] -= pr[j] * pr[j];
   }
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = __builtin_sqrtf(dist[j] > 0.f ? dist[j] : 0.f);
+  for (int64_t j = 0; j < nc; ++j) dist[j] = __builtin_sqrtf(dist[j] < 0.f ? 0.f : dist[j]);  // NaN stays NaN
 }
 
 // out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ).
@@ -176,7 +176,7 @@ FB_VECTORISED void backward_row(const Products& P, int64_t off, int64_t nc, floa
     for (int64_t j = 0; j < nc; ++j) {
       const float dvol = grad[j];
       dr[j] += dvol * dist[j];
-      const float d = dist[j] > eps_dist ? dist[j] : eps_dist;
+      const float d = dist[j] < eps_dist ? eps_dist : dist[j];  // NaN stays NaN
       const float coef = dvol * span_vol[j] / d;
       da += coef;
       dist[j] = -coef;
@@ -191,7 +191,7 @@ FB_VECTORISED void backward_row(const Products& P, int64_t off, int64_t nc, floa
       const float dvol = g * neg_inv_tau;
       dt += g * logit;
       dr[j] += dvol * dist[j];
-      const float d = dist[j] > eps_dist ? dist[j] : eps_dist;
+      const float d = dist[j] < eps_dist ? eps_dist : dist[j];  // NaN stays NaN
       const float coef = dvol * span_vol[j] / d;
       da += coef;
       dist[j] = -coef;  // reuse as the factor of P_r

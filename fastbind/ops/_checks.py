@@ -88,8 +88,23 @@ def check_same_rows(fn: str, tensors: Sequence[torch.Tensor], names: Sequence[st
             )
 
 
+# The fused kernels scale by 1/temperature in float32: below this, 1/temperature overflows to inf
+# and every logit becomes inf or NaN (1e-45 is a float32 denormal whose reciprocal is inf).
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max  # ~2.94e-39
+
+
+def data_checks_possible(t: torch.Tensor) -> bool:
+    """Whether a tensor's values can be read for a check: not while torch.compile traces (a
+    data-dependent branch breaks fullgraph), not on the meta device, not inside torch.func."""
+    return not (
+        torch.compiler.is_compiling() or t.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
 def check_temperature(fn: str, temperature, device: torch.device) -> None:
-    """A positive float, or a 0-d floating tensor on the inputs' device (or on CPU)."""
+    """A number or a 0-d floating tensor (on the inputs' device or on CPU) with a value in
+    [MIN_TEMPERATURE, inf]: zero, negative, NaN and float32-underflowing temperatures are rejected in
+    both forms (a tensor's value is read, one host sync, except under torch.compile / meta)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
             raise ValueError(f"{fn}: temperature has shape {shape_str(temperature)}, expected a 0-d tensor")
@@ -97,11 +112,47 @@ def check_temperature(fn: str, temperature, device: torch.device) -> None:
             raise TypeError(f"{fn}: temperature has dtype {temperature.dtype}, expected a floating dtype")
         if temperature.device != device and temperature.device.type != "cpu":
             raise ValueError(f"{fn}: temperature is on {temperature.device} but the inputs are on {device}")
-        return
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        if not data_checks_possible(temperature):
+            return
+        value = temperature.detach().item()
+    elif isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"{fn}: temperature must be a float or a 0-d tensor, got {type(temperature).__name__}")
-    if not temperature > 0:
-        raise ValueError(f"{fn}: temperature must be > 0, got {temperature}")
+    else:
+        value = float(temperature)
+    if not value > 0:  # NaN fails too
+        raise ValueError(f"{fn}: temperature must be > 0, got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{fn}: temperature {value:g} is below {MIN_TEMPERATURE:.3g}, where 1/temperature overflows float32"
+        )
+
+
+def check_no_functorch(fn: str, backend: str, tensors: Sequence) -> None:
+    """The fused kernels have first-order autograd formulas only: refuse torch.func transforms.
+
+    Without this check ``torch.func.grad`` fails inside torch with a message about an
+    ``autograd.Function`` the user never wrote. Skipped while torch.compile traces (fake tensors).
+    """
+    if backend == "torch" or torch.compiler.is_compiling():
+        return
+    if any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise RuntimeError(
+            f"{fn}: backend {backend!r} cannot run this call: torch.func transforms (grad, vjp, jacrev, "
+            "vmap, ...) need backend='torch' (the fused kernels have first-order gradients only)"
+        )
+
+
+def check_first_order(op: str) -> None:
+    """Called first in a fused op's backward: refuse double backward instead of returning zeros.
+
+    Autograd runs a backward with grad mode on exactly when the caller asked for
+    ``create_graph=True``; the fused backward kernels are not differentiable themselves.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: second-order gradients (create_graph=True, torch.func.grad of a gradient) are not "
+            "supported by the fused kernels; use backend='torch' for double backward"
+        )
 
 
 def check_choice(fn: str, name: str, value, choices: Sequence[str]) -> None:

@@ -26,8 +26,10 @@ import torch
 from fastbind._backend import _triton_status as _triton_available
 from fastbind._backend import extension_loaded, resolve
 from fastbind.ops._checks import (
+    check_first_order,
     check_loss_args,
     check_modalities,
+    check_no_functorch,
     check_same_rows,
     shape_str,
     temperature_tensor,
@@ -122,6 +124,7 @@ def _register(volume, volume_backward, loss_forward, loss_backward) -> None:
         ctx.save_for_backward(*inputs)
 
     def _volume_grad(ctx, grad):
+        check_first_order(volume)
         anchor, basis, span_vol, anchor_sq = ctx.saved_tensors
         d_a, d_q, d_r, d_asq = volume_backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq)
         return d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq
@@ -134,6 +137,7 @@ def _register(volume, volume_backward, loss_forward, loss_backward) -> None:
         ctx.flags = (label_smoothing, diag_offset, rows, cols)
 
     def _loss_grad(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
+        check_first_order(loss_forward)
         anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse = ctx.saved_tensors
         grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.contiguous()
         grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.contiguous()
@@ -215,6 +219,7 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
     name = resolve(fn, backend, anchor.device, anchor.dtype, supported=(*FUSED, "torch"))
     if name == "torch":
         return ref.gram_volume(anchor, *modalities)
+    check_no_functorch(fn, name, [anchor, *modalities])
     volume_op, _ = _ops(name)
     return volume_op(*_prepare(anchor, modalities, name)).to(anchor.dtype)
 
@@ -317,6 +322,7 @@ def gram_loss(
         row_ce, col_ce = _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols)
         return _reduce(_per_row(row_ce, col_ce, direction), reduction, total, scale)
 
+    check_no_functorch(fn, name, [anchor, *modalities, temperature])
     _, loss_op = _ops(name)
     local = _prepare(anchor, modalities, name)
     if not gather:

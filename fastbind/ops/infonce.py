@@ -22,6 +22,7 @@ single-process loss on the concatenated batch and DDP's gradient averaging is ex
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,10 +30,13 @@ import torch
 
 from fastbind._backend import extension_loaded, resolve
 from fastbind.ops._checks import (
+    check_first_order,
     check_label_smoothing,
     check_loss_args,
     check_modalities,
+    check_no_functorch,
     check_temperature,
+    data_checks_possible,
     shape_str,
     temperature_tensor,
 )
@@ -73,8 +77,9 @@ def _setup_context(ctx, inputs, output):
     ctx.diag_offset = diag_offset
 
 
-def _make_backward(bwd_op):
+def _make_backward(fwd_name: str, bwd_op):
     def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_col_lse):
+        check_first_order(fwd_name)
         # the LSE outputs are saved statistics; only the two losses are differentiated
         q, k, temperature, row_lse, col_lse = ctx.saved_tensors
         grad_row_loss = torch.zeros_like(row_lse) if grad_row_loss is None else grad_row_loss
@@ -98,7 +103,7 @@ def register_fused(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_fake(bwd_name)(_bwd_fake)
     ns, name = bwd_name.split("::")
     bwd_op = getattr(getattr(torch.ops, ns), name).default
-    torch.library.register_autograd(fwd_name, _make_backward(bwd_op), setup_context=_setup_context)
+    torch.library.register_autograd(fwd_name, _make_backward(fwd_name, bwd_op), setup_context=_setup_context)
 
 
 if extension_loaded() and hasattr(torch.ops.fastbind, "infonce_fwd"):
@@ -244,6 +249,7 @@ def infonce(
     temperature = resolve_temperature(fn, temperature, logit_scale, x.device)
     check_loss_args(fn, temperature, label_smoothing, direction, reduction, x.device)
     name = resolve(fn, backend, x.device, x.dtype, supported=SUPPORTED)
+    check_no_functorch(fn, name, [x, y, temperature])
     x, y = _operands([x, y])
     row_loss, col_loss, batch, scale = _directional_losses(
         name, [x], [y], temperature, label_smoothing, gather, process_group
@@ -286,6 +292,7 @@ def anchor_loss(
     temperature = resolve_temperature(fn, temperature, logit_scale, anchor.device)
     check_label_smoothing(fn, label_smoothing)
     name = resolve(fn, backend, anchor.device, anchor.dtype, supported=SUPPORTED)
+    check_no_functorch(fn, name, [*tensors, temperature])
     anchor, *modalities = _operands(tensors)
     row_loss, col_loss, batch, scale = _directional_losses(
         name, modalities, [anchor], temperature, label_smoothing, gather, process_group
@@ -293,25 +300,41 @@ def anchor_loss(
     return _symmetric_sum(row_loss, col_loss, batch, scale)
 
 
-def _check_weights(fn: str, weights, m: int, device) -> torch.Tensor | None:
+def _check_weights(fn: str, weights, m: int, device, leave_one_out: bool) -> torch.Tensor | None:
+    """weights [M] (a sequence of numbers or a tensor on the inputs' device or on CPU): finite,
+    non-negative, positive sum (and, for leave_one_out, a positive weight outside every modality).
+
+    The value checks read a tensor's values (one host sync), except while torch.compile traces or
+    on the meta device, where they are skipped as for codebook_lookup's weight; a sequence is
+    checked as Python numbers, so it is checked under torch.compile too.
+    """
     if weights is None:
-        return None
+        return None  # uniform 1/M: leave-one-out always has (M-1)/M > 0 outside a modality
     if isinstance(weights, torch.Tensor):
-        w = weights.detach()
-        if not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{fn}: weights has dtype {w.dtype}, expected a floating dtype")
+        if not (weights.is_floating_point() or weights.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{fn}: weights has dtype {weights.dtype}, expected a floating dtype")
+        if weights.shape != (m,):
+            raise ValueError(f"{fn}: weights has shape {shape_str(weights)}, expected [{m}] (one per modality)")
+        if weights.device != device and weights.device.type != "cpu":
+            raise ValueError(f"{fn}: weights is on {weights.device} but the inputs are on {device}")
+        if not data_checks_possible(weights):
+            return weights
+        values = weights.detach().double().cpu().tolist()
     else:
         try:
-            w = torch.tensor([float(v) for v in weights], dtype=torch.float64)
+            values = [float(v) for v in weights]
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{fn}: weights must be a sequence of M = {m} numbers or a [M] tensor ({exc})") from None
-    if w.shape != (m,):
-        raise ValueError(f"{fn}: weights has shape {shape_str(w)}, expected [{m}] (one per modality)")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"{fn}: weights must be finite and non-negative, got {w.tolist()}")
-    if not float(w.sum()) > 0:
+        if len(values) != m:
+            raise ValueError(f"{fn}: weights has shape [{len(values)}], expected [{m}] (one per modality)")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ValueError(f"{fn}: weights must be finite and non-negative, got {values}")
+    total = sum(values)
+    if not total > 0:
         raise ValueError(f"{fn}: weights sum to 0; at least one modality must have a positive weight")
-    return weights if isinstance(weights, torch.Tensor) else w
+    if leave_one_out and not all(total - v > 0 for v in values):
+        raise ValueError(f"{fn}: leave_one_out needs a positive weight outside every modality, got {values}")
+    return weights if isinstance(weights, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
 
 
 def centroid_loss(
@@ -344,15 +367,9 @@ def centroid_loss(
     check_modalities(fn, list(modalities), names)
     temperature = resolve_temperature(fn, temperature, logit_scale, modalities[0].device)
     check_label_smoothing(fn, label_smoothing)
-    w = _check_weights(fn, weights, m, modalities[0].device)
-    if leave_one_out:
-        w_all = torch.full((m,), 1.0 / m, dtype=torch.float64) if w is None else w.detach().double().cpu()
-        rest = w_all.sum() - w_all
-        if bool((rest <= 0).any()):
-            raise ValueError(
-                f"{fn}: leave_one_out needs a positive weight outside every modality, got {w_all.tolist()}"
-            )
+    w = _check_weights(fn, weights, m, modalities[0].device, leave_one_out)
     name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=SUPPORTED)
+    check_no_functorch(fn, name, [*modalities, temperature, weights])
     zs = _operands(modalities)
     # the centroid in float32 for half inputs (a sum of M bf16 rows loses digits), then back to the
     # GEMM operand dtype

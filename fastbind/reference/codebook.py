@@ -2,7 +2,7 @@
 
 These functions are the ``torch`` backend and the oracle of the tests: they work in any floating
 dtype (float64 for tests), are differentiable by autograd where stated, and materialise the full
-N×K distance matrix (the fused kernels never do).
+N×K distance matrix (the fused kernels never do) but nothing larger: memory O(N·K + K·D + N·D).
 
 Metrics, for a row x [D] and a code e [D], with a non-negative per-dimension weight w (1 if None):
 
@@ -17,7 +17,11 @@ go to the lowest code index (as ``torch.argmin``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
+import torch.utils.checkpoint
 
 METRICS = ("l2", "cosine", "dot")
 # Zero vectors get a zero unit vector under "cosine" (distance 1 to every code), not a NaN.
@@ -46,13 +50,44 @@ def paired_distance(
     return (1.0 - prod.sum(-1)) if metric == "cosine" else -prod.sum(-1)
 
 
+def _l2_block(x: torch.Tensor, codes: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return paired_distance(x[:, None, :], codes[None, :, :], "l2", weight)
+
+
 def pairwise_distance(
     x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Full distance matrix [N, K] between x [N, D] and codebook [K, D] (computed directly, no
-    expansion trick, so it is exact up to the dtype's rounding)."""
+    expansion trick, so it is exact up to the dtype's rounding).
+
+    Memory O(N·K): "l2" forms the differences x_i − e_j for blocks of max(1, K // D) codes at a
+    time (a block's [N, K/D, D] differences are no larger than the [N, K] result), and when
+    differentiated each block is recomputed in the backward (torch.utils.checkpoint) instead of
+    keeping the differences, so no N×K×D tensor exists in the forward or the backward.
+    """
     if metric == "l2":
-        return paired_distance(x[:, None, :], codebook[None, :, :], "l2", weight)
+        num_codes, dim = codebook.shape
+        step = max(1, num_codes // max(dim, 1))
+        inputs = (x, codebook) if weight is None else (x, codebook, weight)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            blocks = [
+                torch.utils.checkpoint.checkpoint(_l2_block, x, codebook[c0 : c0 + step], weight, use_reentrant=False)
+                for c0 in range(0, num_codes, step)
+            ]
+            return torch.cat(blocks, dim=1)
+        # Without autograd: the same operations into one reused work buffer and the preallocated
+        # result (a fresh [N, K/D, D] temporary per block fragments the C heap: 2.5 GB peak RSS
+        # instead of 0.5 GB at N = 1000, K = 4096, D = 64 in float64).
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in inputs])
+        out = torch.empty(x.shape[0], num_codes, dtype=dtype, device=x.device)
+        work = torch.empty(x.shape[0], step, dim, dtype=dtype, device=x.device)
+        for c0 in range(0, num_codes, step):
+            codes = codebook[c0 : c0 + step]
+            diff = torch.sub(x[:, None, :], codes[None], out=work[:, : codes.shape[0]]).square_()
+            if weight is not None:
+                diff.mul_(weight)
+            torch.sum(diff, -1, out=out[:, c0 : c0 + codes.shape[0]])
+        return out
     if metric == "cosine":
         x = x / weighted_norm(x, weight)
         codebook = codebook / weighted_norm(codebook, weight)
@@ -76,14 +111,22 @@ def codebook_lookup(
     """The k nearest codes of every row of x.
 
     x [..., D], codebook [K, D], weight [D] or None -> (dist [..., k] in x's dtype, index [..., k] int64).
-    ``dist`` is differentiable w.r.t. x, codebook and weight; ties go to the lowest index.
+    ``dist`` is differentiable w.r.t. x, codebook and weight; ties go to the lowest index. Memory
+    O(N·K) forward and backward (N = rows of x; see :func:`pairwise_distance`).
     """
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    dist = pairwise_distance(flat, codebook, metric, weight)
+    # l2: the full matrix without autograd, then the k winners' distances recomputed on the tape by
+    # the same operations (the same values; the backward is O(N·k·D) instead of recomputing every
+    # block). cosine / dot: the full matrix is a GEMM whose backward is O(N·K) anyway.
+    with torch.no_grad() if metric == "l2" else contextlib.nullcontext():
+        dist = pairwise_distance(flat, codebook, metric, weight)
     # A stable ascending sort keeps equal distances in index order: ties to the lowest index.
     order = torch.sort(dist.detach(), dim=1, stable=True).indices[:, :k]
-    best = dist.gather(1, order)
+    if metric == "l2":
+        best = paired_distance(flat[:, None, :], codebook[order], "l2", weight)
+    else:
+        best = dist.gather(1, order)
     return best.reshape(*lead, k), order.reshape(*lead, k)
 
 

@@ -21,21 +21,32 @@ __all__ = ["gram_volume", "gram_volume_paired", "gram_loss", "gram_logits"]
 
 
 def _det_tiny(dtype: torch.dtype) -> float:
-    # Determinants below this are treated as round-off for the gradient (forward stays exact).
+    # Scaled determinants (see _safe_sqrt_det) below this are treated as round-off for the gradient
+    # (the forward value stays exact).
     return 1e-24 if dtype == torch.float64 else 1e-12
 
 
 def _safe_sqrt_det(gram: torch.Tensor) -> torch.Tensor:
-    """sqrt(max(det(gram), 0)) over the last two dims, with finite gradients at det ~ 0."""
+    """sqrt(max(det(gram), 0)) over the last two dims, with finite gradients at det ~ 0.
+
+    Each matrix is divided by its largest diagonal entry s (a constant for autograd) and the
+    result multiplied by s^(k/2) = sqrt(s)^k: the same value, but LU never sees denormal pivots
+    (float32 inputs of scale 1e-20 have Gram entries ~1e-40, whose plain det is NaN), and a volume
+    below the dtype's range underflows to 0. NaN entries stay NaN (s = 1 keeps them).
+    """
+    k = gram.shape[-1]
+    scale = gram.detach().diagonal(dim1=-2, dim2=-1).amax(-1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero matrices and NaN: s = 1
+    gram = gram / scale[..., None, None]
     tiny = _det_tiny(gram.dtype)
     det_value = torch.linalg.det(gram.detach())
     ok = det_value > tiny
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     # Singular matrices get their determinant from the identity in the differentiable path (the
     # result is masked out below), so det's backward never sees them.
     det = torch.linalg.det(torch.where(ok[..., None, None], gram, eye))
     vol_ok = torch.sqrt(torch.where(ok, det, torch.ones_like(det)))
-    return torch.where(ok, vol_ok, torch.sqrt(det_value.clamp(min=0)))
+    return torch.where(ok, vol_ok, torch.sqrt(det_value.clamp(min=0))) * scale.sqrt() ** k
 
 
 def _upcast(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -123,7 +123,7 @@ def _distance_tile(
         )
         ssq += p * p
     a_sq = tl.load(asq_ptr + rows, mask=rows < B1, other=0.0)
-    return tl.sqrt(tl.maximum(a_sq[:, None] - ssq, 0.0))
+    return tl.sqrt(tl.maximum(a_sq[:, None] - ssq, 0.0, propagate_nan=tl.PropagateNan.ALL))  # NaN in, NaN out
 
 
 @triton.jit
@@ -299,7 +299,7 @@ def _accumulate_grads(
     span_vol = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
     a_sq = tl.load(asq_ptr + rows, mask=row_ok, other=0.0)
     eps = tl.maximum(1e-4 * tl.sqrt(a_sq), 1e-20)  # DIST_REL_EPS, TINY_DIST
-    coef = dvol * span_vol[None, :] / tl.maximum(dist, eps[:, None])
+    coef = dvol * span_vol[None, :] / tl.maximum(dist, eps[:, None], propagate_nan=tl.PropagateNan.ALL)
     tl.atomic_add(dr_ptr + cols, tl.sum(dvol * dist, axis=0), mask=col_ok)
     tl.atomic_add(dasq_ptr + rows, 0.5 * tl.sum(coef, axis=1), mask=row_ok)
     offs_k = tl.arange(0, BLOCK_K)
