@@ -393,7 +393,7 @@ def test_argument_errors():
         fb.centroid_loss(a, b, weights=[0.0, 0.0])
     with pytest.raises(ValueError, match=r"leave_one_out needs a positive weight"):
         fb.centroid_loss(a, b, weights=[1.0, 0.0], leave_one_out=True)
-    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0"):
         fb.infonce(a, b, temperature=0.0)
     with pytest.raises(ValueError, match=r"temperature has shape \[1\]"):
         fb.infonce(a, b, temperature=torch.ones(1))

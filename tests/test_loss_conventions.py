@@ -113,6 +113,9 @@ def test_logit_scale_errors():
         fb.anchor_loss(x, y, temperature=0.1, logit_scale=torch.tensor(10.0))
     with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
         fb.centroid_loss(x, y, logit_scale=0.0)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):  # the tensor form is checked the same way
+        with pytest.raises(ValueError, match="logit_scale must be finite and > 0"):
+            fb.infonce(x, y, logit_scale=torch.tensor(bad, requires_grad=True))
     with pytest.raises(ValueError, match="logit_scale has shape"):
         fb.infonce(x, y, logit_scale=torch.ones(2))
     with pytest.raises(TypeError, match="logit_scale"):

@@ -232,11 +232,11 @@ LOSSES = {
 
 
 @pytest.mark.parametrize("name", LOSSES)
-@pytest.mark.parametrize("value", [0.0, -0.5, NAN, -float("inf")])
+@pytest.mark.parametrize("value", [0.0, -0.5, NAN, -float("inf"), float("inf")])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_non_positive_or_nan_temperature_rejected_in_both_forms(name, value, as_tensor):
     temperature = torch.tensor(value, requires_grad=True) if as_tensor else value
-    with pytest.raises(ValueError, match=rf"{name}: temperature must be > 0, got {value}"):
+    with pytest.raises(ValueError, match=rf"{name}: temperature must be finite and > 0, got {value}"):
         LOSSES[name](_three(), temperature=temperature)
 
 

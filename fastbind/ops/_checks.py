@@ -7,6 +7,7 @@ and actual shapes. Non-contiguous tensors are accepted (the ops make them contig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -119,8 +120,8 @@ def check_temperature(fn: str, temperature, device: torch.device) -> None:
         raise TypeError(f"{fn}: temperature must be a float or a 0-d tensor, got {type(temperature).__name__}")
     else:
         value = float(temperature)
-    if not value > 0:  # NaN fails too
-        raise ValueError(f"{fn}: temperature must be > 0, got {value}")
+    if not (value > 0 and value < math.inf):  # NaN fails too; inf would make every logit 0
+        raise ValueError(f"{fn}: temperature must be finite and > 0, got {value}")
     if value < MIN_TEMPERATURE:
         raise ValueError(
             f"{fn}: temperature {value:g} is below {MIN_TEMPERATURE:.3g}, where 1/temperature overflows float32"

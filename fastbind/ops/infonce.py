@@ -199,12 +199,16 @@ def resolve_temperature(
             raise ValueError(f"{fn}: logit_scale has shape {shape_str(logit_scale)}, expected a 0-d tensor")
         if not logit_scale.is_floating_point():
             raise TypeError(f"{fn}: logit_scale has dtype {logit_scale.dtype}, expected a floating dtype")
+        # Checked as the scale itself: 1/0 = inf would pass as a (useless) infinite temperature.
+        value = logit_scale.detach().item() if data_checks_possible(logit_scale) else 1.0
         temperature = logit_scale.reciprocal()
     else:
         if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)):
             raise TypeError(f"{fn}: logit_scale must be a float or a 0-d tensor, got {type(logit_scale).__name__}")
-        if not (logit_scale > 0 and logit_scale < float("inf")):
-            raise ValueError(f"{fn}: logit_scale must be finite and > 0 (it is 1/temperature), got {logit_scale}")
+        value = logit_scale
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{fn}: logit_scale must be finite and > 0 (it is 1/temperature), got {value}")
+    if not isinstance(logit_scale, torch.Tensor):
         temperature = 1.0 / logit_scale
     check_temperature(fn, temperature, device)
     return temperature
