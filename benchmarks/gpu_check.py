@@ -391,12 +391,21 @@ def measure(timer: Timer, fn, reset, reps: int) -> dict:
     }
 
 
+def _randn(*shape, generator, device, dtype):
+    """Drawn on `device` itself: at B = 262144 or N = 2^20 a CPU draw and copy would cost seconds."""
+    import torch
+
+    return torch.randn(*shape, generator=generator, device=device).to(dtype)
+
+
 def _unit_rows(B: int, D: int, n: int, dtype, device, seed: int = 0):
     import torch
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(seed)
-    return [F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype) for _ in range(n)]
+    g = torch.Generator(device).manual_seed(seed)
+    return [
+        F.normalize(_randn(B, D, generator=g, device=device, dtype=torch.float32), dim=-1).to(dtype) for _ in range(n)
+    ]
 
 
 def _fwd_bwd(loss_fn, leaves):
@@ -446,9 +455,9 @@ def _lookup_case(provider: str, N: int, K: int, D: int, dtype, device):
 
     import fastbind as fb
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(N, D, generator=g).to(device=device, dtype=dtype)
-    codebook = torch.randn(K, D, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)
+    x = _randn(N, D, generator=g, device=device, dtype=dtype)
+    codebook = _randn(K, D, generator=g, device=device, dtype=dtype)
     chunk = min(N, LOOKUP_CHUNK)
     if provider == "gemm-floor":  # the one x·Eᵀ product the fused lookup does, in row blocks
         out = torch.empty(chunk, K, device=device, dtype=dtype)

@@ -162,6 +162,28 @@ def test_lookup_dist_gradients(backend, metric, device):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_lookup_dist_gradients_low_precision(backend, dtype, metric, device):
+    """16-bit x and codebook: dist and its gradients against float64 on the rounded values; the
+    gradients come back in the input dtype (their rounding: 2 ulp of the largest)."""
+    x = torch.randn(2, 13, 24).to(device=device, dtype=dtype).requires_grad_()
+    e = torch.randn(40, 24).to(device=device, dtype=dtype).requires_grad_()
+    dist, index = fb.codebook_lookup(x, e, 2, metric, backend=backend)
+    g = torch.randn(dist.shape, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad((dist.double() * g).sum(), (x, e))
+    x64, e64 = (t.detach().double().requires_grad_() for t in (x, e))
+    full = ref.pairwise_distance(x64.reshape(-1, 24), e64, metric)
+    ref_dist = full.gather(1, index.reshape(-1, 2)).reshape(dist.shape)
+    torch.testing.assert_close(dist.double(), ref_dist, atol=2e-4, rtol=2e-5)
+    ref_grads = torch.autograd.grad((ref_dist * g).sum(), (x64, e64))
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps * scale, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize(backend, device):
     x = (torch.randn(4, 13, 10) * 2).to(device).requires_grad_()
