@@ -180,6 +180,25 @@ print("ok")
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
+def test_device_axis_on_a_gpu_machine():
+    """conftest on a machine where torch sees a GPU (simulated in a child): it must not switch the
+    interpreter on, and the triton/torch tests must build CUDA tensors while cpu keeps CPU ones."""
+    code = """
+import os, sys, torch
+torch.cuda.is_available = lambda: True
+sys.path.insert(0, "tests")
+import conftest
+assert "TRITON_INTERPRET" not in os.environ, os.environ.get("TRITON_INTERPRET")
+assert conftest.GPU and conftest.DEVICE == torch.device("cuda")
+assert conftest.device_for("triton").type == "cuda" and conftest.device_for("torch").type == "cuda"
+assert conftest.device_for("cpu").type == "cpu" and not conftest.interpreted("triton")
+print("ok")
+"""
+    env = {k: v for k, v in _env().items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_device_axis():
     """One place decides the device: CUDA with compiled Triton when a GPU is visible (and no
     interpreter was asked for), else CPU tensors with the interpreter."""
