@@ -2,8 +2,10 @@
 parsers of the GPU-only tool outputs on recorded-format samples, the triton backend without the C++
 extension (as on a GPU image where fastbind._C is not built), and the device axis of the suite."""
 
+import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -211,3 +213,63 @@ def test_device_axis():
     assert device_for("triton") == device_for("torch") == DEVICE
     assert interpreted("triton") == (not GPU) and not interpreted("cpu")
     assert "triton" in FUSED
+
+
+def _stand_in(path, script):
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+
+
+def test_gpu_only_steps_with_stand_in_tools(tmp_path, monkeypatch):
+    """The SASS and compute-sanitizer steps as they run on a GPU machine, with stand-ins for
+    cuobjdump and compute-sanitizer that print those tools' formats: the commands, the Triton
+    cache walk, the parsing and the files they write."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sample = tmp_path / "sample.sass"
+    sample.write_text(SASS_SAMPLE)
+    _stand_in(
+        bin_dir / "cuobjdump",
+        f'case "$1" in -sass) cat {sample};; -res-usage) echo "Function k: REG:40 STACK:0 SHARED:0 LOCAL:0";; esac\n',
+    )
+    _stand_in(
+        bin_dir / "compute-sanitizer",
+        'args="$*"\nwhile [ $# -gt 0 ]; do [ "$1" = --log-file ] && log="$2"; shift; done\n'
+        'echo "args: $args" > "$log"\necho "caching off: $PYTORCH_NO_CUDA_MEMORY_CACHING" >> "$log"\n'
+        'printf "========= Invalid __global__ write of size 4 bytes\\n=========     at _gram_loss_bwd_kernel+0x40\\n'
+        '========= ERROR SUMMARY: 1 error\\n" >> "$log"\n',
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    check = gpu_check.Check(str(tmp_path / "out"), 60.0, dry_run=False, wheels=None)
+    assert "TRITON_INTERPRET" not in check.env
+
+    def cubin(entry, name):
+        folder = os.path.join(check.env["TRITON_CACHE_DIR"], entry)
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"{name}.cubin"), "wb").close()
+        meta = {"target": {"backend": "cuda", "arch": 90, "warp_size": 32}, "num_warps": 4, "num_stages": 2}
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(meta, f)
+
+    cubin("a1b2c3d4e5f6a7b8", "_gram_loss_fwd_kernel")
+    seen = gpu_check.sass(check, "benchmarks", keep_text=True)
+    cubin("ffff0000ffff0000", "_codebook_lookup_fwd_kernel")
+    gpu_check.sass(check, "later", since=seen)
+    with open(tmp_path / "out" / "sass-benchmarks.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["kernel"] == "_gram_loss_fwd_kernel" and row["arch"] == "90" and row["num_warps"] == "4"
+    assert (row["HGMMA"], row["HMMA"], row["STL"], row["LDL"], row["reg"]) == ("2", "1", "1", "1", "40")
+    assert (tmp_path / "out" / "sass" / "_gram_loss_fwd_kernel-a1b2c3d4e5f6.sass").read_text() == SASS_SAMPLE
+    with open(tmp_path / "out" / "sass-later.csv") as f:
+        assert [r["kernel"] for r in csv.DictReader(f)] == ["_codebook_lookup_fwd_kernel"]  # only the new one
+    steps = check.summary["steps"]
+    assert steps["sass_benchmarks"]["spilling"] == ["_gram_loss_fwd_kernel"]  # STL/LDL in its SASS
+
+    gpu_check.sanitizer(check, "memcheck", cap=60)
+    log = (tmp_path / "out" / "sanitizer-memcheck.log").read_text()
+    assert "--tool memcheck" in log and "-m benchmarks.gpu_check" in log and "--step kernels" in log
+    assert "--dry-run" not in log and "caching off: 1" in log
+    step = steps["sanitizer_memcheck"]
+    assert step["status"] == "failed" and step["errors"] == 1
+    assert step["kernels_reported"] == ["_gram_loss_bwd_kernel"]
+    shutil.rmtree(check.work)
