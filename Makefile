@@ -4,10 +4,12 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.fastbind-deps
 BSTAMP  := $(VENV)/.fastbind-bench-deps
-# Tests run the Triton kernels on CPU tensors through Triton's interpreter.
-TEST_ENV := TRITON_INTERPRET=1 OMP_NUM_THREADS=2
+# Without a CUDA GPU, tests/conftest.py sets TRITON_INTERPRET=1 (Triton kernels on CPU tensors
+# through the interpreter); with one, it leaves it unset so the kernels compile and run on the GPU.
+# Forcing it here would turn a GPU machine's suite back into the CPU suite.
+TEST_ENV := OMP_NUM_THREADS=2
 
-.PHONY: venv bench-deps build demo test bench lint format clean
+.PHONY: venv bench-deps build demo test bench lint format clean gpu-wheels gpu-check
 
 venv: $(STAMP)
 bench-deps: $(BSTAMP)
@@ -39,6 +41,20 @@ demo: build bench-deps
 
 bench: build bench-deps
 	$(VENV)/bin/fastbind bench all
+
+# `make gpu-check` on a machine with a CUDA GPU and no network (benchmarks/README.md, "GPU check"):
+# the system python with its CUDA torch and triton; pytest & co. come from gpu-wheels/, which
+# `make gpu-wheels` fills here beforehand (python 3.12 wheels, ~19 MB; carry the folder along).
+GPU_WHEELS ?= gpu-wheels
+GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
+gpu-wheels: venv
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(GPU_WHEELS) pytest==9.2.0 pytest-xdist==3.8.0 setuptools ninja==1.13.2 numpy==2.4.6
+	du -sh $(GPU_WHEELS)
+
+gpu-check:
+	$(PY_SYS) -m benchmarks.gpu_check --out $(GPU_OUT) --wheels $(GPU_WHEELS)
 
 lint: venv
 	$(VENV)/bin/ruff check fastbind benchmarks tests setup.py

@@ -10,7 +10,7 @@ whose products are exact in any order, and must give exactly the lowest indices.
 
 import pytest
 import torch
-from conftest import FUSED
+from conftest import FUSED, device_for, interpreted
 
 import fastbind as fb
 from fastbind.reference import codebook as ref
@@ -24,7 +24,7 @@ TOL = {torch.float32: (2e-4, 2e-5), torch.float16: (2e-4, 2e-5), torch.bfloat16:
 def oracle(x, e, k, metric, w):
     """float64 brute force on the same (rounded) values: (sorted dist [N, k], full [N, K])."""
     x64, e64 = x.reshape(-1, x.shape[-1]).double(), e.double()
-    w64 = torch.ones(x.shape[-1], dtype=torch.float64) if w is None else w.double()
+    w64 = torch.ones(x.shape[-1], dtype=torch.float64, device=x.device) if w is None else w.double()
     if metric == "l2":  # the expansion in float64 (errors ~1e-13): no N×K×D tensor for the big shapes
         full = (x64 * x64 * w64).sum(1, keepdim=True) + (e64 * e64 * w64).sum(1) - 2 * (x64 * w64) @ e64.T
     else:
@@ -45,7 +45,7 @@ def check_lookup(dist, index, x, e, k, metric, w, atol, rtol):
     sorted_full, order = torch.sort(full, dim=1, stable=True)
     gap = torch.diff(sorted_full[:, : k + 1] if k < e.shape[0] else sorted_full, dim=1)
     margin = atol + rtol * sorted_full[:, :k].abs()
-    clear = torch.ones(n, k, dtype=torch.bool)
+    clear = torch.ones(n, k, dtype=torch.bool, device=index.device)
     # slot s is unambiguous when the codes at s-1|s and s|s+1 are separated by more than the tolerance
     clear[:, : gap.shape[1]] &= gap[:, :k] > 4 * margin[:, : gap.shape[1]]
     clear[:, 1:] &= gap[:, : k - 1] > 4 * margin[:, 1:]
@@ -55,21 +55,22 @@ def check_lookup(dist, index, x, e, k, metric, w, atol, rtol):
 def shapes(backend):
     # (leading shape, K, D): N < any tile, odd sizes, several column tiles of the CPU kernel
     base = [((1,), 3, 5), ((37,), 61, 19), ((3, 7), 40, 33)]
-    if backend == "cpu":
-        base.append(((700,), 2500, 70))  # several row blocks (256) and column blocks (256), partial last ones
+    if device_for(backend).type == "cuda" or backend == "cpu":
+        # several row blocks and column blocks (cpu: 256 x 256; GPU: 64 x 64), partial last ones
+        base.append(((700,), 2500, 70))
     return base
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_lookup_matches_brute_force(backend, metric, weighted):
+def test_lookup_matches_brute_force(backend, metric, weighted, device):
     for lead, num_codes, dim in shapes(backend):
-        x = torch.randn(*lead, dim) * 1.5
-        e = torch.randn(num_codes, dim)
-        w = torch.rand(dim) * 2 if weighted else None
+        x = (torch.randn(*lead, dim) * 1.5).to(device)
+        e = torch.randn(num_codes, dim).to(device)
+        w = (torch.rand(dim) * 2).to(device) if weighted else None
         for k in sorted({1, min(5, num_codes), min(32, num_codes)}):
-            if backend == "triton" and k == 32 and lead != (1,):
+            if interpreted(backend) and k == 32 and lead != (1,):
                 continue  # interpreter time; k = 32 is covered on the smallest shape
             dist, index = fb.codebook_lookup(x, e, k, metric, w, backend=backend)
             check_lookup(dist, index, x, e, k, metric, w, 2e-4, 2e-5)
@@ -77,9 +78,9 @@ def test_lookup_matches_brute_force(backend, metric, weighted):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_lookup_low_precision_inputs(backend, dtype):
-    x = torch.randn(2, 29, 24).to(dtype)
-    e = torch.randn(50, 24).to(dtype)
+def test_lookup_low_precision_inputs(backend, dtype, device):
+    x = torch.randn(2, 29, 24).to(device=device, dtype=dtype)
+    e = torch.randn(50, 24).to(device=device, dtype=dtype)
     for metric in METRICS:
         dist, index = fb.codebook_lookup(x, e, 4, metric, backend=backend)
         check_lookup(dist, index, x, e, 4, metric, None, *TOL[dtype])
@@ -89,11 +90,11 @@ def test_lookup_low_precision_inputs(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_ties_lowest_index(backend):
+def test_exact_ties_lowest_index(backend, device):
     g = torch.Generator().manual_seed(3)
     base = torch.randint(-3, 4, (9, 6), generator=g).float()
-    e = torch.cat([base, base, base[:4]])  # codes j, j + 9 (and j + 18) are identical
-    x = torch.randint(-3, 4, (41, 6), generator=g).float()
+    e = torch.cat([base, base, base[:4]]).to(device)  # codes j, j + 9 (and j + 18) are identical
+    x = torch.randint(-3, 4, (41, 6), generator=g).float().to(device)
     expected = torch.sort(ref.pairwise_distance(x.double(), e.double()), dim=1, stable=True).indices
     for k in (1, 7):
         dist, index = fb.codebook_lookup(x, e, k, backend=backend)
@@ -119,11 +120,11 @@ def test_cpu_chunked_path_non_contiguous_and_half():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_rows(backend):
+def test_non_finite_rows(backend, device):
     x = torch.randn(5, 8)
     x[2, 3] = float("nan")
     x[4, 0] = float("inf")
-    e = torch.randn(6, 8)
+    x, e = x.to(device), torch.randn(6, 8).to(device)
     dist, index = fb.codebook_lookup(x, e, 2, backend=backend)
     assert torch.isfinite(dist[[0, 1, 3]]).all()
     assert torch.isnan(dist[2]).all() or not torch.isfinite(dist[2]).any()
@@ -132,9 +133,9 @@ def test_non_finite_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_code_ranks_last_and_leaves_other_codes_alone(backend):
-    x = torch.randn(21, 7)
-    e = torch.randn(300, 7)  # > one CPU column block: the NaN code shares a tile with real codes
+def test_nan_code_ranks_last_and_leaves_other_codes_alone(backend, device):
+    x = torch.randn(21, 7).to(device)
+    e = torch.randn(300, 7).to(device)  # > one CPU column block: the NaN code shares a tile with real codes
     e[5, 2] = float("nan")
     dist, index = fb.codebook_lookup(x, e, 4, backend=backend)
     assert not (index == 5).any()
@@ -146,10 +147,10 @@ def test_nan_code_ranks_last_and_leaves_other_codes_alone(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_lookup_dist_gradients(backend, metric):
-    x = torch.randn(3, 11, 9, requires_grad=True)
-    e = torch.randn(17, 9, requires_grad=True)
-    w = (torch.rand(9) + 0.2).requires_grad_()
+def test_lookup_dist_gradients(backend, metric, device):
+    x = torch.randn(3, 11, 9).to(device).requires_grad_()
+    e = torch.randn(17, 9).to(device).requires_grad_()
+    w = (torch.rand(9) + 0.2).to(device).requires_grad_()
     dist, index = fb.codebook_lookup(x, e, 3, metric, w, backend=backend)
     g = torch.randn_like(dist)
     grads = torch.autograd.grad((dist * g).sum(), (x, e, w))
@@ -161,11 +162,33 @@ def test_lookup_dist_gradients(backend, metric):
         torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_lookup_dist_gradients_low_precision(backend, dtype, metric, device):
+    """16-bit x and codebook: dist and its gradients against float64 on the rounded values; the
+    gradients come back in the input dtype (their rounding: 2 ulp of the largest)."""
+    x = torch.randn(2, 13, 24).to(device=device, dtype=dtype).requires_grad_()
+    e = torch.randn(40, 24).to(device=device, dtype=dtype).requires_grad_()
+    dist, index = fb.codebook_lookup(x, e, 2, metric, backend=backend)
+    g = torch.randn(dist.shape, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad((dist.double() * g).sum(), (x, e))
+    x64, e64 = (t.detach().double().requires_grad_() for t in (x, e))
+    full = ref.pairwise_distance(x64.reshape(-1, 24), e64, metric)
+    ref_dist = full.gather(1, index.reshape(-1, 2)).reshape(dist.shape)
+    torch.testing.assert_close(dist.double(), ref_dist, atol=2e-4, rtol=2e-5)
+    ref_grads = torch.autograd.grad((ref_dist * g).sum(), (x64, e64))
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.double(), want, atol=2 * torch.finfo(dtype).eps * scale, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_quantize(backend):
-    x = (torch.randn(4, 13, 10) * 2).requires_grad_()
-    e = torch.randn(21, 10, requires_grad=True)
-    w = torch.rand(10)
+def test_quantize(backend, device):
+    x = (torch.randn(4, 13, 10) * 2).to(device).requires_grad_()
+    e = torch.randn(21, 10).to(device).requires_grad_()
+    w = torch.rand(10).to(device)
     q, index, sqdist = fb.quantize(x, e, weight=w, backend=backend)
     assert q.shape == x.shape and index.shape == (4, 13) and sqdist.shape == (4, 13)
     _, expected = fb.codebook_lookup(x.detach(), e.detach(), 1, weight=w, backend="torch")
@@ -215,15 +238,15 @@ def test_toc_public_matches_formula(alpha, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_toc_mask_through_weight_ignores_dropped_dims(backend):
-    e = torch.randn(15, 8)
+def test_toc_mask_through_weight_ignores_dropped_dims(backend, device):
+    e = torch.randn(15, 8).to(device)
     keep = fb.toc_select(e, 5)
-    w = torch.zeros(8)
+    w = torch.zeros(8, device=device)
     w[keep] = 1
-    x = torch.randn(19, 8)
+    x = torch.randn(19, 8).to(device)
     x_noisy = x.clone()
     dropped = [d for d in range(8) if d not in keep.tolist()]
-    x_noisy[:, dropped] += 100 * torch.randn(19, len(dropped))  # only the dropped dims change
+    x_noisy[:, dropped] += 100 * torch.randn(19, len(dropped)).to(device)  # only the dropped dims change
     d1, i1 = fb.codebook_lookup(x, e, 3, weight=w, backend=backend)
     d2, i2 = fb.codebook_lookup(x_noisy, e, 3, weight=w, backend=backend)
     assert torch.equal(i1, i2)
@@ -256,27 +279,24 @@ def test_argument_errors():
         fb.codebook_lookup(x, e, backend="cuda")
 
 
-def test_opcheck_custom_ops():
-    x, e, w = torch.randn(13, 10), torch.randn(21, 10), torch.rand(10)
-    ops = []
-    if "cpu" in FUSED:
-        ops.append(torch.ops.fastbind.codebook_lookup.default)
-    if "triton" in FUSED:
-        ops.append(torch.ops.fastbind.codebook_lookup_triton.default)
-    assert ops, "no fused backend to check"
-    for op in ops:
-        for args in ((x, e, 1, "l2", None), (x, e, 4, "cosine", w), (x.bfloat16(), e, 2, "dot", None)):
-            torch.library.opcheck(op, args)
+OPS = {"cpu": "codebook_lookup", "triton": "codebook_lookup_triton"}
 
 
-def test_torch_compile_fullgraph():
-    if "cpu" not in FUSED:
-        pytest.skip("C++ extension not built")
-    x, e = torch.randn(2, 19, 12), torch.randn(30, 12)
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck_custom_ops(backend, device):
+    x, e, w = (t.to(device) for t in (torch.randn(13, 10), torch.randn(21, 10), torch.rand(10)))
+    op = getattr(torch.ops.fastbind, OPS[backend]).default
+    for args in ((x, e, 1, "l2", None), (x, e, 4, "cosine", w), (x.bfloat16(), e, 2, "dot", None)):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend, device):
+    x, e = torch.randn(2, 19, 12).to(device), torch.randn(30, 12).to(device)
 
     def f(a, b):
-        q, index, sq = fb.quantize(a, b, backend="cpu")
-        dist, top = fb.codebook_lookup(a, b, 3, backend="cpu")
+        q, index, sq = fb.quantize(a, b, backend=backend)
+        dist, top = fb.codebook_lookup(a, b, 3, backend=backend)
         return q, index, sq.mean(), dist, top
 
     torch._dynamo.reset()

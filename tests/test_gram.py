@@ -13,7 +13,7 @@ Tolerances (relative to the largest magnitude of the reference value / gradient)
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSED
+from conftest import FUSED, device_for, interpreted
 
 import fastbind as fb
 from fastbind.ops import gram as gram_ops
@@ -36,13 +36,14 @@ def _close(got, want, rel, what="", atol=1e-6):
     assert err <= rel * scale + atol, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g} + {atol:g}"
 
 
-def _inputs(b1, b2, d, k, dtype=torch.float32, seed=0, normalize=False):
+def _inputs(b1, b2, d, k, dtype=torch.float32, seed=0, normalize=False, device="cpu"):
+    """Drawn on the CPU from `seed` (the same values on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(b):
         x = torch.randn(b, d, generator=g, dtype=F64) * (0.5 + torch.rand(b, 1, generator=g, dtype=F64))
         x = F.normalize(x, dim=-1) if normalize else x / d**0.5
-        return x.to(dtype)
+        return x.to(device=device, dtype=dtype)
 
     return rnd(b1), [rnd(b2) for _ in range(k - 1)]
 
@@ -51,23 +52,24 @@ def _leaf(t, dtype=None):
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
 
 
-# shapes not multiples of any tile (cpu: 128 x 1024, triton: 64 x 64), and smaller than a tile
+# shapes not multiples of any tile (cpu: 128 x 1024, triton: 64 x 32), and smaller than a tile
 VOLUME_SHAPES = [(1, 1, 9), (5, 9, 17), (70, 37, 33)]  # D >= k: the volumes are not round-off
-CPU_LARGE = (130, 1100, 20)  # several cpu tiles in both directions
+# several cpu tiles in both directions, and many GPU tiles (not run under the interpreter: too slow)
+LARGE = (130, 1100, 20)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("k", range(2, 9))
-def test_volume_forward_backward(backend, k):
-    shapes = VOLUME_SHAPES + ([CPU_LARGE] if backend == "cpu" and k in (3, 8) else [])
+def test_volume_forward_backward(backend, k, device):
+    shapes = VOLUME_SHAPES + ([LARGE] if not interpreted(backend) and k in (3, 8) else [])
     for b1, b2, d in shapes:
-        anchor, mods = _inputs(b1, b2, d, k, seed=k * 100 + b1)
+        anchor, mods = _inputs(b1, b2, d, k, seed=k * 100 + b1, device=device)
         a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
         want = ref.gram_volume(a64, *m64)
         a32, m32 = _leaf(anchor), [_leaf(m) for m in mods]
         got = fb.gram_volume(a32, *m32, backend=backend)
         _close(got, want, 2e-4, f"volume k={k} {b1}x{b2}x{d}")
-        w = torch.randn(b1, b2, dtype=F64)
+        w = torch.randn(b1, b2, dtype=F64, device=device)
         g_want = torch.autograd.grad((want * w).sum(), [a64, *m64])
         g_got = torch.autograd.grad((got * w.float()).sum(), [a32, *m32])
         for i, (x, y) in enumerate(zip(g_got, g_want)):
@@ -76,8 +78,8 @@ def test_volume_forward_backward(backend, k):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("k", [2, 3, 5, 8])
-def test_volume_paired(backend, k):
-    _, mods = _inputs(1, 23, 19, k + 1, seed=k)
+def test_volume_paired(backend, k, device):
+    _, mods = _inputs(1, 23, 19, k + 1, seed=k, device=device)
     m64 = [_leaf(m, F64) for m in mods]
     m32 = [_leaf(m) for m in mods]
     want = ref.gram_volume_paired(*m64)
@@ -89,17 +91,42 @@ def test_volume_paired(backend, k):
         _close(x, y, 5e-4, "paired volume grad")
 
 
-def _loss_case(backend, k, b, d, direction, reduction, eps, dtype=torch.float32, seed=0, tau=0.1):
-    anchor, mods = _inputs(b, b, d, k, dtype=dtype, seed=seed, normalize=True)
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [3, 5])
+def test_volume_half_precision(backend, dtype, k, device):
+    """16-bit inputs (the tensor-core GEMMs on a GPU): volume and input gradients against the float64
+    reference on the rounded inputs; volumes relative to the largest, as the loss tests."""
+    b1, b2, d = (70, 37, 33) if interpreted(backend) else (200, 300, 72)
+    anchor, mods = _inputs(b1, b2, d, k, dtype=dtype, seed=7 * k, normalize=True, device=device)
     a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
-    t64 = torch.tensor(tau, dtype=F64, requires_grad=True)
+    want = ref.gram_volume(a64, *m64)
+    a16, m16 = _leaf(anchor), [_leaf(m) for m in mods]
+    got = fb.gram_volume(a16, *m16, backend=backend)
+    assert got.dtype == dtype
+    rel = _rel_tol(backend, dtype)
+    # the volume is returned in 16 bits: add that rounding (1 ulp) to the tolerance
+    _close(got, want, rel + torch.finfo(dtype).eps, f"{dtype} volume k={k}")
+    w = torch.randn(b1, b2, dtype=F64, device=device)
+    g_want = torch.autograd.grad((want * w).sum(), [a64, *m64])
+    g_got = torch.autograd.grad((got.double() * w).sum(), [a16, *m16])
+    for i, (x, y) in enumerate(zip(g_got, g_want)):
+        assert x.dtype == dtype
+        _close(x, y, max(5 * rel, 2 * torch.finfo(dtype).eps), f"{dtype} volume grad {i} k={k}")
+
+
+def _loss_case(backend, k, b, d, direction, reduction, eps, dtype=torch.float32, seed=0, tau=0.1):
+    device = device_for(backend)
+    anchor, mods = _inputs(b, b, d, k, dtype=dtype, seed=seed, normalize=True, device=device)
+    a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
+    t64 = torch.tensor(tau, dtype=F64, device=device, requires_grad=True)
     want = ref.gram_loss(a64, *m64, temperature=t64, label_smoothing=eps, direction=direction, reduction=reduction)
     a, ms = _leaf(anchor), [_leaf(m) for m in mods]
-    t = torch.tensor(tau, requires_grad=True)
+    t = torch.tensor(tau, device=device, requires_grad=True)
     got = fb.gram_loss(
         a, *ms, temperature=t, label_smoothing=eps, direction=direction, reduction=reduction, backend=backend
     )
-    w = torch.rand(want.shape, dtype=F64) + 0.5
+    w = torch.rand(want.shape, dtype=F64, device=device) + 0.5
     g_want = torch.autograd.grad((want * w).sum(), [a64, *m64, t64])
     g_got = torch.autograd.grad((got.double() * w).sum(), [a, *ms, t])
     rel = _rel_tol(backend, dtype)
@@ -122,7 +149,7 @@ def test_loss_directions_reductions(backend, direction, reduction):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("k", range(2, 9))
 def test_loss_every_k(backend, k):
-    _loss_case(backend, k, 29 if backend == "triton" else 45, 16, "both", "mean", 0.0, seed=k)
+    _loss_case(backend, k, 29 if interpreted(backend) else 45, 16, "both", "mean", 0.0, seed=k)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -133,25 +160,25 @@ def test_loss_small_and_odd_batches(backend, b):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("direction", ["rows", "cols"])
-def test_rectangular_loss_across_tiles(backend, direction):
+def test_rectangular_loss_across_tiles(backend, direction, device):
     """Local rows against many global columns (and the transpose) with a diagonal offset, forward
     and gradients of every operand, on more rows/columns than one cpu tile (512 x 1024) holds."""
     _, loss_forward = gram_ops._ops(backend)
-    b, big, off, k, eps, tau = 7, (1100 if backend == "cpu" else 70), 3, 3, 0.1, 0.2
-    if backend == "cpu":
-        off = 1030  # the positives of the local rows lie in the second column tile
-    anchor_g, mods_g = _inputs(big, big, 6, k, seed=31, normalize=True)
+    b, big, off, k, eps, tau = 7, (70 if interpreted(backend) else 1100), 3, 3, 0.1, 0.2
+    if big > 1024:
+        off = 1030  # the positives of the local rows lie in the second cpu column tile
+    anchor_g, mods_g = _inputs(big, big, 6, k, seed=31, normalize=True, device=device)
     local = slice(off, off + b)
     a64 = _leaf(anchor_g[local] if direction == "rows" else anchor_g, F64)
     m64 = [_leaf(m if direction == "rows" else m[local], F64) for m in mods_g]
-    t64 = torch.tensor(tau, dtype=F64, requires_grad=True)
+    t64 = torch.tensor(tau, dtype=F64, device=device, requires_grad=True)
     logits = -ref.gram_volume(a64, *m64) / t64
-    target = torch.arange(b) + off
+    target = torch.arange(b, device=device) + off
     if direction == "cols":
         logits = logits.t()
     want = F.cross_entropy(logits, target, label_smoothing=eps, reduction="none")
     a32, m32 = _leaf(a64, torch.float32), [_leaf(m, torch.float32) for m in m64]
-    t32 = torch.tensor(tau, requires_grad=True)
+    t32 = torch.tensor(tau, device=device, requires_grad=True)
     basis, span_vol = gram_ops.span_basis(m32)
     a_sq = (a32 * a32).sum(-1)
     if direction == "rows":
@@ -159,7 +186,7 @@ def test_rectangular_loss_across_tiles(backend, direction):
     else:
         got = loss_forward(a32, basis, span_vol, a_sq, t32, eps, -off, False, True)[1]
     _close(got, want, 2e-4, f"{direction} loss")
-    w = torch.rand(b, dtype=F64)
+    w = torch.rand(b, dtype=F64, device=device)
     g_want = torch.autograd.grad((want * w).sum(), [a64, *m64, t64])
     g_got = torch.autograd.grad((got.double() * w).sum(), [a32, *m32, t32])
     for i, (x, y) in enumerate(zip(g_got, g_want)):
@@ -185,7 +212,7 @@ def _release_volume_computation3(language, video, audio):
 
 
 def _release_loss(vol, tau, eps=0.1):
-    target = torch.arange(vol.shape[0])
+    target = torch.arange(vol.shape[0], device=vol.device)
     return (
         F.cross_entropy(-vol / tau, target, label_smoothing=eps)
         + F.cross_entropy(-vol.t() / tau, target, label_smoothing=eps)
@@ -193,15 +220,15 @@ def _release_loss(vol, tau, eps=0.1):
 
 
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
-def test_equals_gram_release(backend):
-    t, v, a = (F.normalize(torch.randn(24, 32, dtype=F64), dim=-1) for _ in range(3))
+def test_equals_gram_release(backend, device):
+    t, v, a = (F.normalize(torch.randn(24, 32, dtype=F64), dim=-1).to(device) for _ in range(3))
     vol_release = _release_volume_computation3(t, v, a)
     vol = fb.gram_volume(*(x.float() for x in (t, v, a)), backend=backend)
     _close(vol, vol_release, 2e-4, "volume vs release")
-    tau = torch.tensor(0.07, dtype=F64, requires_grad=True)
+    tau = torch.tensor(0.07, dtype=F64, device=device, requires_grad=True)
     loss_release = _release_loss(vol_release, tau)
     (g_release,) = torch.autograd.grad(loss_release, [tau])
-    tau32 = torch.tensor(0.07, requires_grad=True)
+    tau32 = torch.tensor(0.07, device=device, requires_grad=True)
     loss = fb.gram_loss(*(x.float() for x in (t, v, a)), temperature=tau32, label_smoothing=0.1, backend=backend)
     (g,) = torch.autograd.grad(loss, [tau32])
     _close(loss, loss_release, 2e-5, "loss vs release")
@@ -209,22 +236,23 @@ def test_equals_gram_release(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
-def test_degenerate_inputs_finite(backend):
+def test_degenerate_inputs_finite(backend, device):
     b, d = 6, 8
-    anchor, (m1, m2) = _inputs(b, b, d, 3, seed=9, normalize=True)
+    anchor, (m1, m2) = _inputs(b, b, d, 3, seed=9, normalize=True, device=device)
+    zeros = torch.zeros(b, d, device=device)
     cases = {
         "coincident modalities": (anchor, m1, m1.clone()),
         "collinear non-anchor modalities": (anchor, m1, -2 * m1),
         "anchor coincides with a modality": (m1.clone(), m1, m2),
         "all equal": (m1.clone(), m1.clone(), m1.clone()),
-        "zero vectors": (torch.zeros(b, d), torch.zeros(b, d), m2),
-        "zero anchor": (torch.zeros(b, d), m1, m2),
+        "zero vectors": (zeros, zeros.clone(), m2),
+        "zero anchor": (zeros, m1, m2),
         "B = 1": (anchor[:1], m1[:1], m2[:1]),
         "B = 1 coincident": (m1[:1].clone(), m1[:1].clone(), m1[:1].clone()),
     }
     for name, ts in cases.items():
         leaves = [_leaf(x) for x in ts]
-        tau = torch.tensor(0.07, requires_grad=True)
+        tau = torch.tensor(0.07, device=device, requires_grad=True)
         loss = fb.gram_loss(*leaves, temperature=tau, label_smoothing=0.1, backend=backend)
         grads = torch.autograd.grad(loss, [*leaves, tau])
         assert loss.isfinite(), f"{backend} {name}: loss {loss}"
@@ -241,9 +269,9 @@ def test_degenerate_inputs_finite(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_gram_loss_module(backend):
-    anchor, mods = _inputs(12, 12, 16, 3, seed=11, normalize=True)
-    module = fb.nn.GramLoss(label_smoothing=0.1)
+def test_gram_loss_module(backend, device):
+    anchor, mods = _inputs(12, 12, 16, 3, seed=11, normalize=True, device=device)
+    module = fb.nn.GramLoss(label_smoothing=0.1).to(device)
     module.backend = backend
     assert isinstance(module.temperature, torch.nn.Parameter) and module.temperature.item() == pytest.approx(0.07)
     loss = module(anchor, *mods)
@@ -256,7 +284,7 @@ def test_gram_loss_module(backend):
 
 
 def _op_args(backend, b1=9, b2=11, d=7, k=3, dtype=torch.float32):
-    anchor, mods = _inputs(b1, b2, d, k, seed=3)
+    anchor, mods = _inputs(b1, b2, d, k, seed=3, device=device_for(backend))
     basis, span_vol = gram_ops.span_basis(mods)
     a_sq = (anchor * anchor).sum(-1)
     return anchor.to(dtype), basis.to(dtype), span_vol, a_sq
@@ -276,13 +304,13 @@ def _custom_ops(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_opcheck(backend):
+def test_opcheck(backend, device):
     volume, loss_forward, volume_backward, loss_backward = _custom_ops(backend)
     anchor, basis, span_vol, a_sq = _op_args(backend)
     grad_args = [x.clone().requires_grad_(True) for x in (anchor, basis, span_vol, a_sq)]
-    tau = torch.tensor(0.2)
+    tau = torch.tensor(0.2, device=device)
     torch.library.opcheck(volume, tuple(grad_args))
-    torch.library.opcheck(volume_backward, (torch.randn(9, 11), anchor, basis, span_vol, a_sq))
+    torch.library.opcheck(volume_backward, (torch.randn(9, 11, device=device), anchor, basis, span_vol, a_sq))
     # square for both directions; rectangular with an offset for one direction each
     sq = _op_args(backend, b1=10, b2=10)
     torch.library.opcheck(
@@ -293,39 +321,39 @@ def test_opcheck(backend):
     rect = _op_args(backend, b1=11, b2=9)
     torch.library.opcheck(loss_forward, (*rect, tau, 0.1, -1, False, True))
     row_loss, col_loss, row_lse, col_lse = loss_forward(*sq, tau, 0.1, 0, True, True)
-    torch.library.opcheck(
-        loss_backward, (torch.rand(10), torch.rand(10), *sq, tau, row_lse, col_lse, 0.1, 0, True, True)
-    )
+    upstream = torch.rand(2, 10, device=device)
+    torch.library.opcheck(loss_backward, (*upstream, *sq, tau, row_lse, col_lse, 0.1, 0, True, True))
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_rectangular_offsets_match_reference(backend):
+def test_rectangular_offsets_match_reference(backend, device):
     """The multi-process building block: local rows vs global columns with a diagonal offset."""
     _, loss_forward = gram_ops._ops(backend)
     b, big, off, k, eps, tau = 5, 13, 4, 3, 0.1, 0.3
-    anchor_g, mods_g = _inputs(big, big, 10, k, seed=21, normalize=True)
+    anchor_g, mods_g = _inputs(big, big, 10, k, seed=21, normalize=True, device=device)
     logits = -ref.gram_volume(anchor_g.double(), *(m.double() for m in mods_g)) / tau  # [B, B]
-    target = torch.arange(b) + off
+    target = torch.arange(b, device=device) + off
     want_rows = F.cross_entropy(logits[off : off + b], target, label_smoothing=eps, reduction="none")
     want_cols = F.cross_entropy(logits[:, off : off + b].t(), target, label_smoothing=eps, reduction="none")
     basis_g, vol_g = gram_ops.span_basis(mods_g)
     a_sq = (anchor_g * anchor_g).sum(-1)
     local = slice(off, off + b)
-    t = torch.tensor(tau)
+    t = torch.tensor(tau, device=device)
     rows = loss_forward(anchor_g[local], basis_g, vol_g, a_sq[local], t, eps, off, True, False)[0]
     cols = loss_forward(anchor_g, basis_g[:, local], vol_g[local], a_sq, t, eps, -off, False, True)[1]
     _close(rows, want_rows, 2e-4, "rows with offset")
     _close(cols, want_cols, 2e-4, "cols with offset")
 
 
-@pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
-def test_torch_compile_fullgraph_cpu():
-    anchor, mods = _inputs(20, 20, 12, 3, seed=2, normalize=True)
-    tau = torch.tensor(0.1, requires_grad=True)
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend, device):
+    anchor, mods = _inputs(20, 20, 12, 3, seed=2, normalize=True, device=device)
+    tau = torch.tensor(0.1, device=device, requires_grad=True)
 
     def step(a, m1, m2, t):
-        return fb.gram_loss(a, m1, m2, temperature=t, label_smoothing=0.1, backend="cpu")
+        return fb.gram_loss(a, m1, m2, temperature=t, label_smoothing=0.1, backend=backend)
 
+    torch._dynamo.reset()  # the backend is a trace-time constant: no graph cached for another one
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     leaves = [_leaf(x) for x in (anchor, *mods)]
     loss = compiled(*leaves, tau)
@@ -357,7 +385,7 @@ def test_argument_errors():
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
 @pytest.mark.parametrize("direction", ["both", "a2d", "d2a"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gather_follows_ddp_convention(backend, direction, reduction, monkeypatch):
+def test_gather_follows_ddp_convention(backend, direction, reduction, monkeypatch, device):
     """gather=True in one process: each simulated rank's gather concatenates every rank's (leaf)
     rows, so autograd sums all ranks' gradients into each rank's rows, as the real all-gather's
     backward does. DDP convention: the mean over the 2 ranks of the losses is the full loss, and
@@ -368,17 +396,17 @@ def test_gather_follows_ddp_convention(backend, direction, reduction, monkeypatc
     sizes = [5, 8]  # unequal per-rank batches
     world = len(sizes)
     dtype = F64 if backend == "torch" else torch.float32
-    anchor, mods = _inputs(sum(sizes), sum(sizes), 10, 3, dtype=dtype, seed=41, normalize=True)
+    anchor, mods = _inputs(sum(sizes), sum(sizes), 10, 3, dtype=dtype, seed=41, normalize=True, device=device)
     full = [_leaf(x) for x in (anchor, *mods)]
-    tau_full = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    tau_full = torch.tensor(0.2, dtype=dtype, device=device, requires_grad=True)
     kw = dict(label_smoothing=0.1, direction=direction, reduction=reduction, backend=backend)
     want = fb.gram_loss(*full, temperature=tau_full, **kw)
-    w = torch.rand(want.shape, dtype=dtype) + 0.5
+    w = torch.rand(want.shape, dtype=dtype, device=device) + 0.5
     (want * w).sum().backward()
 
     bounds = [0, sizes[0], sum(sizes)]
     local = [[_leaf(x[bounds[r] : bounds[r + 1]]) for x in (anchor, *mods)] for r in range(2)]
-    tau = torch.tensor(0.2, dtype=dtype, requires_grad=True)
+    tau = torch.tensor(0.2, dtype=dtype, device=device, requires_grad=True)
     monkeypatch.setattr(dist_mod, "ddp_scale", lambda group=None: world)
     total = 0.0
     for r in range(2):

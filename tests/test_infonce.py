@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSED
+from conftest import FUSED, interpreted
 
 import fastbind as fb
 from fastbind.ops import infonce as ops
@@ -34,10 +34,17 @@ def _op(name):
     return getattr(getattr(torch.ops, ns), op).default
 
 
-def inputs(m, b, d, dtype, scale=1.0):
-    """m fresh [b, d] tensors with non-unit norms, rounded to dtype, plus their float64 copies."""
-    low = [(scale * torch.randn(b, d) * (0.5 + torch.rand(b, 1))).to(dtype) for _ in range(m)]
+def inputs(m, b, d, dtype, scale=1.0, device="cpu"):
+    """m fresh [b, d] tensors with non-unit norms, rounded to dtype, plus their float64 copies.
+    Drawn on the CPU (the same values on every device), then moved to `device`."""
+    low = [(scale * torch.randn(b, d) * (0.5 + torch.rand(b, 1))).to(device=device, dtype=dtype) for _ in range(m)]
     return [t.requires_grad_() for t in low], [t.detach().double().requires_grad_() for t in low]
+
+
+def _taus(value, device):
+    """A learnable temperature for the fused call (float32) and its float64 twin for the reference."""
+    dtypes = (torch.float32, torch.float64)
+    return tuple(torch.tensor(value, dtype=t, device=device, requires_grad=True) for t in dtypes)
 
 
 def check_against_reference(fused_fn, ref_fn, low, high, dtype, tau=None):
@@ -64,9 +71,9 @@ def check_against_reference(fused_fn, ref_fn, low, high, dtype, tau=None):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("direction", ["both", "a2d", "d2a"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_infonce_against_reference(backend, direction, reduction):
-    low, high = inputs(2, 37, 24, torch.float32, scale=0.3)
-    tau = (torch.tensor(0.2, requires_grad=True), torch.tensor(0.2, dtype=torch.float64, requires_grad=True))
+def test_infonce_against_reference(backend, direction, reduction, device):
+    low, high = inputs(2, 37, 24, torch.float32, scale=0.3, device=device)
+    tau = _taus(0.2, device)
     check_against_reference(
         lambda x, y, t: fb.infonce(x, y, t, 0.1, direction, reduction, backend=backend),
         lambda x, y, t: ref.infonce(x, y, t, 0.1, direction, reduction),
@@ -80,8 +87,8 @@ def test_infonce_against_reference(backend, direction, reduction):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,d", [(1, 8), (5, 3), (19, 40)])
-def test_infonce_shapes_dtypes(backend, dtype, b, d):
-    low, high = inputs(2, b, d, dtype, scale=0.3)
+def test_infonce_shapes_dtypes(backend, dtype, b, d, device):
+    low, high = inputs(2, b, d, dtype, scale=0.3, device=device)
     check_against_reference(
         lambda x, y: fb.infonce(x, y, 0.1, backend=backend), lambda x, y: ref.infonce(x, y, 0.1), low, high, dtype
     )
@@ -89,9 +96,9 @@ def test_infonce_shapes_dtypes(backend, dtype, b, d):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("m", [2, 3, 4, 5, 6])
-def test_anchor_loss_against_reference(backend, m):
-    low, high = inputs(m, 21, 18, torch.float32)
-    tau = (torch.tensor(0.1, requires_grad=True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True))
+def test_anchor_loss_against_reference(backend, m, device):
+    low, high = inputs(m, 21, 18, torch.float32, device=device)
+    tau = _taus(0.1, device)
     check_against_reference(
         lambda *z: fb.anchor_loss(*z[:-1], temperature=z[-1], label_smoothing=0.05, backend=backend),
         lambda *z: ref.anchor_loss(*z[:-1], temperature=z[-1], label_smoothing=0.05),
@@ -107,8 +114,8 @@ FLAGS = list(itertools.product([False, True], repeat=4))  # weights, normalize, 
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("weighted,normalize,detach,loo", FLAGS)
-def test_centroid_loss_every_flag_combination(backend, weighted, normalize, detach, loo):
-    low, high = inputs(3, 13, 10, torch.float32)
+def test_centroid_loss_every_flag_combination(backend, weighted, normalize, detach, loo, device):
+    low, high = inputs(3, 13, 10, torch.float32, device=device)
     flags = dict(
         weights=[0.5, 0.3, 0.2] if weighted else None,
         normalize_anchor=normalize,
@@ -116,7 +123,7 @@ def test_centroid_loss_every_flag_combination(backend, weighted, normalize, deta
         leave_one_out=loo,
         label_smoothing=0.1,
     )
-    tau = (torch.tensor(0.3, requires_grad=True), torch.tensor(0.3, dtype=torch.float64, requires_grad=True))
+    tau = _taus(0.3, device)
     check_against_reference(
         lambda *z: fb.centroid_loss(*z[:-1], temperature=z[-1], backend=backend, **flags),
         lambda *z: ref.centroid_loss(*z[:-1], temperature=z[-1], **flags),
@@ -129,10 +136,10 @@ def test_centroid_loss_every_flag_combination(backend, weighted, normalize, deta
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("m", [2, 4, 6])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_centroid_loss_modalities_and_dtypes(backend, m, dtype):
-    b = 70 if backend == "cpu" else 23  # interpreter shapes stay small
-    low, high = inputs(m, b, 33, dtype, scale=0.4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_centroid_loss_modalities_and_dtypes(backend, m, dtype, device):
+    b = 23 if interpreted(backend) else 70  # interpreter shapes stay small
+    low, high = inputs(m, b, 33, dtype, scale=0.4, device=device)
     check_against_reference(
         lambda *z: fb.centroid_loss(*z, temperature=0.07, normalize_anchor=True, backend=backend),
         lambda *z: ref.centroid_loss(*z, temperature=0.07, normalize_anchor=True),
@@ -158,21 +165,21 @@ def test_cpu_op_multi_tile():
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("b1,b2,offset,shared", [(20, 45, 5, True), (45, 20, -7, False), (9, 30, 30, True)])
-def test_fused_op_rectangular_offset(backend, b1, b2, offset, shared):
+def test_fused_op_rectangular_offset(backend, b1, b2, offset, shared, device):
     """The custom op itself: B1 != B2, diagonal offset (some rows/columns without a positive), random
     upstream gradients of the row and column losses, shared or per-pair keys."""
     p = 3
-    q = torch.randn(p, b1, 16, dtype=torch.float64)
-    k = torch.randn(1 if shared else p, b2, 16, dtype=torch.float64)
+    q = torch.randn(p, b1, 16, dtype=torch.float64).to(device)
+    k = torch.randn(1 if shared else p, b2, 16, dtype=torch.float64).to(device)
     fwd, bwd = _op(FWD_OPS[backend]), _op(BWD_OPS[backend])
-    temp = torch.tensor(0.4)
+    temp = torch.tensor(0.4, device=device)
     row, col, row_lse, col_lse = fwd(q.float(), k.float(), temp, 0.1, offset)
     qh, kh = q.clone().requires_grad_(), k.clone().requires_grad_()
     pairs = [ref.infonce_rows_cols(qh[i], kh[0 if shared else i], 0.4, 0.1, offset) for i in range(p)]
     exp_row, exp_col = torch.stack([r for r, _ in pairs]), torch.stack([c for _, c in pairs])
     torch.testing.assert_close(row.double(), exp_row, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(col.double(), exp_col, atol=1e-4, rtol=1e-5)
-    g_row, g_col = torch.randn(p, b1, dtype=torch.float64), torch.randn(p, b2, dtype=torch.float64)
+    g_row, g_col = (torch.randn(p, b, dtype=torch.float64).to(device) for b in (b1, b2))
     exp_gq, exp_gk = torch.autograd.grad((exp_row * g_row).sum() + (exp_col * g_col).sum(), (qh, kh))
     gq, gk = bwd(g_row.float(), g_col.float(), q.float(), k.float(), temp, row_lse, col_lse, 0.1, offset)
     assert gq.shape == q.shape and gk.shape == k.shape
@@ -200,7 +207,7 @@ class FakeGroup:
 
 @pytest.mark.parametrize("backend", ["torch", *FUSED])
 @pytest.mark.parametrize("loss", ["infonce", "centroid_loo", "anchor"])
-def test_gather_follows_ddp_convention(backend, loss, monkeypatch):
+def test_gather_follows_ddp_convention(backend, loss, monkeypatch, device):
     """Each rank's loss (rows against gathered columns + columns against gathered rows, with a
     diagonal offset) follows DDP's convention for unequal b_r: the mean over ranks is the
     single-process loss and the accumulated gradients are W times the single-process ones (DDP's
@@ -209,7 +216,7 @@ def test_gather_follows_ddp_convention(backend, loss, monkeypatch):
 
     sizes = [5, 8]
     m = 2 if loss == "infonce" else 3
-    full = [torch.randn(sum(sizes), 12, dtype=torch.float64) for _ in range(m)]
+    full = [torch.randn(sum(sizes), 12, dtype=torch.float64).to(device) for _ in range(m)]
     locals_ = [[z[sum(sizes[:r]) : sum(sizes[: r + 1])].clone().requires_grad_() for z in full] for r in range(2)]
 
     def call(zs, gather):
@@ -256,9 +263,9 @@ def test_gather_follows_ddp_convention(backend, loss, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_centroid_similarity(backend):
-    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)]:
-        zs = [torch.randn(11, 9).to(dtype) for _ in range(3)]
+def test_centroid_similarity(backend, device):
+    for dtype, tol in [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)]:
+        zs = [torch.randn(11, 9).to(device=device, dtype=dtype) for _ in range(3)]
         out = fb.centroid_similarity(*zs, normalize_anchor=True, backend=backend)
         expected = ref.centroid_similarity(*[z.double() for z in zs], normalize_anchor=True)
         assert out.shape == (3, 11, 11) and out.dtype == dtype
@@ -266,8 +273,8 @@ def test_centroid_similarity(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_degenerate_inputs_finite(backend):
-    z = F.normalize(torch.randn(9, 16), dim=-1).requires_grad_()
+def test_degenerate_inputs_finite(backend, device):
+    z = F.normalize(torch.randn(9, 16), dim=-1).to(device).requires_grad_()
     for loss in (
         fb.centroid_loss(z, z, z, temperature=0.01, normalize_anchor=True, backend=backend),  # coincident
         fb.infonce(z[:1], z[:1], 0.01, backend=backend),  # B = 1
@@ -276,7 +283,7 @@ def test_degenerate_inputs_finite(backend):
         (grad,) = torch.autograd.grad(loss, z)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
     # large 1/τ against the reference: positives of logit 100 beside negatives near -100
-    low, high = inputs(3, 12, 16, torch.float32)
+    low, high = inputs(3, 12, 16, torch.float32, device=device)
     low = [F.normalize(t.detach(), dim=-1).requires_grad_() for t in low]
     high = [t.detach().double().requires_grad_() for t in low]
     check_against_reference(
@@ -290,20 +297,20 @@ def test_degenerate_inputs_finite(backend):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy under the interpreter
 @pytest.mark.parametrize("backend", FUSED)
-def test_non_finite_inputs_give_non_finite_loss(backend):
-    x, y = torch.randn(6, 4), torch.randn(6, 4)
+def test_non_finite_inputs_give_non_finite_loss(backend, device):
+    x, y = torch.randn(6, 4).to(device), torch.randn(6, 4).to(device)
     x[2, 1] = float("nan")
     assert not torch.isfinite(fb.infonce(x, y, backend=backend))
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_non_contiguous_inputs(backend):
-    base = [torch.randn(8, 30) for _ in range(3)]
+def test_non_contiguous_inputs(backend, device):
+    base = [torch.randn(8, 30).to(device) for _ in range(3)]
     views = [b[:, ::2] for b in base]  # [8, 15], stride 2
     assert not views[0].is_contiguous()
     out = fb.centroid_loss(*views, backend=backend)
     torch.testing.assert_close(out.double(), ref.centroid_loss(*[v.double() for v in views]), atol=1e-4, rtol=1e-5)
-    x = torch.randn(15, 8).T  # [8, 15] transposed
+    x = torch.randn(15, 8).to(device).T  # [8, 15] transposed
     torch.testing.assert_close(
         fb.infonce(x, views[1], backend=backend).double(),
         ref.infonce(x.double(), views[1].double()),
@@ -319,26 +326,26 @@ def test_auto_backend_and_float64_reference():
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_opcheck(backend):
-    q = torch.randn(3, 10, 7)
-    k = torch.randn(1, 12, 7)
-    temp = torch.tensor(0.3)
+def test_opcheck(backend, device):
+    q, k, k_per_pair = (torch.randn(*shape).to(device) for shape in ((3, 10, 7), (1, 12, 7), (3, 12, 7)))
+    temp = torch.tensor(0.3, device=device)
     fwd, bwd = _op(FWD_OPS[backend]), _op(BWD_OPS[backend])
     torch.library.opcheck(fwd, (q.clone().requires_grad_(), k.clone().requires_grad_(), temp, 0.1, 1))
-    torch.library.opcheck(fwd, (q, torch.randn(3, 12, 7), temp.clone().requires_grad_(), 0.0, 0))
+    torch.library.opcheck(fwd, (q, k_per_pair, temp.clone().requires_grad_(), 0.0, 0))
     _, _, row_lse, col_lse = fwd(q, k, temp, 0.1, 1)
-    torch.library.opcheck(bwd, (torch.randn(3, 10), torch.randn(3, 12), q, k, temp, row_lse, col_lse, 0.1, 1))
+    upstream = (torch.randn(3, 10).to(device), torch.randn(3, 12).to(device))
+    torch.library.opcheck(bwd, (*upstream, q, k, temp, row_lse, col_lse, 0.1, 1))
 
 
-def test_torch_compile_fullgraph():
-    if "cpu" not in FUSED:
-        pytest.skip("needs the C++ extension")
-    zs = [torch.randn(20, 12, requires_grad=True) for _ in range(3)]
-    tau = torch.tensor(0.1, requires_grad=True)
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph(backend, device):
+    zs = [torch.randn(20, 12).to(device).requires_grad_() for _ in range(3)]
+    tau = torch.tensor(0.1, device=device, requires_grad=True)
 
     def step(a, b, c, t):
-        return fb.centroid_loss(a, b, c, temperature=t, normalize_anchor=True, backend="cpu")
+        return fb.centroid_loss(a, b, c, temperature=t, normalize_anchor=True, backend=backend)
 
+    torch._dynamo.reset()  # the backend is a trace-time constant: no graph cached for another one
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(*zs, tau)
     grads = torch.autograd.grad(out, [*zs, tau])
