@@ -24,7 +24,7 @@ namespace fastbind {
 
 std::string build_info() {
   std::string info = "cpu(openmp, " + std::to_string(at::get_num_threads()) + " threads, " +
-                     cpu::gemm_path_name() + " tile GEMM)";
+                     cpu::gemm_path_name() + " tile GEMM" + (cpu::use_bf16_gemm(2) ? ", bf16 brgemm" : "") + ")";
 #ifdef FASTBIND_WITH_CUDA
   info += " cuda";
 #endif

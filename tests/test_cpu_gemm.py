@@ -1,10 +1,12 @@
 """The tile GEMM of the C++ CPU kernels (csrc/include/fastbind/tiled.h, issue 14) and the thread-count
 determinism of the fused InfoNCE (issue 12 point 6).
 
-* Both GEMM paths — oneDNN's brgemm microkernel (float32, and bfloat16 operands in the VNNI layout)
-  and the at::mm_out fallback (FASTBIND_CPU_GEMM=mm, run in a subprocess since the path is chosen once
-  per process) — compute a·bᵀ and every fused op against the float64 reference, on awkward shapes
-  (odd D, D = 1, widths that are not multiples of the microkernel's 256 columns).
+* Every GEMM path — oneDNN's brgemm microkernel (float32, and bfloat16 operands in the VNNI layout)
+  and the at::mm_out fallback; the default choice (brgemm for float32 on non-Intel CPUs, at::mm_out
+  on Intel's; bf16 brgemm wherever AVX-512 is), FASTBIND_CPU_GEMM=mm and =brgemm, each in a
+  subprocess since the path is chosen once per process — computes a·bᵀ and every fused op against
+  the float64 reference, on awkward shapes (odd D, D = 1, widths that are not multiples of the
+  microkernel's 256 columns).
 * bfloat16 inputs stay bfloat16 in the logit GEMMs: their products are exact in float32, so the
   lookup keeps the fp32 lookup's indices (ties to the lowest index) and the losses stay within the
   float32 tolerances of the rounded inputs.
@@ -50,16 +52,25 @@ def test_gemm_path_is_chosen_once_and_reported():
     path = torch.ops.fastbind.tile_gemm_path()
     assert path in ("brgemm", "mm")
     assert f"{path} tile GEMM" in torch.ops.fastbind.build_info()
-    if torch.backends.mkldnn.is_available() and "avx2" in _cpu_flags() and "fma" in _cpu_flags():
-        assert path == "brgemm"  # the faster path wherever the microkernel exists
+    flags = _cpu_flags()
+    if os.environ.get("FASTBIND_CPU_GEMM", "auto") == "auto" and torch.backends.mkldnn.is_available():
+        # float32: MKL is at the core's peak on Intel CPUs only; bf16 brgemm wherever AVX-512 is
+        intel = "GenuineIntel" in _cpu_field("vendor_id")
+        assert path == ("mm" if intel or "avx2" not in flags else "brgemm")
+        has_bf16_kernel = all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+        assert ("bf16 brgemm" in torch.ops.fastbind.build_info()) == has_bf16_kernel
+
+
+def _cpu_field(name):
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
+    except OSError:
+        return ""
 
 
 def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
+    return _cpu_field("flags").split()
 
 
 def _run_python(code, **env):
@@ -69,12 +80,24 @@ def _run_python(code, **env):
     )
 
 
-def test_fallback_path_computes_every_op():
-    """FASTBIND_CPU_GEMM=mm: the at::mm_out path runs every family's forward and backward correctly."""
-    code = "import test_cpu_gemm as t; t.check_all_families(); import torch; print(torch.ops.fastbind.tile_gemm_path())"
-    res = _run_python(code, FASTBIND_CPU_GEMM="mm")
+@pytest.mark.parametrize("setting", ["mm", "brgemm"])
+def test_forced_path_computes_every_op(setting):
+    """FASTBIND_CPU_GEMM=mm (at::mm_out for everything, bf16 upcast) and =brgemm (the microkernel for
+    float32 too): every family's forward and backward are right on both."""
+    if setting == "brgemm" and not (torch.backends.mkldnn.is_available() and "avx2" in _cpu_flags()):
+        with pytest.raises(AssertionError, match="no brgemm"):
+            assert _run_python("import fastbind", FASTBIND_CPU_GEMM=setting).returncode == 0, "no brgemm"
+        return
+    code = "import test_cpu_gemm as t; t.check_all_families(); import torch; print(torch.ops.fastbind.build_info())"
+    if setting == "brgemm":  # issue 12.6 on the brgemm path: 1 thread too
+        code = (
+            "import test_cpu_gemm as t; t.check_thread_count_determinism((1, 2, 3)); "
+            + code[len("import test_cpu_gemm as t; ") :]
+        )
+    res = _run_python(code, FASTBIND_CPU_GEMM=setting)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split()[-1] == "mm"
+    info = res.stdout.strip().splitlines()[-1]
+    assert f"{setting} tile GEMM" in info and (setting == "brgemm" or "bf16" not in info)
 
 
 def test_bad_gemm_path_setting_raises():
@@ -158,24 +181,32 @@ def test_bf16_lookup_keeps_fp32_indices_and_lowest_index_ties():
     assert ((picked - best) <= 1e-5 * best.abs().clamp_min(1)).all()
 
 
-@pytest.mark.parametrize("shared_key", [True, False])
-def test_infonce_bit_identical_for_any_thread_count(shared_key):
-    """Issue 12.6: the row partition of the InfoNCE kernels no longer follows the thread count, so the
-    losses and every gradient are the same bit for bit with 1, 2 and 3 threads (they differed by ~3e-9
-    between 1 and 2 threads)."""
+def check_thread_count_determinism(counts):
+    """InfoNCE losses and gradients (shared and per-pair keys) are equal bit for bit for every thread
+    count in `counts`; returns the largest difference to the first count's results otherwise seen."""
     g = torch.Generator().manual_seed(3)
     xs = [torch.nn.functional.normalize(torch.randn(1100, 48, generator=g), dim=-1) for _ in range(3)]
-    fn = fb.centroid_loss if shared_key else fb.anchor_loss
     threads = torch.get_num_threads()
-    results = []
     try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            xl = [x.clone().requires_grad_() for x in xs]
-            loss = fn(*xl, temperature=0.07, label_smoothing=0.1, backend="cpu")
-            results.append((loss.detach(), *torch.autograd.grad(loss, xl)))
+        for fn in (fb.centroid_loss, fb.anchor_loss):
+            results = []
+            for n in counts:
+                torch.set_num_threads(n)
+                xl = [x.clone().requires_grad_() for x in xs]
+                loss = fn(*xl, temperature=0.07, label_smoothing=0.1, backend="cpu")
+                results.append((loss.detach(), *torch.autograd.grad(loss, xl)))
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert torch.equal(a, b), (fn.__name__, counts)
     finally:
         torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+
+def test_infonce_bit_identical_for_any_thread_count():
+    """Issue 12.6: the row partition of the InfoNCE kernels no longer follows the thread count, so the
+    losses and every gradient are the same bit for bit with 2 and 3 threads (and with 1 on the brgemm
+    path; MKL's sgemm outside a parallel region, the single-thread at::mm_out path, rounds otherwise,
+    see csrc/cpu/infonce.cpp). The old partition gave ~3e-9 differences."""
+    check_thread_count_determinism((2, 3))
+    if torch.ops.fastbind.tile_gemm_path() == "brgemm":
+        check_thread_count_determinism((1, 2, 3))

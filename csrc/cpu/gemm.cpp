@@ -10,8 +10,9 @@
 namespace fastbind {
 namespace cpu {
 
-// out [M, N] float32 = a [M, D] · b [N, D]ᵀ. bfloat16 a and b (even D, AVX-512) run the bf16
-// microkernel, everything else the float32 GEMM on float32 copies. Row blocks are split over the
+// out [M, N] float32 = a [M, D] · b [N, D]ᵀ on oneDNN's brgemm microkernel wherever it runs (also
+// where the fused ops' float32 path is at::mm_out: this is the machine's brgemm floor): bfloat16 a
+// and b (even D, AVX-512) in the bf16 kernel, everything else in float32; at::mm_out without brgemm. Row blocks are split over the
 // threads and written straight into `out` (no scratch tile: this is the floor of the fused ops'
 // GEMMs, the same microkernel calls without an epilogue).
 void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
@@ -28,17 +29,17 @@ void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
   if (M == 0 || N == 0) return;
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
-  const at::Tensor Bk = bf16 ? vnni_operand(B) : (use_brgemm() ? kn_operand(B) : at::Tensor());
+  const at::Tensor Bk = bf16 ? pack_panels<at::BFloat16>(B) : (brgemm_usable() ? pack_panels<float>(B) : at::Tensor());
   const int64_t blocks = (M + kDefaultRowBlock - 1) / kDefaultRowBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t r0 = blk * kDefaultRowBlock, nr = std::min(kDefaultRowBlock, M - r0);
       if (bf16) {
-        gemm_blocked(nr, N, D, A.const_data_ptr<at::BFloat16>() + r0 * D, D, Bk.const_data_ptr<at::BFloat16>(), 0,
-                     o + r0 * ldo, ldo);
+        gemm_panels(nr, N, D, A.const_data_ptr<at::BFloat16>() + r0 * D, D, Bk.const_data_ptr<at::BFloat16>(), N, 0,
+                    o + r0 * ldo, ldo);
       } else if (Bk.defined()) {
-        gemm_blocked(nr, N, D, A.const_data_ptr<float>() + r0 * D, D, Bk.const_data_ptr<float>(), 0, o + r0 * ldo,
-                     ldo);
+        gemm_panels(nr, N, D, A.const_data_ptr<float>() + r0 * D, D, Bk.const_data_ptr<float>(), N, 0, o + r0 * ldo,
+                    ldo);
       } else {
         at::Tensor rows = out.narrow(0, r0, nr);
         at::mm_out(rows, A.narrow(0, r0, nr), B.t());

@@ -28,7 +28,9 @@ namespace {
 // by 1024 columns, cut into column chunks of kChunk for the epilogue threads. A chunk of 256 rows x
 // 256 columns is 256 KiB of float32: it stays in a core's 1 MiB L2 between the epilogue's two passes.
 // Neither chunks nor row slabs (row_ranges) depend on the thread count, so results are bit-identical
-// for any thread count (tests/test_cpu_gemm.py).
+// for any thread count on the brgemm path, and for any count >= 2 on the at::mm_out path (MKL's
+// sgemm called outside a parallel region, i.e. with 1 thread, rounds differently; ~3e-9 on the
+// gradients). tests/test_cpu_gemm.py.
 constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColBlock = 1024;
 constexpr int64_t kChunk = 256;
@@ -185,9 +187,9 @@ float read_inv_temperature(const at::Tensor& temperature) {
 // Rows are cut into at most kSlabs slabs of whole row blocks ([begin, end) per slab), a partition
 // that depends on the batch only: each slab streams its rows through stream_tiles with
 // single-threaded GEMMs and a serial epilogue, keeps its own column statistics (forward) and key
-// gradient (backward), and the slabs are merged in slab order — so the sums, and the results, are
-// the same bit for bit whatever the number of threads (with 1 and 2 threads the key gradients
-// differed by ~3e-9 when the partition followed the threads). The threads take whole slabs: one
+// gradient (backward), and the slabs are merged in slab order — so the sums are the same whatever
+// the number of threads (see kRowBlock for the one exception; with the partition following the
+// threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take whole slabs: one
 // parallel region per forward (and one per column block in the backward) instead of one per tile,
 // since on a 2-core machine shared with other work every barrier costs a descheduled thread's time
 // slice. More than kSlabs threads do not speed up one call.

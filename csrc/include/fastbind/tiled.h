@@ -7,12 +7,17 @@
 // one (row block × column block) tile are written into a scratch buffer of
 // P × row_block × col_block floats, handed to the epilogue, and overwritten by the next tile.
 //
-// Tile GEMMs (DESIGN §3, issue 14): oneDNN's brgemm microkernel, exported by libtorch as
-// `at::native::cpublas::brgemm`, where the CPU has it (AVX2 for float32, AVX-512 for bfloat16),
-// else ATen's `at::mm_out` (MKL here). On the AVX-512 EPYC of the benchmarks MKL's sgemm runs at
-// about half of what the core can do (~105 GFLOP/s/thread against ~220 for oneDNN), so this choice,
-// made once per process, is most of the CPU speed. FASTBIND_CPU_GEMM=mm forces the fallback (the
-// test suite runs both paths).
+// Tile GEMMs (issue 14): oneDNN's brgemm microkernel, exported by libtorch as
+// `at::native::cpublas::brgemm`, or ATen's `at::mm_out` (MKL), chosen once per process:
+// * float32: brgemm on x86 CPUs that are not Intel's (AVX2+FMA), where MKL runs its AVX2 code
+//   path — on the AVX-512 EPYC of the benchmarks at about half the core's rate (~105 GFLOP/s per
+//   thread against ~220 for oneDNN); at::mm_out on Intel CPUs, where MKL runs at the core's peak
+//   (measured on an AMX Xeon: brgemm tiles 10-30% slower on the GRAM and InfoNCE backward, 10%
+//   faster on the lookup — not worth a second code path).
+// * bfloat16 operands: the bf16 microkernel wherever oneDNN has one (AVX-512: avx512_bf16 dot
+//   products or AMX), 4-8x the float32 rate; else they are upcast to the float32 path.
+// FASTBIND_CPU_GEMM=mm forces at::mm_out for everything, =brgemm forces brgemm for float32 too
+// (the test suite runs all three).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -55,17 +60,41 @@ inline bool cpu_has(const char* feature) {
   return false;
 }
 
-// Chosen once per process. brgemm needs libtorch built with oneDNN and the ISA oneDNN's float32
-// microkernel wants (AVX2+FMA; its own check is the same); anything else takes at::mm_out.
+inline bool cpu_is_intel() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+inline const std::string& gemm_setting() {
+  static const std::string want = [] {
+    const char* env = std::getenv("FASTBIND_CPU_GEMM");
+    std::string w = env ? env : "auto";
+    TORCH_CHECK(w == "auto" || w == "mm" || w == "brgemm", "FASTBIND_CPU_GEMM must be 'auto', 'mm' or 'brgemm', got '",
+                w, "'");
+    return w;
+  }();
+  return want;
+}
+
+// brgemm for float32 can run here (the float32 path may still be at::mm_out, see gemm_path).
+inline bool brgemm_usable() {
+  static const bool usable = gemm_setting() != "mm" && at::hasMKLDNN() && cpu_has("avx2");
+  return usable && at::globalContext().userEnabledMkldnn();
+}
+
+// The float32 path, chosen once per process. brgemm needs libtorch built with oneDNN and the ISA
+// oneDNN's float32 microkernel wants (AVX2+FMA; its own check is the same).
 inline GemmPath gemm_path() {
   static const GemmPath path = [] {
-    const char* env = std::getenv("FASTBIND_CPU_GEMM");
-    const std::string want = env ? env : "auto";
-    TORCH_CHECK(want == "auto" || want == "mm" || want == "brgemm",
-                "FASTBIND_CPU_GEMM must be 'auto', 'mm' or 'brgemm', got '", want, "'");
+    const std::string& want = gemm_setting();
     const bool usable = at::hasMKLDNN() && cpu_has("avx2");
     if (want == "brgemm") TORCH_CHECK(usable, "FASTBIND_CPU_GEMM=brgemm: this CPU or libtorch has no brgemm");
-    return (want != "mm" && usable) ? GemmPath::kBrgemm : GemmPath::kMm;
+    const bool chosen = want == "brgemm" || (want == "auto" && usable && !cpu_is_intel());
+    return chosen ? GemmPath::kBrgemm : GemmPath::kMm;
   }();
   return path;
 }
@@ -77,7 +106,10 @@ inline bool use_brgemm() { return gemm_path() == GemmPath::kBrgemm && at::global
 // bfloat16 operands stay bfloat16 (fp32 accumulation) where oneDNN has the bf16 microkernel
 // (AVX-512; native dot products with avx512_bf16 or AMX). D must be even: the B operand is packed
 // in pairs of rows (VNNI) and an odd K would need a padded copy of A as well.
-inline bool use_bf16_gemm(int64_t D) { return D > 0 && D % 2 == 0 && use_brgemm() && cpu_has("avx512"); }
+inline bool use_bf16_gemm(int64_t D) {
+  static const bool usable = gemm_setting() != "mm" && at::hasMKLDNN() && cpu_has("avx512");
+  return D > 0 && D % 2 == 0 && usable && at::globalContext().userEnabledMkldnn();
+}
 
 inline const char* gemm_path_name() { return gemm_path() == GemmPath::kBrgemm ? "brgemm" : "mm"; }
 
@@ -113,45 +145,55 @@ inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   }
 }
 
-// B [C, D] -> the K×N operand of the microkernel in blocks of kMicroN columns: [⌈C/kMicroN⌉, D,
-// kMicroN], zero-padded (each call then reads one dense D × kMicroN panel; ~5% faster than strided
-// reads of the plain transpose). float32.
-inline at::Tensor kn_operand(const at::Tensor& B) {
-  const int64_t C = B.size(0), D = B.size(1), nb = (C + kMicroN - 1) / kMicroN;
-  return at::constant_pad_nd(B, {0, 0, 0, nb * kMicroN - C}).view({nb, kMicroN, D}).transpose(1, 2).contiguous();
-}
-
-// B [C, D] bfloat16 -> the VNNI operand of the bf16 microkernel in blocks of kMicroN columns:
-// [⌈C/kMicroN⌉, D/2, kMicroN, 2] (pairs of consecutive d interleaved per column), zero-padded.
-// cpublas::pack does this only on AMX machines.
-inline at::Tensor vnni_operand(const at::Tensor& B) {
-  const int64_t C = B.size(0), D = B.size(1), nb = (C + kMicroN - 1) / kMicroN;
-  return at::constant_pad_nd(B, {0, 0, 0, nb * kMicroN - C})
-      .view({nb, kMicroN, D / 2, 2})
-      .permute({0, 2, 1, 3})
-      .contiguous();
-}
-
-// C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a blocked operand of kn_operand /
-// vnni_operand (c0 a multiple of kMicroN), fp32 accumulation.
+// The B operand of the microkernel, packed once per call: B [C, D] (row stride ldb_in) cut into
+// panels of kMicroN columns (the last one narrower, w = min(kMicroN, C - c0)), panel p at offset
+// p·kMicroN·D, each a dense D × w matrix: element (d, j) at d·w + j for float32 (K×N), and at
+// ((d/2)·w + j)·2 + d%2 for bfloat16 (the VNNI layout of the bf16 kernel: pairs of consecutive d
+// interleaved; cpublas::pack does this only on AMX machines). Each call then reads one dense panel
+// (~5% faster than strided reads of a plain transpose); a hand loop, since pad + transpose +
+// contiguous cost ~120 µs for a 64 × 256 operand, more than its GEMM.
 template <class T>
-void gemm_blocked(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bk, int64_t c0, float* C,
-                  int64_t ldc) {
+at::Tensor pack_panels(const at::Tensor& B) {
+  constexpr bool kVnni = std::is_same_v<T, at::BFloat16>;
+  const int64_t C = B.size(0), D = B.size(1), ld = B.stride(0);
+  TORCH_CHECK(B.stride(1) == 1 && (!kVnni || D % 2 == 0), "pack_panels: bad operand");
+  at::Tensor out = at::empty({C * D}, B.options());
+  const T* src = B.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t c0 = 0; c0 < C; c0 += kMicroN) {
+    const int64_t w = std::min(kMicroN, C - c0);
+    T* panel = dst + c0 * D;
+    for (int64_t j0 = 0; j0 < w; j0 += 16) {  // 16 source rows at a time: sequential reads and writes
+      const int64_t j1 = std::min(w, j0 + 16);
+      for (int64_t d = 0; d < D; ++d) {
+        T* row = kVnni ? panel + (d / 2) * w * 2 + (d % 2) : panel + d * w;
+        const int64_t step = kVnni ? 2 : 1;
+        for (int64_t j = j0; j < j1; ++j) row[j * step] = src[(c0 + j) * ld + d];
+      }
+    }
+  }
+  return out;
+}
+
+// C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a pack_panels operand of C_total columns
+// (c0 a multiple of kMicroN), fp32 accumulation.
+template <class T>
+void gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bk, int64_t C_total, int64_t c0,
+                 float* C, int64_t ldc) {
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
   for (int64_t j0 = 0; j0 < N; j0 += kMicroN) {
-    const T* panel = Bk + ((c0 + j0) / kMicroN) * K * kMicroN;
-    at::native::cpublas::brgemm(M, std::min(kMicroN, N - j0), K, lda, kMicroN, ldc, false, A, panel, C + j0,
+    const int64_t w = std::min(kMicroN, C_total - c0 - j0);
+    at::native::cpublas::brgemm(M, std::min(w, N - j0), K, lda, w, ldc, false, A, Bk + (c0 + j0) * K, C + j0,
                                 /*is_vnni=*/std::is_same_v<T, at::BFloat16>);
   }
 }
 
-// Releases the microkernel's hardware context (AMX tiles) of the calling thread; no-op elsewhere.
-inline void gemm_done() {
-  if (use_brgemm()) at::native::cpublas::brgemm_release(true);
-}
+// Releases the microkernel's hardware context (AMX tiles) of the calling thread; call after bf16
+// GEMMs (no-op elsewhere).
+inline void gemm_done() { at::native::cpublas::brgemm_release(true); }
 
 // Calls `epilogue(tile, products)` for every tile in row-major tile order (all column tiles of
 // row block 0, then row block 1, ...). `products[p]` is a contiguous float32 [nr, nc] tensor
@@ -180,9 +222,9 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
   for (int64_t p = 0; p < P; ++p) {
     TORCH_CHECK(A[p].scalar_type() == B[p].scalar_type() && A[p].stride(1) == 1, "stream_tiles: bad operands");
     if (bf16) {
-      Bk[p] = vnni_operand(B[p].contiguous());
+      Bk[p] = pack_panels<at::BFloat16>(B[p]);
     } else if (use_brgemm()) {
-      Bk[p] = kn_operand(B[p]);
+      Bk[p] = pack_panels<float>(B[p]);
     }
   }
   for (int64_t r0 = 0; r0 < R; r0 += row_block) {
@@ -194,11 +236,11 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
         float* out = products[p].data_ptr<float>();
         const int64_t lda = A[p].stride(0);
         if (bf16) {
-          gemm_blocked(nr, nc, D, A[p].const_data_ptr<at::BFloat16>() + r0 * lda, lda,
-                       Bk[p].const_data_ptr<at::BFloat16>(), c0, out, nc);
+          gemm_panels(nr, nc, D, A[p].const_data_ptr<at::BFloat16>() + r0 * lda, lda,
+                      Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, nc);
         } else if (Bk[p].defined()) {
-          gemm_blocked(nr, nc, D, A[p].const_data_ptr<float>() + r0 * lda, lda, Bk[p].const_data_ptr<float>(), c0,
-                       out, nc);
+          gemm_panels(nr, nc, D, A[p].const_data_ptr<float>() + r0 * lda, lda, Bk[p].const_data_ptr<float>(), C, c0,
+                      out, nc);
         } else {
           at::mm_out(products[p], A[p].narrow(0, r0, nr), B[p].narrow(0, c0, nc).t());
         }
