@@ -184,7 +184,7 @@ float read_inv_temperature(const at::Tensor& temperature) {
   return 1.0f / temperature.to(at::kFloat).item<float>();
 }
 
-// Rows are cut into at most kSlabs slabs of whole row blocks ([begin, end) per slab), a partition
+// Rows are cut into at most kSlabs slabs ([begin, end) per slab), a partition
 // that depends on the batch only: each slab streams its rows through stream_tiles with
 // single-threaded GEMMs and a serial epilogue, keeps its own column statistics (forward) and key
 // gradient (backward), and the slabs are merged in slab order — so the sums are the same whatever
@@ -192,14 +192,17 @@ float read_inv_temperature(const at::Tensor& temperature) {
 // threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take whole slabs: one
 // parallel region per forward (and one per column block in the backward) instead of one per tile,
 // since on a 2-core machine shared with other work every barrier costs a descheduled thread's time
-// slice. More than kSlabs threads do not speed up one call.
+// slice. More than kSlabs threads do not speed up one call. Slabs are cut in units of kSlabUnit rows,
+// not whole row blocks, so that a small batch (CentroBind at B <= 256 was a single 256-row block on
+// one thread) still spreads over the threads.
 constexpr int64_t kSlabs = 8;
+constexpr int64_t kSlabUnit = 64;
 
 std::vector<int64_t> row_ranges(int64_t rows) {
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(kSlabs, blocks));
-  std::vector<int64_t> bounds(threads + 1);
-  for (int64_t t = 0; t <= threads; ++t) bounds[t] = std::min(rows, (blocks * t / threads) * kRowBlock);
+  const int64_t units = (rows + kSlabUnit - 1) / kSlabUnit;
+  const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(kSlabs, units));
+  std::vector<int64_t> bounds(slabs + 1);
+  for (int64_t t = 0; t <= slabs; ++t) bounds[t] = std::min(rows, (units * t / slabs) * kSlabUnit);
   return bounds;
 }
 
