@@ -28,9 +28,9 @@ namespace {
 // by 1024 columns, cut into column chunks of kChunk for the epilogue threads. A chunk of 256 rows x
 // 256 columns is 256 KiB of float32: it stays in a core's 1 MiB L2 between the epilogue's two passes.
 // Neither chunks nor row slabs (row_ranges) depend on the thread count, so results are bit-identical
-// for any thread count on the brgemm path, and for any count >= 2 on the at::mm_out path (MKL's
-// sgemm called outside a parallel region, i.e. with 1 thread, rounds differently; ~3e-9 on the
-// gradients). tests/test_cpu_gemm.py.
+// for any thread count on the brgemm path. On the at::mm_out path MKL's sgemm itself rounds
+// differently when it runs outside a parallel region (1 thread) or, it seems, when threads of the
+// region are idle (more threads than slabs); ~3e-9 on the gradients then. tests/test_cpu_gemm.py.
 constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColBlock = 1024;
 constexpr int64_t kChunk = 256;
@@ -192,15 +192,19 @@ float read_inv_temperature(const at::Tensor& temperature) {
 // threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take whole slabs: one
 // parallel region per forward (and one per column block in the backward) instead of one per tile,
 // since on a 2-core machine shared with other work every barrier costs a descheduled thread's time
-// slice. More than kSlabs threads do not speed up one call. Slabs are cut in units of kSlabUnit rows,
-// not whole row blocks, so that a small batch (CentroBind at B <= 256 was a single 256-row block on
-// one thread) still spreads over the threads.
+// slice. More than kSlabs threads do not speed up one call. About kSlabRows rows per slab: each slab
+// costs a key-gradient buffer, zeroed and merged per column block (8 slabs of 128 rows made B = 1024
+// 30% slower on one thread, 2 slabs of 512 rows 7%). But at least two slabs from 2·kSlabUnit rows
+// up, so that a small batch (CentroBind at B <= 256 was one 256-row block on one thread) still
+// spreads over two threads. Slab bounds are multiples of kSlabUnit rows.
 constexpr int64_t kSlabs = 8;
+constexpr int64_t kSlabRows = 512;
 constexpr int64_t kSlabUnit = 64;
 
 std::vector<int64_t> row_ranges(int64_t rows) {
   const int64_t units = (rows + kSlabUnit - 1) / kSlabUnit;
-  const int64_t slabs = std::max<int64_t>(1, std::min<int64_t>(kSlabs, units));
+  const int64_t wanted = std::max<int64_t>(2, (rows + kSlabRows - 1) / kSlabRows);
+  const int64_t slabs = std::max<int64_t>(1, std::min({kSlabs, wanted, units}));
   std::vector<int64_t> bounds(slabs + 1);
   for (int64_t t = 0; t <= slabs; ++t) bounds[t] = std::min(rows, (units * t / slabs) * kSlabUnit);
   return bounds;
