@@ -165,20 +165,37 @@ def run_case(case: Case, timeout: float = 900.0) -> dict:
     return json.loads(lines[-1])
 
 
-def gemm_floor(a, b, count: int, block_rows: int = 2048):
-    """`count` products a·bᵀ (a, b [B, D]) as plain torch.mm into a reused output: the GEMM floor of
-    a fused op that does the same GEMMs. Above 8192 rows the products run in `block_rows`-row
-    blocks (same flops, a block_rows × B output instead of B × B)."""
+def gemm_floor(a, b, count: int, block_rows: int = 2048, kind: str = "torch"):
+    """`count` products a·bᵀ (a, b [B, D]) into a reused output: the GEMM floor of a fused op that
+    does the same GEMMs. Above 8192 rows the products run in `block_rows`-row blocks (same flops, a
+    block_rows × B output instead of B × B).
+
+    kind "torch": plain torch.mm in the inputs' dtype (MKL sgemm for float32 here, oneDNN for
+    bfloat16). kind "brgemm": fastbind's own tile GEMM, ``fastbind::tile_mm`` (oneDNN's brgemm
+    microkernel where the CPU has it; bfloat16 operands in its bf16 kernel; float32 output), i.e. the
+    best GEMM of the machine for float32, which MKL's sgemm is not on AVX-512 EPYCs (issue 14)."""
     import torch
 
     n = a.shape[0]
     rows = n if n <= 8192 else block_rows
-    out = torch.empty(rows, n, device=a.device, dtype=a.dtype)
+    if kind == "brgemm":
+        import fastbind  # noqa: F401  (loads the extension)
+
+        out = torch.empty(rows, n, device=a.device, dtype=torch.float32)
+
+        def product(r0, out_rows):
+            torch.ops.fastbind.tile_mm(a[r0 : r0 + rows], b, out_rows)
+
+    else:
+        out = torch.empty(rows, n, device=a.device, dtype=a.dtype)
+
+        def product(r0, out_rows):
+            torch.mm(a[r0 : r0 + rows], b.t(), out=out_rows)
 
     def fn():
         for _ in range(count):
             for r0 in range(0, n, rows):
-                torch.mm(a[r0 : r0 + rows], b.t(), out=out[: min(rows, n - r0)])
+                product(r0, out[: min(rows, n - r0)])
 
     return fn
 

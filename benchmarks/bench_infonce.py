@@ -10,6 +10,8 @@ Providers:
   modality one for the forward, and forward + recompute + two gradient products for fwd+bwd
   (M and 4M products). Above B = 8192 the products run in 2048-row blocks (same flops, a 2048 x B
   output buffer instead of B x B).
+* ``gemm-floor-brgemm``: the same GEMMs on fastbind's own tile GEMM (``fastbind::tile_mm``, oneDNN's
+  brgemm microkernel); ``dtype=bfloat16`` cases run both floors in bfloat16.
 
 All inputs float32 and L2-normalised, τ = 0.07, plain mean centroid (CentroBind's default).
 Ratios (``time_vs_<baseline>``, ``mem_vs_<baseline>``) come from the same run.
@@ -27,9 +29,14 @@ import torch.nn.functional as F
 from benchmarks._harness import RESULTS, Case, SkipCase, gemm_floor, plot, run_cases
 
 NAME = "infonce"
-PROVIDERS = ("fastbind-cpu", "fastbind-triton", "reference", "naive", "gemm-floor")
+PROVIDERS = ("fastbind-cpu", "fastbind-triton", "reference", "naive", "gemm-floor", "gemm-floor-brgemm")
 MODES = ("fwd", "fwd+bwd")
-RATIOS = [("fastbind", "reference"), ("fastbind", "naive"), ("fastbind", "gemm-floor")]
+RATIOS = [
+    ("fastbind", "reference"),
+    ("fastbind", "naive"),
+    ("fastbind", "gemm-floor"),
+    ("fastbind", "gemm-floor-brgemm"),
+]
 TAU = 0.07
 # naive / reference keep ~6 float32 [M, B, B] tensors alive in fwd+bwd (logits, stacked copy,
 # log-softmax of rows and of columns, their gradients): skip them where that exceeds this budget
@@ -53,16 +60,19 @@ def naive_centroid_loss(*zs):
     return sum((F.cross_entropy(s, labels) + F.cross_entropy(s.T, labels)) / 2 for s in logits)
 
 
-def _floor(tensors, mode: str, m: int):
-    """The GEMMs of the fused op as plain torch.mm (see _harness.gemm_floor)."""
-    return gemm_floor(tensors[0], tensors[1], _gemm_count(mode, m), FLOOR_BLOCK_ROWS)
+def _floor(provider: str, tensors, mode: str, m: int):
+    """The GEMMs of the fused op as plain torch.mm, or as fastbind's tile GEMM (see _harness.gemm_floor)."""
+    kind = "brgemm" if provider == "gemm-floor-brgemm" else "torch"
+    return gemm_floor(tensors[0], tensors[1], _gemm_count(mode, m), FLOOR_BLOCK_ROWS, kind)
 
 
-def build(provider: str, mode: str, device: str = "cpu", B: int = 1024, M: int = 3, D: int = 512):
+def build(
+    provider: str, mode: str, device: str = "cpu", B: int = 1024, M: int = 3, D: int = 512, dtype: str = "float32"
+):
     if provider == "fastbind-triton" and not torch.cuda.is_available():
         raise SkipCase("fastbind-triton needs a CUDA GPU")
-    if provider == "fastbind-cpu" and device != "cpu":
-        raise SkipCase("fastbind-cpu runs on CPU tensors")
+    if provider in ("fastbind-cpu", "gemm-floor-brgemm") and device != "cpu":
+        raise SkipCase(f"{provider} runs on CPU tensors")
     materialised = 6 * 4 * M * B * B
     if provider in ("naive", "reference") and materialised > MATERIALISED_BUDGET:
         raise SkipCase(f"needs ~{materialised / 2**30:.0f} GB for the [M, B, B] logits and their softmaxes")
@@ -72,9 +82,9 @@ def build(provider: str, mode: str, device: str = "cpu", B: int = 1024, M: int =
     import fastbind as fb
 
     g = torch.Generator().manual_seed(0)
-    tensors = [F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device) for _ in range(M)]
-    if provider == "gemm-floor":
-        return _floor(tensors, mode, M)
+    tensors = [F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device, getattr(torch, dtype)) for _ in range(M)]
+    if provider.startswith("gemm-floor"):
+        return _floor(provider, tensors, mode, M)
     if provider == "naive":
         loss_fn = naive_centroid_loss
     else:

@@ -4,10 +4,12 @@
 float32, exactly the cases the targets name, with their baselines, and writes
 ``benchmarks/results/targets.csv`` plus a table:
 
-* GRAM (k = 3, fwd+bwd): D = 256, B = 4096 against the GEMM floor and the release's algorithm;
-  D = 512, B = 2048 against the GEMM floor; D = 256, B = 32768 peak-RSS increase.
-* CentroBind (M = 3, D = 512, fwd+bwd): B = 4096 against `naive` and the GEMM floor; B = 32768
-  peak-RSS increase.
+* GRAM (k = 3, fwd+bwd): D = 256, B = 4096 against the GEMM floors (MKL ``torch.mm`` and the
+  brgemm tile GEMM) and the release's algorithm; the same in bfloat16 against the bfloat16 floors;
+  D = 512, B = 2048 and D = 256, B = 64 (fixed cost per call) against the floors; D = 256,
+  B = 32768 peak-RSS increase.
+* CentroBind (M = 3, D = 512, fwd+bwd): B = 4096 against `naive` and the floors; B = 256 against
+  the torch backend (`reference`); B = 32768 peak-RSS increase.
 * Codebook lookup (N = 65536, K = 8192, D = 256, k = 1) against faiss-cpu and torch.cdist + argmin.
 
 The huge cases run twice (repeat=0): the warm-up run is their single timing, then the memory run.
@@ -23,14 +25,21 @@ from benchmarks._harness import Case, run_cases
 
 def cases():
     gram = bench_gram.NAME
-    for provider in ("fastbind-cpu", "gemm-floor", "gram-official-style"):
+    floors = ("gemm-floor", "gemm-floor-brgemm")
+    for provider in ("fastbind-cpu", *floors, "gram-official-style"):
         yield Case(gram, provider, "fwd+bwd", dict(B=4096, k=3, D=256), repeat=3)
-    for provider in ("fastbind-cpu", "gemm-floor"):
+    for provider in ("fastbind-cpu", *floors):  # issue 14: bf16 inputs against the bf16 floors
+        yield Case(gram, provider, "fwd+bwd", dict(B=4096, k=3, D=256, dtype="bfloat16"), repeat=3)
+    for provider in ("fastbind-cpu", *floors):
         yield Case(gram, provider, "fwd+bwd", dict(B=2048, k=3, D=512), repeat=5)
+    for provider in ("fastbind-cpu", *floors):  # issue 14: the fixed cost of a small batch
+        yield Case(gram, provider, "fwd+bwd", dict(B=64, k=3, D=256), repeat=200)
     yield Case(gram, "fastbind-cpu", "fwd+bwd", dict(B=32768, k=3, D=256), repeat=0)
     infonce = bench_infonce.NAME
-    for provider in ("fastbind-cpu", "gemm-floor", "naive"):
+    for provider in ("fastbind-cpu", *floors, "naive"):
         yield Case(infonce, provider, "fwd+bwd", dict(B=4096, M=3, D=512), repeat=3)
+    for provider in ("fastbind-cpu", "reference", *floors):  # issue 14: small batch vs the torch backend
+        yield Case(infonce, provider, "fwd+bwd", dict(B=256, M=3, D=512), repeat=50)
     yield Case(infonce, "fastbind-cpu", "fwd+bwd", dict(B=32768, M=3, D=512), repeat=0)
     codebook = bench_codebook.NAME
     for provider in ("fastbind-cpu", "faiss", "torch"):

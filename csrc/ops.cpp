@@ -10,6 +10,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "fastbind/tiled.h"
+
 extern "C" {
 // Importing fastbind._C runs the static TORCH_LIBRARY initialisers below; the module is empty.
 PyObject* PyInit__C(void) {
@@ -21,7 +23,8 @@ PyObject* PyInit__C(void) {
 namespace fastbind {
 
 std::string build_info() {
-  std::string info = "cpu(openmp, " + std::to_string(at::get_num_threads()) + " threads)";
+  std::string info = "cpu(openmp, " + std::to_string(at::get_num_threads()) + " threads, " +
+                     cpu::gemm_path_name() + " tile GEMM" + (cpu::use_bf16_gemm(2) ? ", bf16 brgemm" : "") + ")";
 #ifdef FASTBIND_WITH_CUDA
   info += " cuda";
 #endif
@@ -30,6 +33,9 @@ std::string build_info() {
 
 TORCH_LIBRARY(fastbind, m) {
   m.def("build_info() -> str", &build_info);
+  // The tile GEMM of the fused ops (csrc/cpu/gemm.cpp): out [M,N] float32 = a [M,D] · b [N,D]ᵀ.
+  m.def("tile_gemm_path() -> str", [] { return std::string(cpu::gemm_path_name()); });
+  m.def("tile_mm(Tensor a, Tensor b, Tensor(a!) out) -> ()");
 
   // ---- GRAM (csrc/cpu/gram.cpp) ----
   // anchor [B1,D], basis [k-1,B2,D] (orthonormal basis of each sample's non-anchor modalities),

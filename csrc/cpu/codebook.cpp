@@ -259,7 +259,15 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   // Threads own disjoint row ranges (whole row blocks) and stream their rows through the codebook
   // with single-threaded GEMM tiles: no barrier per tile (the per-tile parallel_for + multithreaded
   // GEMM alternative synchronises ~2 times per tile, which costs a lot on a shared 2-core machine).
-  const bool direct = x.scalar_type() == at::kFloat && x.is_contiguous();
+  // bfloat16 x and codebook stay bfloat16 in the GEMM (fp32 accumulation) when its B operand is
+  // exact in bfloat16: −2·e (l2) and −e (dot) are, w⊙e and e/‖e‖ are not (those take the fp32 GEMM
+  // of the upcast operands). The scores then differ from the fp32 GEMM's only in the order of the
+  // accumulation, and the winners' exact distances are computed in double as always.
+  const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && codebook.scalar_type() == at::kBFloat16 &&
+                         !w.defined() && metric != Metric::kCosine && use_bf16_gemm(D);
+  const at::Tensor B_gemm = bf16_gemm ? B.to(at::kBFloat16) : B;
+  const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
+  const bool direct = x.scalar_type() == gemm_dtype && x.is_contiguous();
   const std::pair<RowMinFn, RowTopkFn> kernels = row_kernels();
   const RowMinFn row_min = kernels.first;
   const RowTopkFn row_topk = kernels.second;
@@ -277,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
     std::vector<int64_t> id(k);
     for (int64_t r0 = row_lo; r0 < row_hi; r0 += chunk) {
       const int64_t n = std::min(chunk, row_hi - r0);
-      const at::Tensor A = x.narrow(0, r0, n).to(at::kFloat).contiguous();
+      const at::Tensor A = x.narrow(0, r0, n).to(gemm_dtype).contiguous();
       std::fill(best.begin(), best.begin() + n * k, std::numeric_limits<float>::infinity());
       std::fill(best_j.begin(), best_j.begin() + n * k, int64_t{-1});
 
@@ -294,11 +302,12 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
           }
         }
       };
-      stream_tiles({A}, {B}, epilogue, row_block, kColBlock);
+      stream_tiles({A}, {B_gemm}, epilogue, row_block, kColBlock);
 
       // Winners: fill slots no finite score reached (non-finite rows) with the lowest unused
       // indices, recompute the exact distance, re-sort by (distance, index).
-      const float* A_p = A.data_ptr<float>();
+      const at::Tensor A_f32 = A.to(at::kFloat);
+      const float* A_p = A_f32.data_ptr<float>();
       for (int64_t i = 0; i < n; ++i) {
         const int64_t* cand = best_j.data() + i * k;
         int64_t next = 0;

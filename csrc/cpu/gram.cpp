@@ -215,8 +215,10 @@ void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& ba
               anchor.size(1));
   TORCH_CHECK(span_vol.dim() == 1 && span_vol.size(0) == basis.size(1), op, ": span_vol must be [B2]");
   TORCH_CHECK(anchor_sq.dim() == 1 && anchor_sq.size(0) == anchor.size(0), op, ": anchor_sq must be [B1]");
+  TORCH_CHECK(anchor.scalar_type() == at::kFloat || anchor.scalar_type() == at::kBFloat16, op,
+              ": the anchor must be float32 or bfloat16");
   for (const at::Tensor* t : {&anchor, &basis, &span_vol, &anchor_sq}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": the CPU kernels take float32 inputs");
+    TORCH_CHECK(t == &anchor || t->scalar_type() == at::kFloat, op, ": basis, span_vol and anchor_sq must be float32");
     TORCH_CHECK(t->device().is_cpu(), op, ": the CPU kernels take CPU tensors");
   }
 }
@@ -248,16 +250,38 @@ void for_row_chunks(int64_t rows, int64_t nchunks, Body&& body) {
 
 int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
 
-// Tiles of one chunk: the k-1 products A[r0:r0+nr]·Q_rᵀ.
+// Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ. With `gemm_basis` holding 2R
+// matrices (bfloat16 hi and lo parts of Q, see operands()) each product is the sum of two bf16
+// GEMMs, added before the epilogue sees the first R.
 template <class Epilogue>
-void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t r0, int64_t nr, Epilogue&& epilogue) {
+void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t R, int64_t r0, int64_t nr,
+                  Epilogue&& epilogue) {
   std::vector<at::Tensor> A, B;
   product_pairs(anchor.narrow(0, r0, nr), basis, A, B);
-  stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
+  if (basis.size(0) == R) {
+    stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
+    return;
+  }
+  stream_tiles(
+      A, B,
+      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        std::vector<at::Tensor> sums(prods.begin(), prods.begin() + R);
+        for (int64_t r = 0; r < R; ++r) sums[r].add_(prods[R + r]);
+        epilogue(t, sums);
+      },
+      kRowBlock, kColBlock);
 }
 
 struct Operands {
-  at::Tensor anchor, basis, span_vol, anchor_sq;
+  at::Tensor anchor, basis, span_vol, anchor_sq;  // float32
+  // The operands of the product GEMMs A·Q_rᵀ. For a bfloat16 anchor (fastbind/ops/gram.py passes
+  // bf16 inputs as they are) where the bf16 microkernel runs: the anchor as it is, and the float32
+  // basis split into bfloat16 hi + lo parts ([2R, B2, D]: Q ≈ Q_hi + Q_lo to ~2^-17), so that
+  // A·Q_rᵀ = A·Q_hiᵀ + A·Q_loᵀ is two bf16 GEMMs (2-4x faster than one fp32 GEMM here) accurate to
+  // float32 level: rounding Q itself to bf16 put 2^-9 relative errors into ‖a‖² − ΣP² and near-flat
+  // volumes off by 50%. Else = anchor / basis (float32). The backward's gradient GEMMs take the
+  // float32 copies (their other operand, dL/dP, is float32).
+  at::Tensor gemm_anchor, gemm_basis;
   int64_t B1, B2, R;
 };
 
@@ -266,9 +290,24 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   check_inputs(op, anchor, basis, span_vol, anchor_sq);
   // Detached: the tiles are computed on worker threads, which do not inherit the caller's
   // below-autograd dispatch state, and ATen refuses out= GEMMs on tensors that require grad.
-  return {anchor.contiguous().detach(),   basis.contiguous().detach(), span_vol.contiguous().detach(),
-          anchor_sq.contiguous().detach(), anchor.size(0),             basis.size(1),
-          basis.size(0)};
+  Operands o{anchor.detach().to(at::kFloat).contiguous(),
+             basis.detach().to(at::kFloat).contiguous(),
+             span_vol.contiguous().detach(),
+             anchor_sq.contiguous().detach(),
+             {},
+             {},
+             anchor.size(0),
+             basis.size(1),
+             basis.size(0)};
+  const bool bf16 = anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(anchor.size(1));
+  o.gemm_anchor = bf16 ? anchor.detach().contiguous() : o.anchor;
+  if (bf16) {
+    const at::Tensor hi = o.basis.to(at::kBFloat16);
+    o.gemm_basis = at::cat({hi, (o.basis - hi.to(at::kFloat)).to(at::kBFloat16)}).contiguous();
+  } else {
+    o.gemm_basis = o.basis;
+  }
+  return o;
 }
 
 // Backward over all tiles shared by the volume and the loss: `row_grad(global row) -> RowGrad`,
@@ -278,25 +317,31 @@ template <class MakeRowGrad, class GradRow>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tiles(
     const Operands& o, const float* g_col, const float* lse_col, MakeRowGrad&& make_row_grad, GradRow&& grad_row) {
   const auto opts = o.anchor.options();
-  at::Tensor d_anchor = at::zeros_like(o.anchor), d_basis = at::zeros_like(o.basis);
+  const int64_t D = o.anchor.size(1);
+  at::Tensor d_anchor = at::zeros_like(o.anchor);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
   const int64_t nchunks = chunk_count(o.B1);
-  // Chunk 0 accumulates dQ into d_basis directly, the others into their own buffer.
+  // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
+  // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
+  const at::Tensor anchor_t = o.anchor.t().contiguous();
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
+  const float* at_p = anchor_t.data_ptr<float>();
+  const float* q_p = o.basis.data_ptr<float>();
   float* dasq = d_asq.data_ptr<float>();
+  float* da_p = d_anchor.data_ptr<float>();
   for (int64_t c = 0; c < nchunks; ++c) {
-    d_basis_part[c] = c == 0 ? d_basis : at::zeros_like(o.basis);
+    d_basis_part[c] = at::zeros({o.R, D, o.B2}, opts);
     d_span_part[c] = at::zeros({o.B2}, opts);
   }
   for_row_chunks(o.B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> buf(kColBlock);
     float* dr = d_span_part[c].data_ptr<float>();
+    float* dqt = d_basis_part[c].data_ptr<float>();
     double dtau = 0.0;
-    const at::Tensor chunk_anchor = o.anchor.narrow(0, r0, nr);
-    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       float dt = 0.f;
       for (int64_t i = 0; i < t.nr; ++i) {
@@ -307,20 +352,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
                      dasq + gi, &dt);
       }
       dtau += dt;
+      const int64_t row = r0 + t.r0;
       for (int64_t r = 0; r < o.R; ++r) {
-        d_anchor.narrow(0, r0 + t.r0, t.nr).addmm_(prods[r], o.basis[r].narrow(0, t.c0, t.nc));
-        d_basis_part[c][r].narrow(0, t.c0, t.nc).addmm_(prods[r].t(), chunk_anchor.narrow(0, t.r0, t.nr));
+        const float* T = P.p[r];  // [nr, nc]
+        // dA[rows] += T_r · Q_r[cols]
+        gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, true);
+        // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r
+        gemm_f32(D, t.nc, t.nr, at_p + row, o.B1, T, t.nc, dqt + r * D * o.B2 + t.c0, o.B2, true);
       }
     });
     dtau_part[c] = dtau;
   });
   double dtau = 0.0;
+  at::Tensor d_basis_t = d_basis_part[0];
   for (int64_t c = 0; c < nchunks; ++c) {
-    if (c > 0) d_basis.add_(d_basis_part[c]);
+    if (c > 0) d_basis_t.add_(d_basis_part[c]);
     d_span.add_(d_span_part[c]);
     dtau += dtau_part[c];
   }
-  return {d_anchor, d_basis, d_span, d_asq, dtau};
+  return {d_anchor, d_basis_t.transpose(1, 2).contiguous(), d_span, d_asq, dtau};
 }
 
 float distance_eps(float a_sq) { return std::max(kDistRelEps * std::sqrt(a_sq), kTinyDist); }
@@ -337,7 +387,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   const float* asq = o.anchor_sq.data_ptr<float>();
   for_row_chunks(o.B1, chunk_count(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
-    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
@@ -405,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     float* cmax = col_max[c].data_ptr<float>();
     float* cexp = col_exp[c].data_ptr<float>();
     float* csum = col_sum[c].data_ptr<float>();
-    stream_chunk(o.anchor, o.basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       if (cols) {
         std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);

@@ -28,7 +28,10 @@ namespace {
 // Tiles: 256 rows (the dK GEMM of the backward has inner dimension = rows, which BLAS wants >= ~128)
 // by 1024 columns, cut into column chunks of kChunk for the epilogue threads. A chunk of 256 rows x
 // 256 columns is 256 KiB of float32: it stays in a core's 1 MiB L2 between the epilogue's two passes.
-// Chunks do not depend on the thread count, so results are bit-identical for any thread count.
+// Neither chunks nor row slabs (row_ranges) depend on the thread count, so results are bit-identical
+// for any thread count on the brgemm path. On the at::mm_out path MKL's sgemm itself rounds
+// differently when it runs outside a parallel region (1 thread) or, it seems, when threads of the
+// region are idle (more threads than slabs); ~3e-9 on the gradients then. tests/test_cpu_gemm.py.
 constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColBlock = 1024;
 constexpr int64_t kChunk = 256;
@@ -138,10 +141,15 @@ void grad_row(float* s, int64_t w, float inv_t, float g_row, float row_lse, cons
 
 struct Pairs {
   std::vector<at::Tensor> queries, keys;  // float32 contiguous [B1, D] / [B2, D], one per pair
+  // The operands of the logit GEMMs: bfloat16 inputs stay bfloat16 (fp32 accumulation; their
+  // products are exact, so only the order of the sums differs from the fp32 GEMM), else = queries/keys.
+  std::vector<at::Tensor> gemm_queries, gemm_keys;
   int64_t P, PK, B1, B2;
 };
 
-Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn) {
+// `need_f32`: float32 copies of bfloat16 operands (the gradient GEMMs of the backward, whose other
+// operand dL/dS is float32).
+Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn, bool need_f32) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, fn, ": expected q [P, B1, D] and k [PK, B2, D], got ", q.sizes(), " and ",
               k.sizes());
   TORCH_CHECK(k.size(0) == 1 || k.size(0) == q.size(0), fn, ": k must hold 1 or P = ", q.size(0),
@@ -151,14 +159,27 @@ Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn) {
   Pairs pairs;
   // detached: the GEMMs run on OpenMP worker threads, which do not inherit the caller's
   // below-autograd dispatch state (out= GEMMs on tensors that require grad would be refused there)
-  at::Tensor qf = q.detach().to(at::kFloat).contiguous(), kf = k.detach().to(at::kFloat).contiguous();
+  const bool bf16 = q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                    fastbind::cpu::use_bf16_gemm(q.size(2));
   pairs.P = q.size(0);
   pairs.PK = k.size(0);
   pairs.B1 = q.size(1);
   pairs.B2 = k.size(1);
-  for (int64_t p = 0; p < pairs.P; ++p) {
-    pairs.queries.push_back(qf[p]);
-    pairs.keys.push_back(kf[pairs.PK == 1 ? 0 : p]);
+  auto split = [&](const at::Tensor& qs, const at::Tensor& ks, std::vector<at::Tensor>& qv,
+                   std::vector<at::Tensor>& kv) {
+    for (int64_t p = 0; p < pairs.P; ++p) {
+      qv.push_back(qs[p]);
+      kv.push_back(ks[pairs.PK == 1 ? 0 : p]);
+    }
+  };
+  if (!bf16 || need_f32) {
+    split(q.detach().to(at::kFloat).contiguous(), k.detach().to(at::kFloat).contiguous(), pairs.queries, pairs.keys);
+  }
+  if (bf16) {
+    split(q.detach().contiguous(), k.detach().contiguous(), pairs.gemm_queries, pairs.gemm_keys);
+  } else {
+    pairs.gemm_queries = pairs.queries;
+    pairs.gemm_keys = pairs.keys;
   }
   return pairs;
 }
@@ -168,16 +189,29 @@ float read_inv_temperature(const at::Tensor& temperature) {
   return 1.0f / temperature.to(at::kFloat).item<float>();
 }
 
-// Threads own contiguous ranges of row blocks ([begin, end) per thread, multiples of kRowBlock): each
-// streams its rows through stream_tiles with single-threaded GEMMs (BLAS runs on one thread inside a
-// parallel region) and a serial epilogue. One parallel region per forward (and one per column block
-// in the backward) instead of one per tile: on a 2-core machine shared with other work, every
-// barrier costs a descheduled thread's time slice.
+// Rows are cut into at most kSlabs slabs ([begin, end) per slab), a partition
+// that depends on the batch only: each slab streams its rows through stream_tiles with
+// single-threaded GEMMs and a serial epilogue, keeps its own column statistics (forward) and key
+// gradient (backward), and the slabs are merged in slab order — so the sums are the same whatever
+// the number of threads (see kRowBlock for the one exception; with the partition following the
+// threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take whole slabs: one
+// parallel region per forward (and one per column block in the backward) instead of one per tile,
+// since on a 2-core machine shared with other work every barrier costs a descheduled thread's time
+// slice. More than kSlabs threads do not speed up one call. About kSlabRows rows per slab: each slab
+// costs a key-gradient buffer, zeroed and merged per column block (8 slabs of 128 rows made B = 1024
+// 30% slower on one thread, 2 slabs of 512 rows 7%). But at least two slabs from 2·kSlabUnit rows
+// up, so that a small batch (CentroBind at B <= 256 was one 256-row block on one thread) still
+// spreads over two threads. Slab bounds are multiples of kSlabUnit rows.
+constexpr int64_t kSlabs = 8;
+constexpr int64_t kSlabRows = 512;
+constexpr int64_t kSlabUnit = 64;
+
 std::vector<int64_t> row_ranges(int64_t rows) {
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  std::vector<int64_t> bounds(threads + 1);
-  for (int64_t t = 0; t <= threads; ++t) bounds[t] = std::min(rows, (blocks * t / threads) * kRowBlock);
+  const int64_t units = (rows + kSlabUnit - 1) / kSlabUnit;
+  const int64_t wanted = std::max<int64_t>(2, (rows + kSlabRows - 1) / kSlabRows);
+  const int64_t slabs = std::max<int64_t>(1, std::min({kSlabs, wanted, units}));
+  std::vector<int64_t> bounds(slabs + 1);
+  for (int64_t t = 0; t <= slabs; ++t) bounds[t] = std::min(rows, (units * t / slabs) * kSlabUnit);
   return bounds;
 }
 
@@ -207,7 +241,7 @@ std::pair<at::Tensor, at::Tensor> finish(const at::Tensor& max, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                            const at::Tensor& temperature,
                                                                            double label_smoothing, int64_t diag_offset) {
-  const Pairs pr = unpack(q, k, "infonce_fwd");
+  const Pairs pr = unpack(q, k, "infonce_fwd", false);
   const int64_t P = pr.P, B1 = pr.B1, B2 = pr.B2;
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -219,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   float *rlog = row_logit.data_ptr<float>(), *pos = positive.data_ptr<float>();
   const std::vector<int64_t> bounds = row_ranges(B1);
   const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
-  std::vector<ColumnStats> cols;  // per thread, merged in thread order below (deterministic)
+  std::vector<ColumnStats> cols;  // per slab, merged in slab order below (deterministic)
   for (int64_t t = 0; t < threads; ++t) cols.emplace_back(P, B2, f32);
 
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
@@ -231,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
       std::vector<float> part_max(chunks_max * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
       std::vector<float> new_max(kChunk);
       fastbind::cpu::stream_tiles(
-          narrow_rows(pr.queries, first_row, bounds[t + 1] - first_row), pr.keys,
+          narrow_rows(pr.gemm_queries, first_row, bounds[t + 1] - first_row), pr.gemm_keys,
           [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0, chunks = (tile.nc + kChunk - 1) / kChunk;
             for (int64_t p = 0; p < P; ++p) {
@@ -274,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
     }
   });
 
-  // merge the threads' column statistics in thread order
+  // merge the slabs' column statistics in slab order
   at::Tensor col_max = cols[0].max, col_sum = cols[0].sum, col_logit = cols[0].logit;
   for (int64_t t = 1; t < threads; ++t) {
     at::Tensor m = at::maximum(col_max, cols[t].max);
@@ -305,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                                                    const at::Tensor& temperature, const at::Tensor& row_lse,
                                                    const at::Tensor& col_lse, double label_smoothing,
                                                    int64_t diag_offset) {
-  const Pairs pr = unpack(q, k, "infonce_bwd");
+  const Pairs pr = unpack(q, k, "infonce_bwd", true);
   const int64_t P = pr.P, PK = pr.PK, B1 = pr.B1, B2 = pr.B2, D = q.size(2);
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -323,17 +357,29 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
   const std::vector<int64_t> bounds = row_ranges(B1);
   const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
-  // dK of one column block, per thread (rows of different threads meet in the same key rows)
-  at::Tensor grad_k_part = at::empty({threads, PK, std::min(kColBlock, B2), D}, f32);
+  // dKᵀ of one column block, per slab (rows of different slabs meet in the same key rows), and the
+  // queries transposed once (the A operand of the dKᵀ product)
+  const int64_t ncb = std::min(kColBlock, B2);
+  at::Tensor grad_k_part = at::empty({threads, PK, D, ncb}, f32);
+  std::vector<at::Tensor> queries_t;
+  std::vector<const float*> qt_p, key_p;
+  for (int64_t p = 0; p < P; ++p) {
+    queries_t.push_back(pr.queries[p].t().contiguous());
+    qt_p.push_back(queries_t.back().data_ptr<float>());
+    key_p.push_back(pr.keys[p].data_ptr<float>());
+  }
+  float* gq = grad_q.data_ptr<float>();
 
   for (int64_t c0 = 0; c0 < B2; c0 += kColBlock) {
     const int64_t nc = std::min(kColBlock, B2 - c0);
-    grad_k_part.zero_();
-    const std::vector<at::Tensor> keys = narrow_rows(pr.keys, c0, nc);
+    // [threads, PK, D, nc] contiguous for this block
+    at::Tensor part = grad_k_part.view({-1}).narrow(0, 0, threads * PK * D * nc).view({threads, PK, D, nc}).zero_();
+    float* gkt = part.data_ptr<float>();
+    const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
     at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
       for (int64_t t = t_begin; t < t_end; ++t) {
         const int64_t first_row = bounds[t];
-        const std::vector<at::Tensor> queries = narrow_rows(pr.queries, first_row, bounds[t + 1] - first_row);
+        const std::vector<at::Tensor> queries = narrow_rows(pr.gemm_queries, first_row, bounds[t + 1] - first_row);
         fastbind::cpu::stream_tiles(
             queries, keys,
             [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
@@ -347,16 +393,20 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                   const int64_t j = row + diag_offset - c0;  // the positive's (1-ε)·δ term, both directions
                   if (j >= 0 && j < nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + c0 + j]);
                 }
-                const at::Tensor& G = products[p];  // [nr, nc] = dL/dS of the tile
-                grad_q[p].narrow(0, r0, tile.nr).addmm_(G, keys[p]);
-                grad_k_part[t][PK == 1 ? 0 : p].narrow(0, 0, nc).addmm_(G.t(), queries[p].narrow(0, tile.r0, tile.nr));
+                const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
+                // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
+                // form of the brgemm microkernel)
+                fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
+                                        true);
+                fastbind::cpu::gemm_f32(D, nc, tile.nr, qt_p[p] + r0, B1, G, nc,
+                                        gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
               }
             },
             kRowBlock, kColBlock);
       }
     });
     at::Tensor block = grad_k.narrow(1, c0, nc);
-    for (int64_t t = 0; t < threads; ++t) block.add_(grad_k_part[t].narrow(1, 0, nc));
+    for (int64_t t = 0; t < threads; ++t) block.add_(part[t].transpose(1, 2));
   }
   return {grad_q, grad_k};
 }

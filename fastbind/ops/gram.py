@@ -198,11 +198,15 @@ def _prepare(anchor: torch.Tensor, modalities, backend: str):
     """Operands of the fused ops: (A, basis, span_vol, anchor_sq) with autograd to the inputs.
 
     Per-sample math in float32; the GEMM operands stay in the input dtype on the triton backend
-    (bf16/fp16 feed tensor cores, accumulation in float32) and are float32 on the cpu backend.
+    (bf16/fp16 feed tensor cores, accumulation in float32). On the cpu backend they are float32
+    except a bfloat16 anchor, which its bf16 GEMMs take as it is (against hi + lo bf16 parts of the
+    float32 basis, csrc/cpu/gram.cpp).
     """
     a32 = anchor.float()
     basis, span_vol = span_basis([m.float() for m in modalities])
     operand = anchor.dtype if backend == "triton" else torch.float32
+    if backend == "cpu" and anchor.dtype == torch.bfloat16:
+        return anchor.contiguous(), basis.contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
     a_op = anchor.to(operand).contiguous()
     return a_op, basis.to(operand).contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
 

@@ -1,0 +1,55 @@
+// The tile GEMM of csrc/include/fastbind/tiled.h as an op of its own, `fastbind::tile_mm`: the
+// best-GEMM floor of the benchmarks (`gemm-floor-brgemm`) and the test that each GEMM path
+// (brgemm, at::mm_out fallback; float32 and bfloat16) computes a·bᵀ.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "fastbind/tiled.h"
+
+namespace fastbind {
+namespace cpu {
+
+// out [M, N] float32 = a [M, D] · b [N, D]ᵀ on oneDNN's brgemm microkernel wherever it runs (also
+// where the fused ops' float32 path is at::mm_out: this is the machine's brgemm floor): bfloat16 a
+// and b (even D, AVX-512) in the bf16 kernel, everything else in float32; at::mm_out without brgemm. Row blocks are split over the
+// threads and written straight into `out` (no scratch tile: this is the floor of the fused ops'
+// GEMMs, the same microkernel calls without an epilogue).
+void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "tile_mm: expected a [M, D] and b [N, D], got ",
+              a.sizes(), " and ", b.sizes());
+  const int64_t M = a.size(0), N = b.size(0), D = a.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N && out.scalar_type() == at::kFloat &&
+                  out.stride(1) == 1,
+              "tile_mm: out must be float32 [", M, ", ", N, "] with unit column stride");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && out.device().is_cpu(), "tile_mm: CPU tensors expected");
+  const bool bf16 = a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && use_bf16_gemm(D);
+  const at::ScalarType dt = bf16 ? at::kBFloat16 : at::kFloat;
+  const at::Tensor A = a.detach().to(dt).contiguous(), B = b.detach().to(dt).contiguous();
+  if (M == 0 || N == 0) return;
+  float* o = out.data_ptr<float>();
+  const int64_t ldo = out.stride(0);
+  const at::Tensor Bk = bf16 ? pack_panels<at::BFloat16>(B) : (brgemm_usable() ? pack_panels<float>(B) : at::Tensor());
+  const int64_t blocks = (M + kDefaultRowBlock - 1) / kDefaultRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t r0 = blk * kDefaultRowBlock, nr = std::min(kDefaultRowBlock, M - r0);
+      if (bf16) {
+        gemm_panels(nr, N, D, A.const_data_ptr<at::BFloat16>() + r0 * D, D, Bk.const_data_ptr<at::BFloat16>(), N, 0,
+                    o + r0 * ldo, ldo);
+      } else if (Bk.defined()) {
+        gemm_panels(nr, N, D, A.const_data_ptr<float>() + r0 * D, D, Bk.const_data_ptr<float>(), N, 0, o + r0 * ldo,
+                    ldo);
+      } else {
+        at::Tensor rows = out.narrow(0, r0, nr);
+        at::mm_out(rows, A.narrow(0, r0, nr), B.t());
+      }
+    }
+    if (bf16) gemm_done();
+  });
+}
+
+TORCH_LIBRARY_IMPL(fastbind, CPU, m) { m.impl("tile_mm", &tile_mm_cpu); }
+
+}  // namespace cpu
+}  // namespace fastbind
