@@ -425,7 +425,7 @@ def _loss_case(bench, baseline, fused, n: int, provider: str, B: int, D: int, dt
     benchmark suite (`bench._floor`: the same products as plain torch.mm), or the `baseline` loss."""
     tensors = _unit_rows(B, D, n, dtype, device)
     if provider == "gemm-floor":
-        return bench._floor(tensors, "fwd+bwd", n), lambda: None
+        return bench._floor("gemm-floor", tensors, "fwd+bwd", n), lambda: None
     leaves = [t.requires_grad_(True) for t in tensors]
     return _fwd_bwd(fused if provider == "fastbind-triton" else baseline, leaves)
 
