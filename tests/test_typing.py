@@ -22,8 +22,12 @@ def _public_functions():
     return [(name, getattr(fb, name)) for name in fb.__all__ if inspect.isfunction(getattr(fb, name))]
 
 
+VQ_METHODS = ("__init__", "forward", "freeze", "initialize", "set_dim_weight", "apply_toc", "statistics")
+
+
 def _module_methods():
-    return [(f"{cls.__name__}.{m}", getattr(cls, m)) for cls in LOSS_MODULES for m in ("__init__", "forward")]
+    losses = [(f"{cls.__name__}.{m}", getattr(cls, m)) for cls in LOSS_MODULES for m in ("__init__", "forward")]
+    return losses + [(f"VectorQuantizer.{m}", getattr(fb.nn.VectorQuantizer, m)) for m in VQ_METHODS]
 
 
 def test_py_typed_is_package_data():

@@ -241,7 +241,7 @@ class VectorQuantizer(nn.Module):
         count_init: str = "one",
         laplace: str = "stored",
         backend: str | None = None,
-    ):
+    ) -> None:
         super().__init__()
         _check_int("num_codes", num_codes, 2)
         _check_int("dim", dim, 1)
@@ -380,7 +380,9 @@ class VectorQuantizer(nn.Module):
         return mask
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x):
+    def forward(
+        self, x: torch.Tensor | Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | list[torch.Tensor], torch.Tensor]:
         multi = self.modalities > 1
         xs = self._check_inputs(x)
         flat = [t.reshape(-1, self.dim) for t in xs]
@@ -578,7 +580,7 @@ class VectorQuantizer(nn.Module):
             self.perplexity.append(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()))
             self.code_usage.append((count > 0).float().mean())
 
-    def statistics(self) -> dict:
+    def statistics(self) -> dict[str, int | list[float]]:
         """Perplexity and used-code fraction of the last batch (per modality, finite tokens only), codes
         currently unused for `dead_code_steps` steps, codes replaced so far, token positions kept out of
         the statistics for non-finite values so far, step counter."""
