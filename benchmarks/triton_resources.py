@@ -24,6 +24,7 @@ import concurrent.futures
 import fcntl
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import re
@@ -201,11 +202,12 @@ def ensure_triton(version: str) -> str:
 
 
 def _sources_hash(version: str, families) -> str:
-    h = hashlib.sha256(f"{version} {sorted(families)} {sys.version_info[:2]}".encode())
-    files = [os.path.join(ROOT, "benchmarks", "triton_resources.py")]
+    # what determines the rows: the kernel sources, the compile and IR checks, the versions
+    h = hashlib.sha256(f"{version} {sorted(families)} {sys.version_info[:2]} {TARGETS}".encode())
+    for fn in (compile_spec, collect, i32_index_products):
+        h.update(inspect.getsource(fn).encode())
     tdir = os.path.join(ROOT, "fastbind", "triton")
-    files += sorted(os.path.join(tdir, f) for f in os.listdir(tdir) if f.endswith(".py"))
-    for path in files:
+    for path in sorted(os.path.join(tdir, f) for f in os.listdir(tdir) if f.endswith(".py")):
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:20]
@@ -262,6 +264,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_by_version(rows: list[dict]) -> str:
+    """One line per kernel and arch, the registers and spills of each Triton version side by side."""
+    versions = sorted({r["triton"] for r in rows}, key=lambda v: tuple(int(x) for x in v.split(".")))
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["kernel"], r["arch"]), {})[r["triton"]] = r
+    head = " | ".join(f"regs / spill st/ld (B) {v}" for v in versions)
+    lines = [
+        f"| kernel | arch | warps | stages | {head} | shared (KB) | wgmma |",
+        "|---|---|---|---|" + "---|" * len(versions) + "---|---|",
+    ]
+    for (kernel, arch), per in by_key.items():
+        first = next(iter(per.values()))
+        cells = " | ".join(
+            f"{per[v]['registers']} / {per[v]['spill_stores']}/{per[v]['spill_loads']}" if v in per else "-"
+            for v in versions
+        )
+        shared = "/".join(sorted({f"{p['shared_bytes'] / 1024:.1f}" for p in per.values()}))
+        wgmma = "/".join(sorted({"yes" if p["wgmma"] else "no" for p in per.values()}))
+        lines.append(
+            f"| {kernel} | {arch} | {first['num_warps']} | {first['num_stages']} | {cells} | {shared} | {wgmma} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows as JSON to this path")
@@ -284,7 +311,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if not args.quiet:
-        print(markdown(rows))
+        print(markdown_by_version(rows) if args.triton else markdown(rows))
     return 0
 
 

@@ -206,10 +206,13 @@ def _config(dtype: torch.dtype, k: int) -> dict:
     hungry: 8 warps over a 64×64 tile. bf16/fp16: a 64-row M tile with 4 warps (one warpgroup) is
     what lowers to wgmma on sm_90; 64 codes × 32 dims per step keeps the top-k list, the tile and
     the operand stages within 255 registers. Larger k holds more per-row state, so fp32 shrinks the
-    code tile to 32 for k > 8. Two pipeline stages (three spilled on sm_80 at k = 1).
+    code tile to 32 and the D step to 16 for k > 8 (k = 32 spilled on sm_80 with 32). Two pipeline
+    stages (three spilled on sm_80 at k = 1).
     """
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64 if k <= 8 else 32, "BLOCK_D": 32, "num_warps": 8, "num_stages": 2}
+        if k <= 8:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 
 

@@ -43,23 +43,30 @@ OP_NAMES = (
     "fastbind::gram_loss_backward_triton",
 )
 
-# Launch configuration per operand dtype: the launches and the ahead-of-time compile check
-# (aot_specs, tests/test_triton_compile.py) both read this table. Chosen from the sm_90/sm_80
-# resource report under triton 3.6 and 3.9 (zero spills for k = 2..8):
-# * 16-bit operands: M = 64 with 4 warps lets the dot lower to wgmma on sm_90;
+# Launch configuration per kernel kind ("fwd": volume and loss forward, "bwd": the atomic backward)
+# and operand dtype: the launches and the ahead-of-time compile check (aot_specs,
+# tests/test_triton_compile.py) both read this table. Chosen from the sm_90/sm_80 resource report
+# under triton 3.6 and 3.9 (zero spills for k = 3 and 8):
+# * 16-bit operands: M = 64 with 4 warps lets the dots lower to wgmma on sm_90; the backward holds
+#   the dL/dP tile and two gradient tiles, so its column tile is 16 (32 spilled on sm_80 under 3.6);
 # * float32 operands: the "ieee" dot is FMA-based and holds its operands in registers, so the tile
-#   is small (64 x 64 x 32 spilled hundreds of bytes); BLOCK_K = 16 because triton < 3.8 rejects a
-#   non-8-bit tl.dot with K < 16. Software pipelining buys nothing for the FMA dot (1 stage).
+#   is small (64 x 64 x 32 spilled hundreds of bytes) and spread over 8 warps (4 spilled on sm_80
+#   under 3.6); BLOCK_K = 16 because triton < 3.8 rejects a non-8-bit tl.dot with K < 16. Software
+#   pipelining buys nothing for the FMA dot (1 stage).
 CONFIGS = {
-    "fp32": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
-    "16bit": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
+    ("bwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
+    ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("bwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
 }
-# The deterministic backward (_gram_bwd_det_kernel) holds a gradient accumulator tile besides the
-# logit tile: 8 warps (at 4, the fp32 column kernel spilled ~0.5 KB and the 16-bit ones used all 255
-# registers under triton 3.6).
+# The deterministic backward (_gram_bwd_det_kernel, per AXIS: 1 = row blocks, 0 = column blocks)
+# holds a gradient accumulator tile besides the logit tile; chosen the same way (fp32 columns at
+# 32 x 32 spilled ~0.5 KB with 4 warps, and a few bytes with 8 under 3.9).
 DET_CONFIGS = {
-    "fp32": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
-    "16bit": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
+    (1, "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    (0, "fp32"): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    (1, "16bit"): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
+    (0, "16bit"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
 }
 # Backward clamp of the distance (relative to |a_i|), as in csrc/cpu/gram.cpp.
 DIST_REL_EPS = 1e-4
@@ -700,14 +707,16 @@ def _config_key(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
-def _common(anchor, basis):
+def _common(anchor, basis, kind):
     b1, d = anchor.shape
     nq, b2, _ = basis.shape
     upcast = _interpreting() and anchor.dtype != torch.float32
     sizes = dict(B1=b1, B2=b2, D=d, stride_a=anchor.stride(0), stride_qr=basis.stride(0), stride_qj=basis.stride(1))
-    meta = dict(NQ=nq, UPCAST=upcast, **CONFIGS[_config_key(anchor.dtype)])
+    meta = dict(NQ=nq, UPCAST=upcast, **CONFIGS[(kind, _config_key(anchor.dtype))])
     if torch.are_deterministic_algorithms_enabled():
-        det_meta = dict(NQ=nq, UPCAST=upcast, **DET_CONFIGS[_config_key(anchor.dtype)])
+        det_meta = {
+            axis: dict(NQ=nq, UPCAST=upcast, **DET_CONFIGS[(axis, _config_key(anchor.dtype))]) for axis in (0, 1)
+        }
     else:
         det_meta = None
     return sizes, meta, det_meta
@@ -717,19 +726,17 @@ def _grid2d(sizes, meta):
     return (triton.cdiv(sizes["B1"], meta["BLOCK_M"]), triton.cdiv(sizes["B2"], meta["BLOCK_N"]))
 
 
-def _deterministic_backward(upstream, operands, sizes, meta, loss):
-    """(dA, dQ, dr, d|a|^2, sum(g * logit)) without atomics: the row-block launch owns dA and
+def _deterministic_backward(upstream, operands, sizes, det_meta, loss):
+    """(dA, dQ, dR, d|a|^2, sum(g * logit)) without atomics: the row-block launch owns dA and
     d|a|^2, the column-block launch dQ and dr, and d tau is the sum of per-program partials in a
     fixed order."""
     anchor, basis = operands[0], operands[1]
     d_a, d_q, d_r, d_asq = _zero_grads(anchor, basis)
-    dev = anchor.device
-    n_row_blocks = triton.cdiv(sizes["B1"], meta["BLOCK_M"])
-    dtau_part = torch.zeros(n_row_blocks, device=dev, dtype=torch.float32)
-    for axis, own, stat, n_blocks in (
-        (1, d_a, d_asq, n_row_blocks),
-        (0, d_q, d_r, triton.cdiv(sizes["B2"], meta["BLOCK_N"])),
-    ):
+    n_row_blocks = triton.cdiv(sizes["B1"], det_meta[1]["BLOCK_M"])
+    dtau_part = torch.zeros(n_row_blocks, device=anchor.device, dtype=torch.float32)
+    n_col_blocks = triton.cdiv(sizes["B2"], det_meta[0]["BLOCK_N"])
+    for axis, own, stat, n_blocks in ((1, d_a, d_asq, n_row_blocks), (0, d_q, d_r, n_col_blocks)):
+        meta = det_meta[axis]
         _gram_bwd_det_kernel[(n_blocks,)](
             own, stat, dtau_part, *upstream, *operands, **sizes, AXIS=axis, LOSS=loss, **meta
         )
@@ -741,7 +748,7 @@ def gram_volume_triton(
     anchor: torch.Tensor, basis: torch.Tensor, span_vol: torch.Tensor, anchor_sq: torch.Tensor
 ) -> torch.Tensor:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
-    sizes, meta, det_meta = _common(anchor, basis)
+    sizes, meta, det_meta = _common(anchor, basis, "fwd")
     out = torch.empty(sizes["B1"], sizes["B2"], device=anchor.device, dtype=torch.float32)
     grid = _grid2d(sizes, meta)
     _gram_volume_fwd_kernel[grid](out, anchor, basis, span_vol, anchor_sq, **sizes, **meta)
@@ -764,7 +771,7 @@ def gram_volume_backward_triton(
     grad: torch.Tensor, anchor: torch.Tensor, basis: torch.Tensor, span_vol: torch.Tensor, anchor_sq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
-    sizes, meta, det_meta = _common(anchor, basis)
+    sizes, meta, det_meta = _common(anchor, basis, "bwd")
     grad = grad.float().contiguous()
     if det_meta is not None:
         unused = span_vol  # placeholder pointers of the loss-only arguments
@@ -790,7 +797,7 @@ def gram_loss_forward_triton(
     cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
-    sizes, meta, det_meta = _common(anchor, basis)
+    sizes, meta, det_meta = _common(anchor, basis, "fwd")
     b1, b2 = sizes["B1"], sizes["B2"]
     if rows and not (diag_offset >= 0 and b1 + diag_offset <= b2):
         raise ValueError("gram_loss_forward_triton: every row needs its positive column (i + diag_offset < B2)")
@@ -825,7 +832,7 @@ def gram_loss_backward_triton(
     cols: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
-    sizes, meta, det_meta = _common(anchor, basis)
+    sizes, meta, det_meta = _common(anchor, basis, "bwd")
     dev = anchor.device
     # A disabled direction contributes nothing: zero upstream weights.
     g_row = grad_row.float().contiguous() if rows else torch.zeros(sizes["B1"], device=dev)
@@ -859,9 +866,11 @@ def aot_specs(ks=(3, 8), dtypes=("fp32", "bf16")) -> list[AotSpec]:
         for dtype in dtypes:
             op = f"*{dtype}"
             key = "fp32" if dtype == "fp32" else "16bit"
-            cfg = dict(CONFIGS[key])
-            cfg_warps = cfg.pop("num_warps"), cfg.pop("num_stages")
-            const = dict(NQ=k - 1, UPCAST=False, **cfg)
+            const, warps = {}, {}
+            for kind in ("fwd", "bwd"):
+                cfg = dict(CONFIGS[(kind, key)])
+                warps[kind] = cfg.pop("num_warps"), cfg.pop("num_stages")
+                const[kind] = dict(NQ=k - 1, UPCAST=False, **cfg)
             operands = dict(a_ptr=op, q_ptr=op, r_ptr="*fp32", asq_ptr="*fp32")
             loss_args = dict(tau_ptr="*fp32", label_smoothing="fp32", diag_offset="i32")
             vol_fwd = dict(out_ptr="*fp32", **operands, **sizes)
@@ -873,17 +882,16 @@ def aot_specs(ks=(3, 8), dtypes=("fp32", "bf16")) -> list[AotSpec]:
             det = dict(d_own_ptr="*fp32", d_stat_ptr="*fp32", dtau_part_ptr="*fp32", grad_ptr="*fp32", **stats)
             det.update(**operands, **loss_args, **sizes)
             variants = [
-                ("gram_volume_fwd", _gram_volume_fwd_kernel, vol_fwd, const),
-                ("gram_loss_fwd[rows]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=1, **const)),
-                ("gram_loss_fwd[cols]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=0, **const)),
-                ("gram_volume_bwd", _gram_volume_bwd_kernel, vol_bwd, const),
-                ("gram_loss_bwd", _gram_loss_bwd_kernel, loss_bwd, const),
+                ("gram_volume_fwd", _gram_volume_fwd_kernel, vol_fwd, const["fwd"], warps["fwd"]),
+                ("gram_loss_fwd[rows]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=1, **const["fwd"]), warps["fwd"]),
+                ("gram_loss_fwd[cols]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=0, **const["fwd"]), warps["fwd"]),
+                ("gram_volume_bwd", _gram_volume_bwd_kernel, vol_bwd, const["bwd"], warps["bwd"]),
+                ("gram_loss_bwd", _gram_loss_bwd_kernel, loss_bwd, const["bwd"], warps["bwd"]),
             ]
-            variants = [(*v, cfg_warps) for v in variants]
-            det_cfg = dict(DET_CONFIGS[key])
-            det_warps = det_cfg.pop("num_warps"), det_cfg.pop("num_stages")
             for loss in (False, True):
                 for axis, side in ((1, "rows"), (0, "cols")):
+                    det_cfg = dict(DET_CONFIGS[(axis, key)])
+                    det_warps = det_cfg.pop("num_warps"), det_cfg.pop("num_stages")
                     name = f"gram_{'loss' if loss else 'volume'}_bwd_det[{side}]"
                     consts = dict(NQ=k - 1, UPCAST=False, AXIS=axis, LOSS=loss, **det_cfg)
                     variants.append((name, _gram_bwd_det_kernel, det, consts, det_warps))
