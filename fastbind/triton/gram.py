@@ -50,23 +50,32 @@ OP_NAMES = (
 # * 16-bit operands: M = 64 with 4 warps lets the dots lower to wgmma on sm_90; the backward holds
 #   the dL/dP tile and two gradient tiles, so its column tile is 16 (32 spilled on sm_80 under 3.6);
 # * float32 operands: the "ieee" dot is FMA-based and holds its operands in registers, so the tile
-#   is small (64 x 64 x 32 spilled hundreds of bytes) and spread over 8 warps (4 spilled on sm_80
-#   under 3.6); BLOCK_K = 16 because triton < 3.8 rejects a non-8-bit tl.dot with K < 16. Software
-#   pipelining buys nothing for the FMA dot (1 stage).
+#   is small (64 x 64 x 32 spilled hundreds of bytes), 16 rows in the backward (32 spilled a few
+#   bytes on sm_80 with 4 warps under 3.6, and with 8 warps under 3.9); BLOCK_K = 16 because
+#   triton < 3.8 rejects a non-8-bit tl.dot with K < 16. Software pipelining buys nothing for the
+#   FMA dot (1 stage).
 CONFIGS = {
-    ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
-    ("bwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=1),
+    ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    ("bwd", "fp32"): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
     ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
     ("bwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
 }
-# The deterministic backward (_gram_bwd_det_kernel, per AXIS: 1 = row blocks, 0 = column blocks)
-# holds a gradient accumulator tile besides the logit tile; chosen the same way (fp32 columns at
-# 32 x 32 spilled ~0.5 KB with 4 warps, and a few bytes with 8 under 3.9).
+# The deterministic backward (_gram_bwd_det_kernel) per (LOSS, AXIS: 1 = row blocks, 0 = column
+# blocks, operand dtype) holds a gradient accumulator tile besides the logit tile; chosen the same
+# way (ptxas spilled a few bytes for some other tiles of the fp32 variants under one version or
+# the other).
+_DET_FP32_COLS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+_DET_16BIT_ROWS = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
+_DET_16BIT_COLS = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)
 DET_CONFIGS = {
-    (1, "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
-    (0, "fp32"): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
-    (1, "16bit"): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
-    (0, "16bit"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2),
+    (False, 1, "fp32"): dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
+    (True, 1, "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    (False, 0, "fp32"): _DET_FP32_COLS,
+    (True, 0, "fp32"): _DET_FP32_COLS,
+    (False, 1, "16bit"): _DET_16BIT_ROWS,
+    (True, 1, "16bit"): _DET_16BIT_ROWS,
+    (False, 0, "16bit"): _DET_16BIT_COLS,
+    (True, 0, "16bit"): _DET_16BIT_COLS,
 }
 # Backward clamp of the distance (relative to |a_i|), as in csrc/cpu/gram.cpp.
 DIST_REL_EPS = 1e-4
@@ -714,8 +723,11 @@ def _common(anchor, basis, kind):
     sizes = dict(B1=b1, B2=b2, D=d, stride_a=anchor.stride(0), stride_qr=basis.stride(0), stride_qj=basis.stride(1))
     meta = dict(NQ=nq, UPCAST=upcast, **CONFIGS[(kind, _config_key(anchor.dtype))])
     if torch.are_deterministic_algorithms_enabled():
+        key = _config_key(anchor.dtype)
         det_meta = {
-            axis: dict(NQ=nq, UPCAST=upcast, **DET_CONFIGS[(axis, _config_key(anchor.dtype))]) for axis in (0, 1)
+            (loss, axis): dict(NQ=nq, UPCAST=upcast, **DET_CONFIGS[(loss, axis, key)])
+            for loss in (False, True)
+            for axis in (0, 1)
         }
     else:
         det_meta = None
@@ -732,11 +744,11 @@ def _deterministic_backward(upstream, operands, sizes, det_meta, loss):
     fixed order."""
     anchor, basis = operands[0], operands[1]
     d_a, d_q, d_r, d_asq = _zero_grads(anchor, basis)
-    n_row_blocks = triton.cdiv(sizes["B1"], det_meta[1]["BLOCK_M"])
+    n_row_blocks = triton.cdiv(sizes["B1"], det_meta[(loss, 1)]["BLOCK_M"])
     dtau_part = torch.zeros(n_row_blocks, device=anchor.device, dtype=torch.float32)
-    n_col_blocks = triton.cdiv(sizes["B2"], det_meta[0]["BLOCK_N"])
+    n_col_blocks = triton.cdiv(sizes["B2"], det_meta[(loss, 0)]["BLOCK_N"])
     for axis, own, stat, n_blocks in ((1, d_a, d_asq, n_row_blocks), (0, d_q, d_r, n_col_blocks)):
-        meta = det_meta[axis]
+        meta = det_meta[(loss, axis)]
         _gram_bwd_det_kernel[(n_blocks,)](
             own, stat, dtau_part, *upstream, *operands, **sizes, AXIS=axis, LOSS=loss, **meta
         )
@@ -890,7 +902,7 @@ def aot_specs(ks=(3, 8), dtypes=("fp32", "bf16")) -> list[AotSpec]:
             ]
             for loss in (False, True):
                 for axis, side in ((1, "rows"), (0, "cols")):
-                    det_cfg = dict(DET_CONFIGS[(axis, key)])
+                    det_cfg = dict(DET_CONFIGS[(loss, axis, key)])
                     det_warps = det_cfg.pop("num_warps"), det_cfg.pop("num_stages")
                     name = f"gram_{'loss' if loss else 'volume'}_bwd_det[{side}]"
                     consts = dict(NQ=k - 1, UPCAST=False, AXIS=axis, LOSS=loss, **det_cfg)
