@@ -13,9 +13,10 @@ logits l = q_p·k_pᵀ/τ, positive of row i at column i + diag_offset.
   dL/dk (second kind) for its own rows, D chunk by D chunk.
 
 16-bit operands stay 16-bit into ``tl.dot`` on a GPU (wgmma on sm_90 with BLOCK_M = 64 and
-num_warps = 4; in the backward dS is rounded to the operand dtype for the gradient GEMM, as flash
-attention does); under ``TRITON_INTERPRET=1`` they are upcast right after loading, because the
-interpreter's bf16 arithmetic is wrong, and dS is rounded to the operand dtype exactly as on the GPU
+num_warps = 4, 8 in the backward: see GPU_CONFIGS; in the backward dS is rounded to the operand
+dtype for the gradient GEMM, as flash attention does); under ``TRITON_INTERPRET=1`` they are upcast
+right after loading, because the interpreter's bf16 arithmetic is wrong, and dS is rounded to the
+operand dtype exactly as on the GPU
 (``round_to``) but kept float32. Statistics and accumulators are float32.
 """
 
