@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import triton
+import triton.language as tl
+
 
 @dataclass
 class AotSpec:
@@ -21,3 +24,23 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     expect_wgmma: bool = field(default=False)  # True for the bf16 GEMM variants (checked on sm_90)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE (round to nearest even, as the GPU's cvt.rn) and back to float32.
+
+    Under TRITON_INTERPRET=1 the 16-bit operands are upcast after loading, and a value the GPU path
+    casts to the operand dtype before a tensor-core GEMM (dS in the backward) must be rounded the same
+    way for the tests to exercise that precision. The interpreter truncates float32 -> bfloat16, so
+    bfloat16 rounds here with integer arithmetic on the bits (NaN kept as is); float16 casts are exact
+    round-to-nearest-even there already."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        lsb = (bits >> 16) & 1
+        rounded = ((bits + 0x7FFF + lsb) & -65536).to(tl.float32, bitcast=True)  # -65536 = 0xFFFF0000
+        return tl.where(x == x, rounded, x)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x

@@ -2,11 +2,12 @@
 
 One program owns BLOCK_M rows and streams the codebook in BLOCK_N-code tiles; each tile's scores
 ``x_i·b_j + bias_j`` (see ``csrc/cpu/codebook.cpp`` for the per-metric b and bias) are merged into a
-per-row list of the KP smallest (score, index) pairs kept in registers, so nothing of size N×K is ever
-written to memory (FAISS GPU writes N×K tiles to global memory and reads them back). After the last
-tile the k winners' distances are recomputed directly from x and the fp32 codes, and the list is
-re-sorted by (distance, index): ties go to the lowest index, and a bf16/TF32 GEMM can only reorder
-near-ties.
+per-row list of the KP >= k smallest (score, index) pairs kept in registers, so nothing of size N×K
+is ever written to memory (FAISS GPU writes N×K tiles to global memory and reads them back). After the
+last tile the KP candidates' distances are recomputed directly from x and the fp32 codes and the k
+smallest by (distance, index) are returned: ties go to the lowest index (identical codes have
+bitwise identical recomputed distances, whatever the GEMM's rounding of their columns), and a
+bf16/TF32 GEMM can only reorder near-ties.
 
 Runs on CUDA and, for the tests, on CPU tensors under ``TRITON_INTERPRET=1`` (UPCAST: the interpreter
 stores bf16 as uint16, so operands are upcast right after the load there).
@@ -80,7 +81,7 @@ def _codebook_lookup_fwd_kernel(
     METRIC: tl.constexpr,  # 0 l2, 1 cosine, 2 dot
     HAS_WEIGHT: tl.constexpr,
     K_TOP: tl.constexpr,
-    KP: tl.constexpr,  # K_TOP rounded up to a power of two (tl.arange)
+    KP: tl.constexpr,  # candidates kept: candidates(K_TOP) >= K_TOP, a power of two (tl.arange)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -117,23 +118,16 @@ def _codebook_lookup_fwd_kernel(
         score = acc + bias[None, :]
         score = tl.where((score == score) & (score < float("inf")), score, _FMAX)  # NaN/inf: worst real
         score = tl.where(col_mask[None, :], score, float("inf"))  # padded columns: never before a real code
-        if KP == 1:  # k = 1: a running lexicographic minimum, no list
-            ms = tl.min(score, 1)
-            js = tl.min(tl.where(score == ms[:, None], cols[None, :], _NONE), 1)
-            b_s = tl.min(best_s, 1)
-            b_i = tl.min(best_i, 1)
-            take = (ms < b_s) | ((ms == b_s) & (js < b_i))
-            best_s = tl.where(take, ms, b_s)[:, None]
-            best_i = tl.where(take, js, b_i)[:, None]
-        else:
-            # merge only when some row of the tile beats its current k-th best
-            worst = tl.max(best_s, 1)
-            if tl.max((tl.min(score, 1) <= worst).to(tl.int32), 0) > 0:
-                best_s, best_i = _merge_tile(best_s, best_i, score, cols, slots, KP, _NONE)
+        # merge only when some row of the tile beats its current KP-th best
+        worst = tl.max(best_s, 1)
+        if tl.max((tl.min(score, 1) <= worst).to(tl.int32), 0) > 0:
+            best_s, best_i = _merge_tile(best_s, best_i, score, cols, slots, KP, _NONE)
 
-    # Exact distances of the winners, recomputed from x and the fp32 codes.
+    # Exact distances of the KP candidates (the k winners of the GEMM screen and, when KP > K_TOP, the
+    # next ones), recomputed from x and the fp32 codes: identical codes get bitwise identical exact
+    # distances, while the screening GEMM may round identical columns differently.
     exact = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
-    for r in range(K_TOP):
+    for r in range(KP):
         j = tl.sum(tl.where(slots[None, :] == r, best_i, 0), 1).to(tl.int64)
         j_mask = row_mask & (j < K)
         acc_xe = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -166,10 +160,12 @@ def _codebook_lookup_fwd_kernel(
             d_r = -acc_xe
         exact = tl.where(slots[None, :] == r, d_r[:, None], exact)
 
-    # Re-sort the K_TOP winners by (exact distance, index); NaN distances order as the largest.
+    # The K_TOP smallest candidates by (exact distance, index); NaN distances order as the largest.
     out_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
     out_i = tl.full((BLOCK_M, KP), _NONE, tl.int32)
-    live = slots[None, :] < K_TOP
+    # real codes: empty slots hold sentinels >= 2^29 > K, and once a tile's real codes are all taken
+    # the merge fills the remaining slots with +inf scores (padded or already taken columns)
+    live = (best_i < K) & (best_s < float("inf"))
     keyed = tl.where((exact == exact) & (exact < float("inf")), exact, _FMAX)
     keyed = tl.where(live, keyed, float("inf"))
     cand_i = tl.where(live, best_i, _TAKEN)
@@ -189,22 +185,35 @@ def _codebook_lookup_fwd_kernel(
     tl.store(index_ptr + offs, out_i.to(tl.int64), mask=out_mask)
 
 
+def candidates(k: int) -> int:
+    """Codes kept per row by the GEMM screen and re-ranked by exact distance: at least 4 (a power of
+    two), so that for k < 4 exactly duplicated codes that the screening GEMM rounds apart (tensor
+    cores and some BLAS builds round identical columns differently) are all re-ranked and the lowest
+    index wins."""
+    return max(4, triton.next_power_of_2(k))
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _config(dtype: torch.dtype, k: int) -> dict:
-    """Tile sizes, chosen from the sm_90/sm_80 ptxas reports (zero spills for k = 1, 8 and 32).
+    """Launch configuration (block sizes, num_warps, num_stages); the launch and the ahead-of-time
+    compile check (aot_specs) both read it. Chosen from the sm_90/sm_80 ptxas reports under triton
+    3.6 and 3.9 (zero spills for k = 1, 8 and 32).
 
     fp32 ("ieee": no tensor cores) runs the dot on FMA units, whose operand layouts are register
     hungry: 8 warps over a 64×64 tile. bf16/fp16: a 64-row M tile with 4 warps (one warpgroup) is
     what lowers to wgmma on sm_90; 64 codes × 32 dims per step keeps the top-k list, the tile and
     the operand stages within 255 registers. Larger k holds more per-row state, so fp32 shrinks the
-    code tile to 32 for k > 8.
+    code tile to 32 and the D step to 16 for k > 8 (k = 32 spilled on sm_80 with 32). Two pipeline
+    stages (three spilled on sm_80 at k = 1).
     """
     if dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64 if k <= 8 else 32, "BLOCK_D": 32, "num_warps": 8}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4}
+        if k <= 8:
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 16, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
 
 
 def prepare_codebook(codebook: torch.Tensor, metric: str, weight: torch.Tensor | None, dtype: torch.dtype):
@@ -253,13 +262,14 @@ def codebook_lookup_triton(
         METRIC=METRIC_IDS[metric],
         HAS_WEIGHT=weight is not None,
         K_TOP=k,
-        KP=triton.next_power_of_2(k),
+        KP=candidates(k),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=cfg["BLOCK_D"],
         UPCAST=_interpreting() or x.device.type == "cpu",
         INPUT_PRECISION="ieee",
         num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return dist, index
 
@@ -271,10 +281,11 @@ def _codebook_lookup_triton_fake(x, codebook, k, metric, weight):
 
 
 def aot_specs() -> list[AotSpec]:
-    """Variants compiled ahead of time for sm_90/sm_80: fp32 and bf16 operands, k = 1 and k = 8, l2."""
+    """Variants compiled ahead of time for sm_90/sm_80: fp32 and bf16 operands, k = 1, 8 and 32
+    (the two fp32 tiles and the largest per-row state), l2."""
     specs = []
     for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        for k in (1, 8):
+        for k in (1, 8, 32):
             cfg = _config(dtype, k)
             op = f"*{tname}"
             signature = {
@@ -296,7 +307,7 @@ def aot_specs() -> list[AotSpec]:
                 "METRIC": 0,
                 "HAS_WEIGHT": False,
                 "K_TOP": k,
-                "KP": triton.next_power_of_2(k),
+                "KP": candidates(k),
                 "BLOCK_M": cfg["BLOCK_M"],
                 "BLOCK_N": cfg["BLOCK_N"],
                 "BLOCK_D": cfg["BLOCK_D"],
@@ -312,7 +323,7 @@ def aot_specs() -> list[AotSpec]:
                     constexprs=constexprs,
                     dtype=tname,
                     num_warps=cfg["num_warps"],
-                    num_stages=2,
+                    num_stages=cfg["num_stages"],
                     expect_wgmma=tname == "bf16",
                 )
             )

@@ -13,9 +13,11 @@ logits l = q_p·k_pᵀ/τ, positive of row i at column i + diag_offset.
   dL/dk (second kind) for its own rows, D chunk by D chunk.
 
 16-bit operands stay 16-bit into ``tl.dot`` on a GPU (wgmma on sm_90 with BLOCK_M = 64 and
-num_warps = 4; in the backward dS is rounded to the operand dtype for the gradient GEMM, as flash
-attention does); under ``TRITON_INTERPRET=1`` they are upcast right after loading, because the
-interpreter's bf16 arithmetic is wrong. Statistics and accumulators are float32.
+num_warps = 4, 8 in the backward: see GPU_CONFIGS; in the backward dS is rounded to the operand
+dtype for the gradient GEMM, as flash attention does); under ``TRITON_INTERPRET=1`` they are upcast
+right after loading, because the interpreter's bf16 arithmetic is wrong, and dS is rounded to the
+operand dtype exactly as on the GPU
+(``round_to``) but kept float32. Statistics and accumulators are float32.
 """
 
 from __future__ import annotations
@@ -26,23 +28,26 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbind.triton._common import AotSpec
+from fastbind.triton._common import AotSpec, round_to
 from fastbind.triton._saturated import ce_from_stats
 
 __all__ = ["aot_specs", "infonce_bwd_triton", "infonce_fwd_triton"]
 
-# GPU tiles, chosen with the ahead-of-time compile (benchmarks/triton_resources.py) for zero spills on
-# sm_90 and sm_80 at num_warps = 4. 16-bit operands: 64×64 logit tiles, D in chunks of 32 (BLOCK_M = 64
-# is the smallest M tile wgmma takes). float32 ("ieee": FMA, no tensor cores): 64×32 tiles and D
-# chunks of 16, because the FMA dot keeps both operand chunks in registers.
-GPU_BLOCKS = {
-    "fp32": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16),
-    "16bit": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32),
+# GPU launch configuration per kernel and operand dtype: the launches and the ahead-of-time compile
+# check (aot_specs, tests/test_triton_compile.py) both read this table. Chosen for zero spills on
+# sm_90 and sm_80 under triton 3.6 and 3.9. 16-bit operands: 64-row tiles (BLOCK_M = 64 with 4 warps
+# is what lowers to wgmma); float32 ("ieee": FMA, no tensor cores): the FMA dot keeps both operand
+# chunks in registers, so smaller column tiles and D chunks.
+GPU_CONFIGS = {
+    ("fwd", "fp32"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
+    ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
+    ("bwd", "fp32"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
+    # 8 warps (two warpgroups) for the 16-bit backward: with 4, triton 3.6's ptxas spilled on sm_90
+    ("bwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2),
 }
 # Interpreter tiles: the interpreter runs programs one by one, so small tiles keep the tests'
 # awkward shapes multi-tile (B = 37 spans 3 tiles) while staying fast.
-INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
-NUM_WARPS = 4
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=2)
 
 
 def _interpreting() -> bool:
@@ -226,23 +231,30 @@ def _infonce_bwd_kernel(
         is_pos = cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32)
         grad -= tl.where(is_pos, (1.0 - label_smoothing) * (g_a[:, None] + g_b[None, :]), 0.0)
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad * inv_t, 0.0)  # dL/dS
+        # dS in the operand dtype for the gradient GEMM (16-bit tensor cores on the GPU); under the
+        # interpreter (operands upcast) rounded the same way but kept in float32
+        if UPCAST:
+            grad_op = round_to(grad, q_ptr.dtype.element_ty)
+        else:
+            grad_op = grad.to(q_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             b = _load_rows(b_tile, n_b - start, d0, D, UPCAST, BLOCK_N, BLOCK_D)
             out_ptrs = out_tile + rows[:, None] * D + ds[None, :]
             out_mask = row_mask[:, None] & (ds < D)[None, :]
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
-            acc = tl.dot(grad.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(grad_op, b, acc, input_precision=INPUT_PRECISION)
             tl.store(out_ptrs, acc, mask=out_mask)
 
 
-def _launch_config(q: torch.Tensor) -> dict:
+def _launch_config(kernel: str, q: torch.Tensor) -> dict:
+    """Block sizes, num_warps and num_stages of `kernel` ("fwd"/"bwd") from GPU_CONFIGS."""
     if q.device.type == "cpu":
-        blocks = INTERPRETER_BLOCKS
+        cfg = INTERPRETER_CONFIG
     else:
-        blocks = GPU_BLOCKS["fp32" if q.dtype == torch.float32 else "16bit"]
+        cfg = GPU_CONFIGS[(kernel, "fp32" if q.dtype == torch.float32 else "16bit")]
     upcast = _interpreting() or q.dtype == torch.float32
-    return dict(UPCAST=upcast, INPUT_PRECISION="ieee", **blocks)
+    return dict(UPCAST=upcast, INPUT_PRECISION="ieee", **cfg)
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor):
@@ -262,7 +274,7 @@ def infonce_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``fastbind::infonce_fwd``: (row_loss, col_loss, row_lse, col_lse), float32."""
     q, k, temp, p, b1, b2, d, k_pair_stride = _prepare(q, k, temperature)
-    cfg = _launch_config(q)
+    cfg = _launch_config("fwd", q)
     f32 = dict(device=q.device, dtype=torch.float32)
     row_loss, row_lse = torch.empty((p, b1), **f32), torch.empty((p, b1), **f32)
     col_loss, col_lse = torch.empty((p, b2), **f32), torch.empty((p, b2), **f32)
@@ -283,7 +295,6 @@ def infonce_fwd_triton(
         n_row_blocks,
         int(diag_offset),
         float(label_smoothing),
-        num_warps=NUM_WARPS,
         **cfg,
     )
     return row_loss, col_loss, row_lse, col_lse
@@ -304,7 +315,7 @@ def infonce_bwd_triton(
     """Triton twin of ``fastbind::infonce_bwd``: float32 (grad_q [P, B1, D], grad_k [PK, B2, D])."""
     shared = k.shape[0] == 1
     q, k, temp, p, b1, b2, d, k_pair_stride = _prepare(q, k, temperature)
-    cfg = _launch_config(q)
+    cfg = _launch_config("bwd", q)
     grad_q = torch.zeros((p, b1, d), device=q.device, dtype=torch.float32)
     grad_k = torch.zeros((p, b2, d), device=q.device, dtype=torch.float32)  # per pair
     n_row_blocks = triton.cdiv(b1, cfg["BLOCK_M"])
@@ -326,7 +337,6 @@ def infonce_bwd_triton(
         n_row_blocks,
         int(diag_offset),
         float(label_smoothing),
-        num_warps=NUM_WARPS,
         **cfg,
     )
     return grad_q, grad_k.sum(0, keepdim=True) if shared else grad_k
@@ -341,16 +351,14 @@ def _register() -> None:
 _register()
 
 
-def aot_specs() -> list[AotSpec]:
-    """fp32 and bf16 variants of the forward and backward kernels for the ahead-of-time compile test."""
+def aot_specs(dtypes=("fp32", "bf16")) -> list[AotSpec]:
+    """fp32 and 16-bit variants of the forward and backward kernels for the ahead-of-time compile test."""
     specs = []
     sizes = dict(
         B1="i32", B2="i32", D="i32", k_pair_stride="i32", n_row_blocks="i32", diag_offset="i32", label_smoothing="fp32"
     )
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         op = f"*{dtype}"
-        blocks = GPU_BLOCKS["fp32" if dtype == "fp32" else "16bit"]
-        consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee", **blocks)
         fwd = dict(
             row_loss_ptr="*fp32",
             col_loss_ptr="*fp32",
@@ -373,16 +381,20 @@ def aot_specs() -> list[AotSpec]:
             col_lse_ptr="*fp32",
             **sizes,
         )
-        for name, kernel, sig in (("infonce_fwd", _infonce_fwd_kernel, fwd), ("infonce_bwd", _infonce_bwd_kernel, bwd)):
+        for name, kernel, sig in (("fwd", _infonce_fwd_kernel, fwd), ("bwd", _infonce_bwd_kernel, bwd)):
+            cfg = dict(GPU_CONFIGS[(name, "fp32" if dtype == "fp32" else "16bit")])
+            num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee", **cfg)
             specs.append(
                 AotSpec(
-                    name=f"{name}[{dtype}]",
+                    name=f"infonce_{name}[{dtype}]",
                     kernel=kernel,
                     signature=dict(sig, **{n: "constexpr" for n in consts}),
-                    constexprs=dict(consts),
+                    constexprs=consts,
                     dtype=dtype,
-                    num_warps=NUM_WARPS,
-                    expect_wgmma=dtype == "bf16",
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                    expect_wgmma=dtype != "fp32",
                 )
             )
     return specs
