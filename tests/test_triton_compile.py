@@ -11,6 +11,7 @@ the kernels), two at a time; results are cached by the hash of the kernel source
 import pytest
 import torch
 import triton
+from conftest import GPU
 from triton.runtime.interpreter import InterpretedFunction
 
 from benchmarks.triton_resources import FAMILIES, OLDEST_TRITON, SHARED_LIMIT, collect_versions, i32_index_products
@@ -124,6 +125,7 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
+@pytest.mark.skipif(GPU, reason="records launches through the interpreter's InterpretedFunction")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_launches_use_compiled_configs(launches, dtype):
     """Call every launch wrapper as on a GPU (meta tensors: the GPU configuration is chosen for
