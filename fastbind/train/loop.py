@@ -176,7 +176,7 @@ class Trainer:
         with self._autocast():
             embeddings = self.model(inputs)
         # The loss runs outside autocast: every backend takes the bf16/fp16 embeddings as they are
-        # and accumulates in float32 (the reference upcasts 16-bit inputs itself, DESIGN §5).
+        # and accumulates in float32 (the reference upcasts 16-bit inputs itself).
         loss = binding_loss(
             c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out, gather=self.distributed
         )
