@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,21 @@ def test_a_backend_without_a_row_raises_instead_of_running_another_row():
             table.forward_op("cuda")
     with pytest.raises(ValueError, match="not a fused backend"):
         gram_ops.VOLUME.add("torch", gram_ops.VOLUME.rows["cpu"])
+
+
+@pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
+def test_rows_of_two_backends_may_share_ops():
+    """The future cuda row names the cpu row's ops (one schema, two dispatch keys): registering the
+    table registers each op once and makes both rows dispatchable."""
+    src = infonce_ops.INFONCE
+    table = _registry.OpTable("shared", src.fake_forward, src.fake_backward, src.setup_context, src.make_backward)
+    table.add("cpu", src.rows["cpu"])
+    table.add("cuda", src.rows["cpu"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second register_fake / register_autograd of an op warns
+        _registry.register_built(table)
+    assert table.forward_op("cuda") is table.forward_op("cpu") is src.forward_op("cpu")
+    assert "shared" not in _registry.TABLES  # not declared: backends() does not see it
 
 
 def test_backends_lists_only_backends_with_a_row(monkeypatch):

@@ -29,7 +29,7 @@ TINY = dict(steps=60, batch_size=64, dim=16, hidden=64, lr=3e-3, eval_size=200, 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # The tiny encoders gain nothing from threads; one thread keeps the runs fast on a busy machine.
+    # The tiny encoders gain nothing from threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

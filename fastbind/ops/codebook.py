@@ -1,10 +1,10 @@
 """Codebook lookup, quantisation and TOC dimension selection (DESIGN §1, §2.4): public functions.
 
 Each public function checks its arguments, picks a backend (:func:`fastbind._backend.resolve`) and
-runs either the reference (:mod:`fastbind.reference.codebook`, backend ``"torch"``) or a fused
-custom op: ``fastbind::codebook_lookup`` (C++, ``csrc/cpu/codebook.cpp``) or
-``fastbind::codebook_lookup_triton`` (:mod:`fastbind.triton.codebook`). The fused ops never build the
-N×K distance matrix (extra memory O(N·k + K·D) plus one tile).
+runs either the reference (:mod:`fastbind.reference.codebook`, backend ``"torch"``) or the fused
+custom op of the backend's row of :data:`LOOKUP`: ``fastbind::codebook_lookup_fwd`` (C++,
+``csrc/cpu/codebook.cpp``) or ``fastbind::codebook_lookup_fwd_triton`` (:mod:`fastbind.triton.codebook`).
+The fused ops never build the N×K distance matrix (extra memory O(N·k + K·D) plus one tile).
 
 Gradients: the fused ops return integer indices and carry no gradient themselves. ``dist`` of
 :func:`codebook_lookup` *is* differentiable w.r.t. x, codebook and weight: when any of them requires

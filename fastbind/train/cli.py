@@ -64,8 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (default 1: the encoders are tiny and gain nothing from more threads, "
-        "while OpenMP's spin-waiting makes 2 threads ~30x slower on a CPU shared with other work)",
+        help="torch CPU threads (default 1: the encoders are tiny and gain nothing from more threads)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
