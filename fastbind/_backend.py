@@ -143,7 +143,7 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, supported: tup
 def _assume_constant_result(fn):
     """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (over a second)
     at ``import fastbind``: that decorator only sets this attribute, which dynamo reads when it meets
-    the function while tracing (tests/test_backend.py checks both do the same)."""
+    the function while tracing (tests/test_registry.py checks both do the same)."""
     fn._dynamo_marked_constant = True
     return fn
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 def _interpreting() -> bool:
-    """True when TRITON_INTERPRET is set: the Triton kernels run on CPU tensors in the interpreter."""
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1: CPU tensors, tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
