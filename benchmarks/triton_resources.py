@@ -201,24 +201,31 @@ def ensure_triton(version: str) -> str:
     return target
 
 
-def _sources_hash(version: str, families) -> str:
-    # what determines the rows: the kernel sources, the compile and IR checks, the versions
-    h = hashlib.sha256(f"{version} {sorted(families)} {sys.version_info[:2]} {TARGETS}".encode())
+def _sources_hash(version: str, family: str) -> str:
+    # what determines the rows of a family: its module and the shared helpers (the kernels and
+    # aot_specs), the compile and IR checks, the versions
+    h = hashlib.sha256(f"{version} {family} {sys.version_info[:2]} {TARGETS}".encode())
     for fn in (compile_spec, collect, i32_index_products):
         h.update(inspect.getsource(fn).encode())
-    tdir = os.path.join(ROOT, "fastbind", "triton")
-    for path in sorted(os.path.join(tdir, f) for f in os.listdir(tdir) if f.endswith(".py")):
-        with open(path, "rb") as f:
+    # (the codebook specs enumerate k = 1 .. MAX_K of fastbind/ops/codebook.py)
+    extra = ("ops/codebook.py",) if family == "codebook" else ()
+    for name in ("triton/_common.py", "triton/_saturated.py", f"triton/{family}.py", *extra):
+        with open(os.path.join(ROOT, "fastbind", name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:20]
 
 
 def run_version(version: str, families=FAMILIES, use_cache: bool = True) -> list[dict]:
     """Rows of `families` compiled by triton `version` ("installed": the one in this environment)."""
+    return [row for family in families for row in _run_family(version, family, use_cache)]
+
+
+def _run_family(version: str, family: str, use_cache: bool) -> list[dict]:
+    """Rows of one family, cached on their own: a change to one family recompiles only that one."""
     import triton
 
     label = triton.__version__ if version == "installed" else version
-    cached = os.path.join(cache_dir(), "aot", f"{label}-{_sources_hash(label, families)}.json")
+    cached = os.path.join(cache_dir(), "aot", f"{label}-{family}-{_sources_hash(label, family)}.json")
     if use_cache and os.path.exists(cached):
         with open(cached) as f:
             return json.load(f)
@@ -228,10 +235,8 @@ def run_version(version: str, families=FAMILIES, use_cache: bool = True) -> list
     os.makedirs(os.path.dirname(cached), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        cmd = [sys.executable, "-m", "benchmarks.triton_resources", "--json", out, "--quiet"]
-        for family in families:
-            cmd += ["--family", family]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+        cmd = [sys.executable, "-m", "benchmarks.triton_resources", "--json", out, "--quiet", "--family", family]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
         if proc.returncode != 0:
             raise RuntimeError(f"AOT compile with triton {label} failed:\n{proc.stderr[-4000:]}")
         with open(out) as f:
@@ -244,9 +249,11 @@ def run_version(version: str, families=FAMILIES, use_cache: bool = True) -> list
 
 
 def collect_versions(versions=VERSIONS, families=FAMILIES, use_cache: bool = True) -> list[dict]:
-    """Rows of every version; at most two compiles run at once (the test machine has 2 cores)."""
+    """Rows of every version and family, one subprocess each; at most two compile at once (the
+    test machine has 2 cores)."""
+    jobs = [(version, family) for version in versions for family in families]
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        parts = list(pool.map(lambda v: run_version(v, families, use_cache), versions))
+        parts = list(pool.map(lambda job: _run_family(*job, use_cache), jobs))
     return [row for part in parts for row in part]
 
 

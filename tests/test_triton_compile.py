@@ -30,7 +30,7 @@ def test_every_version_target_and_family_compiled(rows):
     for version in versions:
         mine = [r for r in rows if r["triton"] == version]
         assert {r["arch"] for r in mine} == {"sm_90", "sm_80"}
-        assert {r["dtype"] for r in mine} >= {"fp32", "bf16"}
+        assert {r["dtype"] for r in mine} == {"fp32", "bf16", "fp16"}
         assert {r["kernel"].split("_")[0] for r in mine} == set(FAMILIES)
 
 
@@ -88,36 +88,44 @@ def test_i32_product_check_finds_narrow_products():
 # --------------------------------------------------------------------------------------------
 # checked = launched
 # --------------------------------------------------------------------------------------------
-# Launch parameters compared with the AOT specs: the tile, warps and stages, and the constexprs that
-# select a kernel body (AXIS, LOSS). The size constexprs (NQ = k-1, K_TOP) are compiled for the
-# extreme values only; UPCAST differs under the interpreter.
-_COMPARED = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "AXIS", "LOSS", "num_warps", "num_stages")
-
-
-def _key(kernel_name, params):
-    return (kernel_name, tuple((n, params.get(n)) for n in _COMPARED))
-
-
-def _compiled_keys():
+# A launch is compared with the AOT specs by its kernel, every constexpr the spec compiles (block
+# sizes, AXIS, LOSS, KP, INPUT_PRECISION; not UPCAST, which is True for 16-bit operands under the
+# interpreter only), num_warps and num_stages. Runtime arguments (k, the metric, ...) add no variant.
+def _spec_keys():
     import importlib
 
-    keys = set()
+    keys, names = set(), {}
     for family in FAMILIES:
         for spec in importlib.import_module(f"fastbind.triton.{family}").aot_specs():
+            kernel = spec.kernel.fn.__name__
+            names[kernel] = sorted(n for n in spec.constexprs if n != "UPCAST")
             params = dict(spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
-            keys.add(_key(spec.kernel.fn.__name__, params))
-    return keys
+            keys.add(_key(kernel, params, names[kernel]))
+    return keys, names
+
+
+def _key(kernel, params, names):
+    return (kernel, tuple((n, params.get(n)) for n in [*names, "num_warps", "num_stages"]))
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Record every Triton launch (kernel name and keyword arguments) instead of running it."""
-    seen = []
+    """Record every Triton launch (kernel name and keyword arguments; for an autotuned launch, one
+    per config of its space) instead of running it."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = {"plain": [], "tuned": []}
 
     def record(self, *args, grid=None, warmup=False, **kwargs):
-        seen.append(_key(self.fn.__name__, kwargs))
+        seen["plain"].append((self.fn.__name__, kwargs))
+
+    def record_tuned(self, *args, grid=None, warmup=False, **kwargs):
+        for config in self.configs:
+            params = dict(kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            seen["tuned"].append((self.fn.fn.__name__, params))
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
+    monkeypatch.setattr(Autotuner, "run", record_tuned)
     return seen
 
 
@@ -125,11 +133,9 @@ def _meta(*shape, dtype=torch.float32):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-@pytest.mark.skipif(GPU, reason="records launches through the interpreter's InterpretedFunction")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_launches_use_compiled_configs(launches, dtype):
+def _launch_everything(dtype):
     """Call every launch wrapper as on a GPU (meta tensors: the GPU configuration is chosen for
-    non-CPU tensors, nothing runs) and check each launch's configuration was compiled above."""
+    non-CPU tensors, nothing runs) with every k, direction, metric, weight and determinism mode."""
     from fastbind.triton import codebook, gram, infonce
 
     b, d = 300, 64
@@ -149,9 +155,41 @@ def test_launches_use_compiled_configs(launches, dtype):
     q, kk = _meta(3, b, d, dtype=dtype), _meta(1, b, d, dtype=dtype)
     infonce.infonce_fwd_triton._init_fn(q, kk, _meta(()), 0.1, 0)
     infonce.infonce_bwd_triton._init_fn(_meta(3, b), _meta(3, b), q, kk, _meta(()), _meta(3, b), _meta(3, b), 0.1, 0)
-    for k in (1, 2, 5, 8, 9, 32):
-        codebook.codebook_lookup_fwd_triton._init_fn(_meta(b, d, dtype=dtype), _meta(100, d), k, "l2", None)
-    assert launches
-    compiled = _compiled_keys()
-    missing = sorted({launch for launch in launches if launch not in compiled})
+    for k in range(1, 33):
+        for metric in ("l2", "cosine", "dot"):
+            for weight in (None, _meta(d)):
+                codebook.codebook_lookup_fwd_triton._init_fn(_meta(b, d, dtype=dtype), _meta(100, d), k, metric, weight)
+
+
+@pytest.mark.skipif(GPU, reason="records launches through the interpreter's InterpretedFunction")
+def test_launches_use_compiled_configs(launches, monkeypatch):
+    """Every launch configuration, and every config of every autotune space, is compiled ahead of
+    time; and every compiled spec is launched by some call (no stale specs)."""
+    from fastbind.triton import _common
+
+    compiled, names = _spec_keys()
+    launched = {}
+    for autotune in (False, True):
+        # on a GPU the spaces are tuned; under the interpreter exactly their first config runs
+        monkeypatch.setattr(_common, "_autotuning", lambda x, on=autotune: on)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            launches["plain"].clear(), launches["tuned"].clear()
+            _launch_everything(dtype)
+            assert launches["plain"]
+            assert bool(launches["tuned"]) == autotune, "autotuner used when it must not be (or not used)"
+            for kernel, params in launches["plain"] + launches["tuned"]:
+                launched.setdefault(_key(kernel, params, names[kernel]), autotune)
+    missing = sorted(key for key in launched if key not in compiled)
     assert not missing, f"launch configurations never compiled ahead of time: {missing}"
+    stale = sorted(key for key in compiled if key not in launched)
+    assert not stale, f"compiled configurations no launch uses: {stale}"
+    assert any(launched.values()), "no config is launched only by an autotuner: no autotune space at all?"
+
+
+@pytest.mark.skipif(GPU, reason="the interpreter session of the test suite")
+def test_interpreter_never_autotunes():
+    from fastbind.triton import _common
+
+    assert _common._interpreting()
+    for device in ("cpu", "meta"):
+        assert not _common._autotuning(torch.empty(1, device=device))

@@ -15,16 +15,15 @@ stores bf16 as uint16, so operands are upcast right after the load there).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fastbind.triton._common import AotSpec
+from fastbind.triton._common import DTYPES, AotSpec, _interpreting, aot_spec, load_tile
 
 METRIC_IDS = {"l2": 0, "cosine": 1, "dot": 2}
 _NORM_EPS = 1e-12  # as fastbind.reference.codebook: a zero vector is at cosine distance 1 from every code
+_NORM_EPS_JIT = tl.constexpr(_NORM_EPS)
 # Index sentinels, ordered: real code indices < empty-slot indices (2^60 + slot) < taken (2^61) < "none" (2^62).
 # In-register code indices are int32 (K < 2^29); sentinels order after every real index:
 # empty slots (2^29 + slot) < taken (2^30) < "none" (2^31 - 1).
@@ -63,25 +62,24 @@ def _merge_tile(best_s, best_i, score, cols, slots, KP: tl.constexpr, NONE: tl.c
     return new_s, new_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["metric", "k_top"])  # runtime values, also when 1
 def _codebook_lookup_fwd_kernel(
-    dist_ptr,  # [N, K_TOP] fp32
-    index_ptr,  # [N, K_TOP] int64
+    dist_ptr,  # [N, k_top] fp32
+    index_ptr,  # [N, k_top] int64
     x_ptr,  # [N, D] fp32/bf16/fp16, unit inner stride
     b_ptr,  # [K, D] GEMM operand (x's dtype), unit inner stride
     bias_ptr,  # [K] fp32
     e_ptr,  # [K, D] fp32 codes, for the exact distances of the winners
-    w_ptr,  # [D] fp32 weight (unused without HAS_WEIGHT)
+    w_ptr,  # [D] fp32 weight of the exact distances (ones without a weight)
     N,
     K,
     D,
     stride_x,
     stride_b,
     stride_e,
-    METRIC: tl.constexpr,  # 0 l2, 1 cosine, 2 dot
-    HAS_WEIGHT: tl.constexpr,
-    K_TOP: tl.constexpr,
-    KP: tl.constexpr,  # candidates kept: candidates(K_TOP) >= K_TOP, a power of two (tl.arange)
+    metric,  # 0 l2, 1 cosine, 2 dot: selects the exact distance (the screen is metric-free)
+    k_top,  # codes returned per row, <= KP
+    KP: tl.constexpr,  # candidates kept: candidates(k_top) >= k_top, a power of two (tl.arange)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -100,19 +98,8 @@ def _codebook_lookup_fwd_kernel(
         col_mask = cols < K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = dd < D
-            a = tl.load(
-                x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
-            )
-            bt = tl.load(
-                b_ptr + cols.to(tl.int64)[None, :] * stride_b + dd[:, None],
-                mask=col_mask[None, :] & d_mask[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                a = a.to(tl.float32)
-                bt = bt.to(tl.float32)
+            a = load_tile(x_ptr, rows, N, stride_x, d0, D, UPCAST, BLOCK_D)
+            bt = tl.trans(load_tile(b_ptr, cols.to(tl.int64), K, stride_b, d0, D, UPCAST, BLOCK_D))
             acc = tl.dot(a, bt, acc, input_precision=INPUT_PRECISION)
         bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
         score = acc + bias[None, :]
@@ -123,44 +110,33 @@ def _codebook_lookup_fwd_kernel(
         if tl.max((tl.min(score, 1) <= worst).to(tl.int32), 0) > 0:
             best_s, best_i = _merge_tile(best_s, best_i, score, cols, slots, KP, _NONE)
 
-    # Exact distances of the KP candidates (the k winners of the GEMM screen and, when KP > K_TOP, the
-    # next ones), recomputed from x and the fp32 codes: identical codes get bitwise identical exact
-    # distances, while the screening GEMM may round identical columns differently.
+    # Exact distances of the KP candidates (the k winners of the GEMM screen and, when KP > k_top,
+    # the next ones), recomputed from x and the fp32 codes: identical codes get bitwise identical
+    # exact distances, while the screening GEMM may round identical columns differently. Every
+    # metric's sums are accumulated (a few flops per candidate next to the K-code screen) and the
+    # runtime `metric` selects one, so one compiled variant serves every metric.
     exact = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
     for r in range(KP):
         j = tl.sum(tl.where(slots[None, :] == r, best_i, 0), 1).to(tl.int64)
-        j_mask = row_mask & (j < K)
+        acc_l2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc_xe = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc_xx = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc_ee = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = dd < D
-            xv = tl.load(
-                x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0
-            )
-            xv = xv.to(tl.float32)
-            ev = tl.load(e_ptr + j[:, None] * stride_e + dd[None, :], mask=j_mask[:, None] & d_mask[None, :], other=0.0)
-            if HAS_WEIGHT:
-                wv = tl.load(w_ptr + dd, mask=d_mask, other=0.0)[None, :]
-            else:
-                wv = tl.where(d_mask, 1.0, 0.0)[None, :]
-            if METRIC == 0:
-                diff = xv - ev
-                acc_xe += tl.sum(wv * diff * diff, 1)
-            else:
-                acc_xe += tl.sum(wv * xv * ev, 1)
-                acc_xx += tl.sum(wv * xv * xv, 1)
-                acc_ee += tl.sum(wv * ev * ev, 1)
-        if METRIC == 0:
-            d_r = acc_xe
-        elif METRIC == 1:
-            d_r = 1.0 - acc_xe / (tl.maximum(tl.sqrt(acc_xx), 1e-12) * tl.maximum(tl.sqrt(acc_ee), 1e-12))
-        else:
-            d_r = -acc_xe
+            xv = load_tile(x_ptr, rows, N, stride_x, d0, D, True, BLOCK_D)
+            ev = load_tile(e_ptr, j, K, stride_e, d0, D, False, BLOCK_D)  # j >= K: an empty slot
+            dd = d0 + tl.arange(0, BLOCK_D)
+            wv = tl.load(w_ptr + dd, mask=dd < D, other=0.0)[None, :]
+            diff = xv - ev
+            acc_l2 += tl.sum(wv * diff * diff, 1)
+            acc_xe += tl.sum(wv * xv * ev, 1)
+            acc_xx += tl.sum(wv * xv * xv, 1)
+            acc_ee += tl.sum(wv * ev * ev, 1)
+        norms = tl.maximum(tl.sqrt(acc_xx), _NORM_EPS_JIT) * tl.maximum(tl.sqrt(acc_ee), _NORM_EPS_JIT)
+        d_r = tl.where(metric == 0, acc_l2, tl.where(metric == 1, 1.0 - acc_xe / norms, -acc_xe))
         exact = tl.where(slots[None, :] == r, d_r[:, None], exact)
 
-    # The K_TOP smallest candidates by (exact distance, index); NaN distances order as the largest.
+    # The k_top smallest candidates by (exact distance, index); NaN distances order as the largest.
     out_s = tl.full((BLOCK_M, KP), float("inf"), tl.float32)
     out_i = tl.full((BLOCK_M, KP), _NONE, tl.int32)
     # real codes: empty slots hold sentinels >= 2^29 > K, and once a tile's real codes are all taken
@@ -169,7 +145,7 @@ def _codebook_lookup_fwd_kernel(
     keyed = tl.where((exact == exact) & (exact < float("inf")), exact, _FMAX)
     keyed = tl.where(live, keyed, float("inf"))
     cand_i = tl.where(live, best_i, _TAKEN)
-    for r in range(K_TOP):
+    for r in range(k_top):
         m, j = _lex_min(keyed, cand_i, _NONE)
         hit = cand_i == j[:, None]
         d_true = tl.sum(tl.where(hit, exact, 0.0), 1)  # the distance itself (NaN stays NaN)
@@ -179,8 +155,8 @@ def _codebook_lookup_fwd_kernel(
         keyed = tl.where(hit, float("inf"), keyed)
         cand_i = tl.where(hit, _TAKEN, cand_i)
 
-    out_mask = row_mask[:, None] & (slots[None, :] < K_TOP)
-    offs = rows[:, None] * K_TOP + slots[None, :]
+    out_mask = row_mask[:, None] & (slots[None, :] < k_top)
+    offs = rows[:, None] * k_top + slots[None, :]
     tl.store(dist_ptr + offs, out_s, mask=out_mask)
     tl.store(index_ptr + offs, out_i.to(tl.int64), mask=out_mask)
 
@@ -193,14 +169,10 @@ def candidates(k: int) -> int:
     return max(4, triton.next_power_of_2(k))
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _config(dtype: torch.dtype, k: int) -> dict:
     """Launch configuration (block sizes, num_warps, num_stages); the launch and the ahead-of-time
     compile check (aot_specs) both read it. Chosen from the sm_90/sm_80 ptxas reports under triton
-    3.6 and 3.9 (zero spills for k = 1, 8 and 32).
+    3.6 and 3.9 (zero spills for every candidate count KP = 4 .. 32, i.e. every k).
 
     fp32 ("ieee": no tensor cores) runs the dot on FMA units, whose operand layouts are register
     hungry: 8 warps over a 64×64 tile. bf16/fp16: a 64-row M tile with 4 warps (one warpgroup) is
@@ -240,7 +212,7 @@ def codebook_lookup_fwd_triton(
     if x.stride(1) != 1:
         x = x.contiguous()
     b, bias, e = prepare_codebook(codebook, metric, weight, x.dtype)
-    w = weight.float().contiguous() if weight is not None else bias  # placeholder pointer when unused
+    w = weight.float().contiguous() if weight is not None else torch.ones(d, device=x.device)
     dist = torch.empty((n, k), device=x.device, dtype=torch.float32)
     index = torch.empty((n, k), device=x.device, dtype=torch.int64)
     cfg = _config(x.dtype, k)
@@ -259,9 +231,8 @@ def codebook_lookup_fwd_triton(
         x.stride(0),
         b.stride(0),
         e.stride(0),
-        METRIC=METRIC_IDS[metric],
-        HAS_WEIGHT=weight is not None,
-        K_TOP=k,
+        METRIC_IDS[metric],
+        k,
         KP=candidates(k),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
@@ -274,51 +245,25 @@ def codebook_lookup_fwd_triton(
     return dist, index
 
 
-def aot_specs() -> list[AotSpec]:
-    """Variants compiled ahead of time for sm_90/sm_80: fp32 and bf16 operands, k = 1, 8 and 32
-    (the two fp32 tiles and the largest per-row state), l2."""
+def aot_specs(dtypes=DTYPES) -> list[AotSpec]:
+    """Every variant a GPU launch can produce: each operand dtype x each candidate count KP of
+    k = 1 .. MAX_K (4, 8, 16, 32) with its _config tile. The metric, k itself and the weight are
+    runtime arguments (not specialised), so they add no variant; UPCAST is False on a GPU."""
+    from fastbind.ops.codebook import MAX_K
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     specs = []
-    for dtype, tname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        for k in (1, 8, 32):
-            cfg = _config(dtype, k)
-            op = f"*{tname}"
-            signature = {
-                "dist_ptr": "*fp32",
-                "index_ptr": "*i64",
-                "x_ptr": op,
-                "b_ptr": op,
-                "bias_ptr": "*fp32",
-                "e_ptr": "*fp32",
-                "w_ptr": "*fp32",
-                "N": "i32",
-                "K": "i32",
-                "D": "i32",
-                "stride_x": "i64",
-                "stride_b": "i64",
-                "stride_e": "i64",
-            }
-            constexprs = {
-                "METRIC": 0,
-                "HAS_WEIGHT": False,
-                "K_TOP": k,
-                "KP": candidates(k),
-                "BLOCK_M": cfg["BLOCK_M"],
-                "BLOCK_N": cfg["BLOCK_N"],
-                "BLOCK_D": cfg["BLOCK_D"],
-                "UPCAST": False,
-                "INPUT_PRECISION": "ieee",
-            }
-            signature.update({name: "constexpr" for name in constexprs})
+    for tname in dtypes:
+        op = f"*{tname}"
+        signature = dict(dist_ptr="*fp32", index_ptr="*i64", x_ptr=op, b_ptr=op, bias_ptr="*fp32", e_ptr="*fp32")
+        signature.update(w_ptr="*fp32", N="i32", K="i32", D="i32", stride_x="i64", stride_b="i64", stride_e="i64")
+        signature.update(metric="i32", k_top="i32")
+        for kp in sorted({candidates(k) for k in range(1, MAX_K + 1)}):
+            cfg = _config(torch_dtype[tname], kp)
+            consts = dict(KP=kp, UPCAST=False, INPUT_PRECISION="ieee")
             specs.append(
-                AotSpec(
-                    name=f"codebook_lookup_fwd[k={k},{tname}]",
-                    kernel=_codebook_lookup_fwd_kernel,
-                    signature=signature,
-                    constexprs=constexprs,
-                    dtype=tname,
-                    num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"],
-                    expect_wgmma=tname == "bf16",
+                aot_spec(
+                    f"codebook_lookup_fwd[KP={kp},{tname}]", _codebook_lookup_fwd_kernel, signature, consts, cfg, tname
                 )
             )
     return specs

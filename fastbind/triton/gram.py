@@ -6,7 +6,7 @@ basis of each sample's non-anchor modalities), span_vol r [B2], anchor_sq [B1] (
 
     dist = sqrt(max(|a_i|^2 - sum_r P_r^2, 0)),  vol = r_j dist,  logit = -vol / tau.
 
-NQ = k-1 is a compile-time parameter: one kernel source for every k.
+NQ = k-1 is a runtime argument (a loop trip count): one compiled kernel serves every k.
 
 * ``_gram_volume_fwd_kernel``: one program per tile, writes vol.
 * ``_gram_loss_fwd_kernel``: online log-sum-exp; AXIS=1: one program per row block streaming the
@@ -28,74 +28,71 @@ loading (the interpreter's bf16 arithmetic is wrong) and T_r is rounded exactly 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fastbind.triton._common import AotSpec, round_to
+from fastbind.triton._common import (
+    DTYPES,
+    AotSpec,
+    _interpreting,
+    aot_spec,
+    gemm_operand,
+    launch,
+    load_tile,
+    online_lse_update,
+    space,
+)
 from fastbind.triton._saturated import ce_from_stats
 
-# Launch configuration per kernel kind ("fwd": volume and loss forward, "bwd": the atomic backward)
-# and operand dtype: the launches and the ahead-of-time compile check (aot_specs,
-# tests/test_triton_compile.py) both read this table. Chosen from the sm_90/sm_80 resource report
-# under triton 3.6 and 3.9 (zero spills for k = 3 and 8):
+# Launch configuration per kernel kind ("fwd": volume forward, "loss_fwd": loss forward, "bwd": the
+# atomic backward) and operand dtype: the launches and the ahead-of-time compile check (aot_specs,
+# tests/test_triton_compile.py) both read this table. An entry is one config or a list: an autotune
+# space (on a GPU; the interpreter runs its first config). Chosen from the sm_90/sm_80 resource
+# report under triton 3.6 and 3.9 (zero spills; k is a runtime trip count):
 # * 16-bit operands: M = 64 with 4 warps lets the dots lower to wgmma on sm_90; the backward holds
 #   the dL/dP tile and two gradient tiles, so its column tile is 16 (32 spilled on sm_80 under 3.6);
 # * float32 operands: the "ieee" dot is FMA-based and holds its operands in registers, so the tile
 #   is small (64 x 64 x 32 spilled hundreds of bytes), 16 rows in the backward (32 spilled a few
 #   bytes on sm_80 with 4 warps under 3.6, and with 8 warps under 3.9); BLOCK_K = 16 because
 #   triton < 3.8 rejects a non-8-bit tl.dot with K < 16. Software pipelining buys nothing for the
-#   FMA dot (1 stage).
+#   FMA dot (1 stage);
+# * the loss forward runs one program per row block (per column block for the column direction)
+#   streaming the other side, so a tile that fills the GPU at B = 64k leaves most SMs idle at
+#   B = 2k: its autotune space adds half-size streaming-side blocks (twice the programs). 16-bit
+#   keeps M = 64 (wgmma), so there the row direction has one tile size and the column direction
+#   gets 16-column blocks.
+_FWD_FP32 = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+_FWD_16BIT = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 CONFIGS = {
-    ("fwd", "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    ("fwd", "fp32"): _FWD_FP32,
     ("bwd", "fp32"): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
-    ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("fwd", "16bit"): _FWD_16BIT,
     ("bwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2),
+    ("loss_fwd", "fp32"): [_FWD_FP32, dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)],
+    ("loss_fwd", "16bit"): [_FWD_16BIT, dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)],
 }
+# what the autotuner of a space re-tunes for (with the operand dtype)
+_TUNE_KEY = ("B1", "B2", "D", "NQ", "AXIS")
 # The deterministic backward (_gram_bwd_det_kernel) per (LOSS, AXIS: 1 = row blocks, 0 = column
 # blocks, operand dtype) holds a gradient accumulator tile besides the logit tile; chosen the same
-# way (ptxas spilled a few bytes for some other tiles of the fp32 variants under one version or
-# the other).
-_DET_FP32_COLS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1)
+# way. The fp32 loss variants also hold the dL/dlogit tile: with k a runtime loop, 32 x 32 (rows)
+# and 16 x 32 (columns) spilled 24 and 8 bytes under 3.9, so they take 16-column tiles.
 _DET_16BIT_ROWS = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
 _DET_16BIT_COLS = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=8, num_stages=2)
 DET_CONFIGS = {
     (False, 1, "fp32"): dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
-    (True, 1, "fp32"): dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
-    (False, 0, "fp32"): _DET_FP32_COLS,
-    (True, 0, "fp32"): _DET_FP32_COLS,
+    (True, 1, "fp32"): dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
+    (False, 0, "fp32"): dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    (True, 0, "fp32"): dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
     (False, 1, "16bit"): _DET_16BIT_ROWS,
     (True, 1, "16bit"): _DET_16BIT_ROWS,
     (False, 0, "16bit"): _DET_16BIT_COLS,
     (True, 0, "16bit"): _DET_16BIT_COLS,
 }
-# Backward clamp of the distance (relative to |a_i|), as in csrc/cpu/gram.cpp.
-DIST_REL_EPS = 1e-4
-TINY_DIST = 1e-20
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _load_operands(a_ptr, q_ptr, rows, cols, kk, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST: tl.constexpr):
-    """A[rows, kk] and Q_r[cols, kk] (zero outside), upcast to float32 under the interpreter. Row
-    offsets are int64 (rows, cols are int64; the basis offset is cast): r * stride_qr and
-    rows * stride pass 2^31 for large batches."""
-    k_ok = kk < D
-    a = tl.load(a_ptr + rows[:, None] * stride_a + kk[None, :], mask=(rows[:, None] < B1) & k_ok[None, :], other=0.0)
-    q = tl.load(
-        q_ptr + tl.cast(stride_qr, tl.int64) * r + cols[:, None] * stride_qj + kk[None, :],
-        mask=(cols[:, None] < B2) & k_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        a = a.to(tl.float32)
-        q = q.to(tl.float32)
-    return a, q
+# Backward clamp of the distance (relative to |a_i|, floored at TINY_DIST), as in csrc/cpu/gram.cpp.
+DIST_REL_EPS = tl.constexpr(1e-4)
+TINY_DIST = tl.constexpr(1e-20)
 
 
 @triton.jit
@@ -116,25 +113,15 @@ def _sq_projection(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """P_r = A[rows] Q_r[cols]^T as a float32 [BLOCK_M, BLOCK_N] tile."""
+    """P_r = A[rows] Q_r[cols]^T as a float32 [BLOCK_M, BLOCK_N] tile. Row offsets are int64 (rows,
+    cols are int64; the basis offset is cast): r * stride_qr and rows * stride pass 2^31 for large
+    batches."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, D, BLOCK_K):
-        a, q = _load_operands(
-            a_ptr, q_ptr, rows, cols, k0 + offs_k, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST
-        )
+        a = load_tile(a_ptr, rows, B1, stride_a, k0, D, UPCAST, BLOCK_K)
+        q = load_tile(q_ptr + tl.cast(stride_qr, tl.int64) * r, cols, B2, stride_qj, k0, D, UPCAST, BLOCK_K)
         acc = tl.dot(a, tl.trans(q), acc, input_precision="ieee")
     return acc
-
-
-@triton.jit
-def _to_operand(t, a_ptr, UPCAST: tl.constexpr):
-    """dL/dP_r as the GEMM operand of the gradient GEMMs: the operand dtype on the GPU (16-bit
-    tensor cores), rounded the same way but kept float32 under the interpreter."""
-    if UPCAST:
-        return round_to(t, a_ptr.dtype.element_ty)
-    else:
-        return t.to(a_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -150,7 +137,7 @@ def _distance_tile(
     stride_a,
     stride_qr,
     stride_qj,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -158,7 +145,7 @@ def _distance_tile(
 ):
     """dist_ij = sqrt(max(|a_i|^2 - sum_r P_r,ij^2, 0)) as a float32 tile."""
     ssq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.static_range(NQ):
+    for r in range(NQ):
         p = _sq_projection(
             a_ptr, q_ptr, rows, cols, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
         )
@@ -167,7 +154,7 @@ def _distance_tile(
     return tl.sqrt(tl.maximum(a_sq[:, None] - ssq, 0.0, propagate_nan=tl.PropagateNan.ALL))  # NaN in, NaN out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # one variant for every k (NQ == 1 is not a constant)
 def _gram_volume_fwd_kernel(
     out_ptr,
     a_ptr,
@@ -180,7 +167,7 @@ def _gram_volume_fwd_kernel(
     stride_a,
     stride_qr,
     stride_qj,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -211,7 +198,7 @@ def _gram_volume_fwd_kernel(
     tl.store(out_ptr + rows[:, None] * B2 + cols[None, :], span_vol[None, :] * dist, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # one variant for every k (NQ == 1 is not a constant)
 def _gram_loss_fwd_kernel(
     loss_ptr,
     lse_ptr,
@@ -229,7 +216,7 @@ def _gram_loss_fwd_kernel(
     stride_qr,
     stride_qj,
     AXIS: tl.constexpr,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -283,22 +270,8 @@ def _gram_loss_fwd_kernel(
         span_vol = tl.load(r_ptr + cols, mask=cols < B2, other=0.0)
         logit = neg_inv_tau * span_vol[None, :] * dist
         is_pos = cols[None, :] == rows[:, None] + diag_offset
-        if AXIS == 1:
-            logit = tl.where(valid_other[None, :], logit, float("-inf"))
-        else:
-            logit = tl.where(valid_other[:, None], logit, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(logit, axis=AXIS))
-        # the positive's exp term is kept out of s_run and added back exactly by ce_from_stats
-        if AXIS == 1:
-            p = tl.where(is_pos, 0.0, tl.exp(logit - m_new[:, None]))
-            finite = tl.where(valid_other[None, :], logit, 0.0)
-        else:
-            p = tl.where(is_pos, 0.0, tl.exp(logit - m_new[None, :]))
-            finite = tl.where(valid_other[:, None], logit, 0.0)
-        s_run = s_run * tl.exp(m_run - m_new) + tl.sum(p, axis=AXIS)
-        m_run = m_new
-        sum_run += tl.sum(finite, axis=AXIS)
-        pos_run += tl.sum(tl.where(is_pos, finite, 0.0), axis=AXIS)
+        valid = tl.expand_dims(valid_other, 1 - AXIS)  # along the streamed axis
+        m_run, s_run, sum_run, pos_run = online_lse_update(m_run, s_run, sum_run, pos_run, logit, valid, is_pos, AXIS)
     # every row (column) has its positive (checked by the caller): no cancellation of lse − positive
     loss, lse = ce_from_stats(m_run, s_run, pos_run, sum_run, label_smoothing, n_other)
     n_mine = B1 if AXIS == 1 else B2
@@ -326,7 +299,7 @@ def _accumulate_grads(
     stride_a,
     stride_qr,
     stride_qj,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -339,15 +312,16 @@ def _accumulate_grads(
     tl.atomic_add(dr_ptr + cols, tl.sum(dvol * dist, axis=0), mask=col_ok)
     tl.atomic_add(dasq_ptr + rows, 0.5 * tl.sum(coef, axis=1), mask=row_ok)
     offs_k = tl.arange(0, BLOCK_K)
-    for r in tl.static_range(NQ):
+    for r in range(NQ):
         p = _sq_projection(
             a_ptr, q_ptr, rows, cols, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K
         )
-        t = _to_operand(-coef * p, a_ptr, UPCAST)  # dL/dP_r
+        t = gemm_operand(-coef * p, a_ptr, UPCAST)  # dL/dP_r
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
             k_ok = kk < D
-            a, q = _load_operands(a_ptr, q_ptr, rows, cols, kk, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST)
+            a = load_tile(a_ptr, rows, B1, stride_a, k0, D, UPCAST, BLOCK_K)
+            q = load_tile(q_ptr + tl.cast(stride_qr, tl.int64) * r, cols, B2, stride_qj, k0, D, UPCAST, BLOCK_K)
             d_a = tl.dot(t, q, input_precision="ieee")  # [BLOCK_M, BLOCK_K]
             d_q = tl.dot(tl.trans(t), a, input_precision="ieee")  # [BLOCK_N, BLOCK_K]
             tl.atomic_add(da_ptr + rows[:, None] * D + kk[None, :], d_a, mask=row_ok[:, None] & k_ok[None, :])
@@ -363,7 +337,7 @@ def _chain_coef(dvol, dist, rows, cols, r_ptr, asq_ptr, B1, B2):
     dvol = tl.where(row_ok[:, None] & col_ok[None, :], dvol, 0.0)
     span_vol = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
     a_sq = tl.load(asq_ptr + rows, mask=row_ok, other=0.0)
-    eps = tl.maximum(1e-4 * tl.sqrt(a_sq), 1e-20)  # DIST_REL_EPS, TINY_DIST
+    eps = tl.maximum(DIST_REL_EPS * tl.sqrt(a_sq), TINY_DIST)
     # propagate NaN: a NaN distance must not become eps (NaN in gives NaN out)
     return dvol, dvol * span_vol[None, :] / tl.maximum(dist, eps[:, None], propagate_nan=tl.PropagateNan.ALL)
 
@@ -388,7 +362,7 @@ def _loss_dlogit(
     return tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0), logit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # one variant for every k (NQ == 1 is not a constant)
 def _gram_bwd_det_kernel(
     d_own_ptr,  # AXIS=1: dA [B1, D]; AXIS=0: dQ [NQ, B2, D] (float32, zero-initialised)
     d_stat_ptr,  # AXIS=1: d|a|^2 [B1]; AXIS=0: dr [B2]
@@ -413,7 +387,7 @@ def _gram_bwd_det_kernel(
     stride_qj,
     AXIS: tl.constexpr,
     LOSS: tl.constexpr,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -488,7 +462,7 @@ def _gram_bwd_det_kernel(
             stat += 0.5 * tl.sum(coef, axis=1)
         else:
             stat += tl.sum(dvol * dist, axis=0)
-        for r in tl.static_range(NQ):
+        for r in range(NQ):
             p = _sq_projection(
                 a_ptr,
                 q_ptr,
@@ -506,13 +480,12 @@ def _gram_bwd_det_kernel(
                 BLOCK_N,
                 BLOCK_K,
             )
-            t = _to_operand(-coef * p, a_ptr, UPCAST)  # dL/dP_r
+            t = gemm_operand(-coef * p, a_ptr, UPCAST)  # dL/dP_r
             for k0 in range(0, D, BLOCK_K):
                 kk = k0 + offs_k
                 k_ok = kk < D
-                a, q = _load_operands(
-                    a_ptr, q_ptr, rows, cols, kk, B1, B2, D, stride_a, stride_qr, stride_qj, r, UPCAST
-                )
+                a = load_tile(a_ptr, rows, B1, stride_a, k0, D, UPCAST, BLOCK_K)
+                q = load_tile(q_ptr + tl.cast(stride_qr, tl.int64) * r, cols, B2, stride_qj, k0, D, UPCAST, BLOCK_K)
                 # read-modify-write of rows only this program owns
                 if AXIS == 1:
                     ptrs = d_own_ptr + rows[:, None] * D + kk[None, :]
@@ -533,7 +506,7 @@ def _gram_bwd_det_kernel(
         tl.store(d_stat_ptr + cols, stat, mask=cols < B2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # one variant for every k (NQ == 1 is not a constant)
 def _gram_volume_bwd_kernel(
     da_ptr,
     dq_ptr,
@@ -550,7 +523,7 @@ def _gram_volume_bwd_kernel(
     stride_a,
     stride_qr,
     stride_qj,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -605,7 +578,7 @@ def _gram_volume_bwd_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])  # one variant for every k (NQ == 1 is not a constant)
 def _gram_loss_bwd_kernel(
     da_ptr,
     dq_ptr,
@@ -629,7 +602,7 @@ def _gram_loss_bwd_kernel(
     stride_a,
     stride_qr,
     stride_qj,
-    NQ: tl.constexpr,
+    NQ,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -734,6 +707,17 @@ def _grid2d(sizes, meta):
     return (triton.cdiv(sizes["B1"], meta["BLOCK_M"]), triton.cdiv(sizes["B2"], meta["BLOCK_N"]))
 
 
+def _launch_loss_fwd(axis, args, sizes, meta, anchor):
+    """The loss forward of one direction with the tile (or, on a GPU, the autotune space) of
+    CONFIGS[("loss_fwd", dtype)]: one program per row block (axis 1) or column block (axis 0)."""
+    entry = CONFIGS[("loss_fwd", _config_key(anchor.dtype))]
+    n_mine, block = (sizes["B1"], "BLOCK_M") if axis == 1 else (sizes["B2"], "BLOCK_N")
+    consts = dict(sizes, AXIS=axis, NQ=meta["NQ"], UPCAST=meta["UPCAST"])
+    launch(
+        _gram_loss_fwd_kernel, entry, lambda cfg: (triton.cdiv(n_mine, cfg[block]),), args, consts, anchor, _TUNE_KEY
+    )
+
+
 def _deterministic_backward(upstream, operands, sizes, det_meta, loss):
     """(dA, dQ, dR, d|a|^2, sum(g * logit)) without atomics: the row-block launch owns dA and
     d|a|^2, the column-block launch dQ and dr, and d tau is the sum of per-program partials in a
@@ -817,9 +801,9 @@ def gram_loss_fwd_triton(
     col_loss, col_lse = torch.zeros(b2, device=dev), torch.zeros(b2, device=dev)
     args = (anchor, basis, span_vol, anchor_sq, tau, float(label_smoothing), int(diag_offset))
     if rows:
-        _gram_loss_fwd_kernel[(triton.cdiv(b1, meta["BLOCK_M"]),)](row_loss, row_lse, *args, **sizes, AXIS=1, **meta)
+        _launch_loss_fwd(1, (row_loss, row_lse, *args), sizes, meta, anchor)
     if cols:
-        _gram_loss_fwd_kernel[(triton.cdiv(b2, meta["BLOCK_N"]),)](col_loss, col_lse, *args, **sizes, AXIS=0, **meta)
+        _launch_loss_fwd(0, (col_loss, col_lse, *args), sizes, meta, anchor)
     return row_loss, col_loss, row_lse, col_lse
 
 
@@ -865,56 +849,51 @@ def gram_loss_bwd_triton(
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile specs (tests/test_triton_compile.py, benchmarks/triton_resources.py)
 # --------------------------------------------------------------------------------------------
-def aot_specs(ks=(3, 8), dtypes=("fp32", "bf16")) -> list[AotSpec]:
-    """Every GRAM kernel (the atomic and the deterministic backward) for k in `ks`, with the launch
-    configuration of CONFIGS for each operand dtype."""
+def aot_specs(dtypes=DTYPES) -> list[AotSpec]:
+    """Every variant a launch can produce: every GRAM kernel (the atomic and the deterministic
+    backward, both loss directions) for every operand dtype, with every config of its CONFIGS /
+    DET_CONFIGS entry (each config of an autotune space). k is the runtime trip count NQ, not a
+    constexpr (and not specialised: do_not_specialize), so one variant serves every k; UPCAST is
+    False on a GPU."""
     specs = []
-    sizes = dict(B1="i32", B2="i32", D="i32", stride_a="i32", stride_qr="i32", stride_qj="i32")
-    for k in ks:
-        for dtype in dtypes:
-            op = f"*{dtype}"
-            key = "fp32" if dtype == "fp32" else "16bit"
-            const, warps = {}, {}
-            for kind in ("fwd", "bwd"):
-                cfg = dict(CONFIGS[(kind, key)])
-                warps[kind] = cfg.pop("num_warps"), cfg.pop("num_stages")
-                const[kind] = dict(NQ=k - 1, UPCAST=False, **cfg)
-            operands = dict(a_ptr=op, q_ptr=op, r_ptr="*fp32", asq_ptr="*fp32")
-            loss_args = dict(tau_ptr="*fp32", label_smoothing="fp32", diag_offset="i32")
-            vol_fwd = dict(out_ptr="*fp32", **operands, **sizes)
-            loss_fwd = dict(loss_ptr="*fp32", lse_ptr="*fp32", **operands, **loss_args, **sizes)
-            grads = dict(da_ptr="*fp32", dq_ptr="*fp32", dr_ptr="*fp32", dasq_ptr="*fp32")
-            vol_bwd = dict(**grads, grad_ptr="*fp32", **operands, **sizes)
-            stats = dict(grow_ptr="*fp32", gcol_ptr="*fp32", rlse_ptr="*fp32", clse_ptr="*fp32")
-            loss_bwd = dict(**grads, dtau_ptr="*fp32", **stats, **operands, **loss_args, **sizes)
-            det = dict(d_own_ptr="*fp32", d_stat_ptr="*fp32", dtau_part_ptr="*fp32", grad_ptr="*fp32", **stats)
-            det.update(**operands, **loss_args, **sizes)
-            variants = [
-                ("gram_volume_fwd", _gram_volume_fwd_kernel, vol_fwd, const["fwd"], warps["fwd"]),
-                ("gram_loss_fwd[rows]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=1, **const["fwd"]), warps["fwd"]),
-                ("gram_loss_fwd[cols]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=0, **const["fwd"]), warps["fwd"]),
-                ("gram_volume_bwd", _gram_volume_bwd_kernel, vol_bwd, const["bwd"], warps["bwd"]),
-                ("gram_loss_bwd", _gram_loss_bwd_kernel, loss_bwd, const["bwd"], warps["bwd"]),
-            ]
+    sizes = dict(B1="i32", B2="i32", D="i32", stride_a="i32", stride_qr="i32", stride_qj="i32", NQ="i32")
+    for dtype in dtypes:
+        op = f"*{dtype}"
+        key = "fp32" if dtype == "fp32" else "16bit"
+        operands = dict(a_ptr=op, q_ptr=op, r_ptr="*fp32", asq_ptr="*fp32")
+        loss_args = dict(tau_ptr="*fp32", label_smoothing="fp32", diag_offset="i32")
+        grads = dict(da_ptr="*fp32", dq_ptr="*fp32", dr_ptr="*fp32", dasq_ptr="*fp32")
+        stats = dict(grow_ptr="*fp32", gcol_ptr="*fp32", rlse_ptr="*fp32", clse_ptr="*fp32")
+        det = dict(d_own_ptr="*fp32", d_stat_ptr="*fp32", dtau_part_ptr="*fp32", grad_ptr="*fp32", **stats)
+        variants = [  # (name, kernel, runtime signature, other constexprs, config-table entry)
+            ("gram_volume_fwd", _gram_volume_fwd_kernel, dict(out_ptr="*fp32", **operands, **sizes), {}, ("fwd",)),
+            (
+                "gram_volume_bwd",
+                _gram_volume_bwd_kernel,
+                dict(**grads, grad_ptr="*fp32", **operands, **sizes),
+                {},
+                ("bwd",),
+            ),
+            (
+                "gram_loss_bwd",
+                _gram_loss_bwd_kernel,
+                dict(**grads, dtau_ptr="*fp32", **stats, **operands, **loss_args, **sizes),
+                {},
+                ("bwd",),
+            ),
+        ]
+        loss_fwd = dict(loss_ptr="*fp32", lse_ptr="*fp32", **operands, **loss_args, **sizes)
+        for axis, side in ((1, "rows"), (0, "cols")):
+            variants.append((f"gram_loss_fwd[{side}]", _gram_loss_fwd_kernel, loss_fwd, dict(AXIS=axis), ("loss_fwd",)))
             for loss in (False, True):
-                for axis, side in ((1, "rows"), (0, "cols")):
-                    det_cfg = dict(DET_CONFIGS[(loss, axis, key)])
-                    det_warps = det_cfg.pop("num_warps"), det_cfg.pop("num_stages")
-                    name = f"gram_{'loss' if loss else 'volume'}_bwd_det[{side}]"
-                    consts = dict(NQ=k - 1, UPCAST=False, AXIS=axis, LOSS=loss, **det_cfg)
-                    variants.append((name, _gram_bwd_det_kernel, det, consts, det_warps))
-            for name, kernel, sig, consts, (num_warps, num_stages) in variants:
-                signature = dict(sig, **{n: "constexpr" for n in consts})
-                specs.append(
-                    AotSpec(
-                        name=f"{name}[k={k},{dtype}]",
-                        kernel=kernel,
-                        signature=signature,
-                        constexprs=dict(consts),
-                        dtype=dtype,
-                        num_warps=num_warps,
-                        num_stages=num_stages,
-                        expect_wgmma=dtype != "fp32",
-                    )
-                )
+                name = f"gram_{'loss' if loss else 'volume'}_bwd_det[{side}]"
+                sig = dict(det, **operands, **loss_args, **sizes)
+                variants.append((name, _gram_bwd_det_kernel, sig, dict(AXIS=axis, LOSS=loss), (loss, axis)))
+        for name, kernel, sig, consts, table_key in variants:
+            table = CONFIGS if len(table_key) == 1 else DET_CONFIGS
+            configs = space(table[(*table_key, key)])
+            for cfg in configs:
+                tile = f",{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}" if len(configs) > 1 else ""
+                spec_name = f"{name}[{dtype}{tile}]"
+                specs.append(aot_spec(spec_name, kernel, sig, dict(consts, UPCAST=False), cfg, dtype))
     return specs

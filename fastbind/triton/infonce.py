@@ -17,30 +17,39 @@ num_warps = 4, 8 in the backward: see GPU_CONFIGS; in the backward dS is rounded
 dtype for the gradient GEMM, as flash attention does); under ``TRITON_INTERPRET=1`` they are upcast
 right after loading, because the interpreter's bf16 arithmetic is wrong, and dS is rounded to the
 operand dtype exactly as on the GPU
-(``round_to``) but kept float32. Statistics and accumulators are float32.
+(``round_to``, fastbind/triton/_common.py) but kept float32. Statistics and accumulators are float32.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastbind.triton._common import AotSpec, round_to
+from fastbind.triton import _common
+from fastbind.triton._common import DTYPES, AotSpec, _interpreting, aot_spec, gemm_operand, launch, space
 from fastbind.triton._saturated import ce_from_stats
 
 __all__ = ["aot_specs", "infonce_bwd_triton", "infonce_fwd_triton"]
 
 # GPU launch configuration per kernel and operand dtype: the launches and the ahead-of-time compile
-# check (aot_specs, tests/test_triton_compile.py) both read this table. Chosen for zero spills on
-# sm_90 and sm_80 under triton 3.6 and 3.9. 16-bit operands: 64-row tiles (BLOCK_M = 64 with 4 warps
-# is what lowers to wgmma); float32 ("ieee": FMA, no tensor cores): the FMA dot keeps both operand
-# chunks in registers, so smaller column tiles and D chunks.
+# check (aot_specs, tests/test_triton_compile.py) both read this table; a list is an autotune space
+# (every config of it is compiled by the check; the interpreter runs INTERPRETER_CONFIG). Chosen for
+# zero spills on sm_90 and sm_80 under triton 3.6 and 3.9. 16-bit operands: 64-row tiles (BLOCK_M =
+# 64 with 4 warps is what lowers to wgmma); float32 ("ieee": FMA, no tensor cores): the FMA dot
+# keeps both operand chunks in registers, so smaller column tiles and D chunks.
+# The forward is tuned: its (B1 + B2)/BLOCK_M · P programs leave SMs idle at small batches, where
+# fp32 gains from 32-row blocks; 16-bit rows stay 64 (wgmma) and large batches may prefer 128-column
+# tiles over two warpgroups (fewer rescales of the running sum per row).
 GPU_CONFIGS = {
-    ("fwd", "fp32"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
-    ("fwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
+    ("fwd", "fp32"): [
+        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
+    ],
+    ("fwd", "16bit"): [
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=2),
+    ],
     ("bwd", "fp32"): dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=16, num_warps=4, num_stages=2),
     # 8 warps (two warpgroups) for the 16-bit backward: with 4, triton 3.6's ptxas spilled on sm_90
     ("bwd", "16bit"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8, num_stages=2),
@@ -48,25 +57,7 @@ GPU_CONFIGS = {
 # Interpreter tiles: the interpreter runs programs one by one, so small tiles keep the tests'
 # awkward shapes multi-tile (B = 37 spans 3 tiles) while staying fast.
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=16, num_warps=4, num_stages=2)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _load_rows(base, n_rows, d0, D, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_R, BLOCK_D] chunk (columns d0...) of the rows of a row-major [*, D] matrix starting at
-    `base` (already offset in int64), zero outside (row >= n_rows, d >= D). In-tile offsets are int32:
-    they stay below BLOCK_R·D."""
-    rows = tl.arange(0, BLOCK_R)
-    ds = d0 + tl.arange(0, BLOCK_D)
-    block = tl.load(
-        base + rows[:, None] * D + ds[None, :], mask=(rows < n_rows)[:, None] & (ds < D)[None, :], other=0.0
-    )
-    if UPCAST:
-        block = block.to(tl.float32)
-    return block
+_TUNE_KEY = ("B1", "B2", "D")  # what the forward's autotuner re-tunes for (with the operand dtype)
 
 
 @triton.jit
@@ -85,8 +76,9 @@ def _dots(
     """[BLOCK_M, BLOCK_N] float32 tile of raw dot products of the rows at a_tile and at b_tile."""
     s = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        a = _load_rows(a_tile, n_a_tile, d0, D, UPCAST, BLOCK_M, BLOCK_D)
-        b = _load_rows(b_tile, n_b_tile, d0, D, UPCAST, BLOCK_N, BLOCK_D)
+        # row-major [*, D] tiles at bases already offset in int64; in-tile offsets (< BLOCK·D) are int32
+        a = _common.load_tile(a_tile, tl.arange(0, BLOCK_M), n_a_tile, D, d0, D, UPCAST, BLOCK_D)
+        b = _common.load_tile(b_tile, tl.arange(0, BLOCK_N), n_b_tile, D, d0, D, UPCAST, BLOCK_D)
         s = tl.dot(a, tl.trans(b), s, input_precision=INPUT_PRECISION)
     return s
 
@@ -104,7 +96,6 @@ def _infonce_fwd_kernel(
     B2,
     D,
     k_pair_stride,  # B2·D, or 0 when one key matrix is shared by all pairs
-    n_row_blocks,  # cdiv(B1, BLOCK_M): programs below it do rows, the others columns
     diag_offset,
     label_smoothing,
     UPCAST: tl.constexpr,
@@ -115,6 +106,7 @@ def _infonce_fwd_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     pair = tl.program_id(1).to(tl.int64)
+    n_row_blocks = tl.cdiv(B1, BLOCK_M)  # programs below it do rows, the others columns
     q_base = q_ptr + pair * B1 * D
     k_base = k_ptr + pair * k_pair_stride
     if pid < n_row_blocks:  # rows of q_p against the columns k_p
@@ -143,16 +135,10 @@ def _infonce_fwd_kernel(
         b_tile = b_base + (zero64 + start) * D  # int64 offset of the column tile
         logits = _dots(a_tile, n_a_tile, b_tile, n_b - start, D, UPCAST, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         logits = logits * inv_t
-        valid = col_mask[None, :]
-        masked = tl.where(valid, logits, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(masked, axis=1))
-        is_pos = valid & (cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32))
-        # the positive's exp term is kept out of run_sum and added back exactly by ce_from_stats
-        off_pos = tl.where(is_pos, 0.0, tl.exp(masked - new_max[:, None]))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(off_pos, axis=1)
-        run_max = new_max
-        logit_sum += tl.sum(tl.where(valid, logits, 0.0), axis=1)
-        positive += tl.sum(tl.where(is_pos, logits, 0.0), axis=1)
+        is_pos = cols[None, :] == rows[:, None] + (pos_shift - start).to(tl.int32)
+        run_max, run_sum, logit_sum, positive = _common.online_lse_update(
+            run_max, run_sum, logit_sum, positive, logits, col_mask[None, :], is_pos, 1
+        )
     has_pos = (rows + pos_shift >= 0) & (rows + pos_shift < n_b)
     # without the cancellation of lse − positive (fastbind/triton/_saturated.py); rows without a
     # positive in range keep lse of everything and the smoothing part
@@ -233,13 +219,10 @@ def _infonce_bwd_kernel(
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad * inv_t, 0.0)  # dL/dS
         # dS in the operand dtype for the gradient GEMM (16-bit tensor cores on the GPU); under the
         # interpreter (operands upcast) rounded the same way but kept in float32
-        if UPCAST:
-            grad_op = round_to(grad, q_ptr.dtype.element_ty)
-        else:
-            grad_op = grad.to(q_ptr.dtype.element_ty)
+        grad_op = gemm_operand(grad, q_ptr, UPCAST)
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
-            b = _load_rows(b_tile, n_b - start, d0, D, UPCAST, BLOCK_N, BLOCK_D)
+            b = _common.load_tile(b_tile, cols, n_b - start, D, d0, D, UPCAST, BLOCK_D)
             out_ptrs = out_tile + rows[:, None] * D + ds[None, :]
             out_mask = row_mask[:, None] & (ds < D)[None, :]
             acc = tl.load(out_ptrs, mask=out_mask, other=0.0)
@@ -247,14 +230,22 @@ def _infonce_bwd_kernel(
             tl.store(out_ptrs, acc, mask=out_mask)
 
 
-def _launch_config(kernel: str, q: torch.Tensor) -> dict:
-    """Block sizes, num_warps and num_stages of `kernel` ("fwd"/"bwd") from GPU_CONFIGS."""
+def _entry(kernel: str, q: torch.Tensor):
+    """The config-table entry of `kernel` ("fwd"/"bwd"): GPU_CONFIGS, INTERPRETER_CONFIG on CPU."""
     if q.device.type == "cpu":
-        cfg = INTERPRETER_CONFIG
-    else:
-        cfg = GPU_CONFIGS[(kernel, "fp32" if q.dtype == torch.float32 else "16bit")]
-    upcast = _interpreting() or q.dtype == torch.float32
-    return dict(UPCAST=upcast, INPUT_PRECISION="ieee", **cfg)
+        return INTERPRETER_CONFIG
+    return GPU_CONFIGS[(kernel, "fp32" if q.dtype == torch.float32 else "16bit")]
+
+
+def _consts(q: torch.Tensor) -> dict:
+    return dict(UPCAST=_interpreting() or q.dtype == torch.float32, INPUT_PRECISION="ieee")
+
+
+def _launch_config(kernel: str, q: torch.Tensor) -> dict:
+    """Block sizes, num_warps and num_stages of a kernel launched with one config, and its other
+    constexprs."""
+    (cfg,) = space(_entry(kernel, q))
+    return dict(**_consts(q), **cfg)
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor):
@@ -274,29 +265,13 @@ def infonce_fwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``fastbind::infonce_fwd``: (row_loss, col_loss, row_lse, col_lse), float32."""
     q, k, temp, p, b1, b2, d, k_pair_stride = _prepare(q, k, temperature)
-    cfg = _launch_config("fwd", q)
     f32 = dict(device=q.device, dtype=torch.float32)
     row_loss, row_lse = torch.empty((p, b1), **f32), torch.empty((p, b1), **f32)
     col_loss, col_lse = torch.empty((p, b2), **f32), torch.empty((p, b2), **f32)
-    n_row_blocks = triton.cdiv(b1, cfg["BLOCK_M"])
-    grid = (n_row_blocks + triton.cdiv(b2, cfg["BLOCK_M"]), p)
-    _infonce_fwd_kernel[grid](
-        row_loss,
-        col_loss,
-        row_lse,
-        col_lse,
-        q,
-        k,
-        temp,
-        b1,
-        b2,
-        d,
-        k_pair_stride,
-        n_row_blocks,
-        int(diag_offset),
-        float(label_smoothing),
-        **cfg,
-    )
+    args = (row_loss, col_loss, row_lse, col_lse, q, k, temp, b1, b2, d, k_pair_stride)
+    args += (int(diag_offset), float(label_smoothing))
+    grid = lambda cfg: (triton.cdiv(b1, cfg["BLOCK_M"]) + triton.cdiv(b2, cfg["BLOCK_M"]), p)  # noqa: E731
+    launch(_infonce_fwd_kernel, _entry("fwd", q), grid, args, _consts(q), q, _TUNE_KEY)
     return row_loss, col_loss, row_lse, col_lse
 
 
@@ -342,50 +317,24 @@ def infonce_bwd_triton(
     return grad_q, grad_k.sum(0, keepdim=True) if shared else grad_k
 
 
-def aot_specs(dtypes=("fp32", "bf16")) -> list[AotSpec]:
-    """fp32 and 16-bit variants of the forward and backward kernels for the ahead-of-time compile test."""
+def aot_specs(dtypes=DTYPES) -> list[AotSpec]:
+    """Every variant a GPU launch can produce: the forward (every config of its autotune space) and
+    the backward for every operand dtype; UPCAST is True for fp32 (a no-op cast) and False for
+    16-bit operands on a GPU, INPUT_PRECISION is always "ieee"."""
     specs = []
-    sizes = dict(
-        B1="i32", B2="i32", D="i32", k_pair_stride="i32", n_row_blocks="i32", diag_offset="i32", label_smoothing="fp32"
-    )
+    sizes = dict(B1="i32", B2="i32", D="i32", k_pair_stride="i32")
+    tail = dict(diag_offset="i32", label_smoothing="fp32")
     for dtype in dtypes:
         op = f"*{dtype}"
-        fwd = dict(
-            row_loss_ptr="*fp32",
-            col_loss_ptr="*fp32",
-            row_lse_ptr="*fp32",
-            col_lse_ptr="*fp32",
-            q_ptr=op,
-            k_ptr=op,
-            temp_ptr="*fp32",
-            **sizes,
-        )
-        bwd = dict(
-            grad_q_ptr="*fp32",
-            grad_k_ptr="*fp32",
-            grad_row_ptr="*fp32",
-            grad_col_ptr="*fp32",
-            q_ptr=op,
-            k_ptr=op,
-            temp_ptr="*fp32",
-            row_lse_ptr="*fp32",
-            col_lse_ptr="*fp32",
-            **sizes,
-        )
+        outs = dict(row_loss_ptr="*fp32", col_loss_ptr="*fp32", row_lse_ptr="*fp32", col_lse_ptr="*fp32")
+        fwd = dict(**outs, q_ptr=op, k_ptr=op, temp_ptr="*fp32", **sizes, **tail)
+        bwd = dict(grad_q_ptr="*fp32", grad_k_ptr="*fp32", grad_row_ptr="*fp32", grad_col_ptr="*fp32")
+        bwd.update(q_ptr=op, k_ptr=op, temp_ptr="*fp32", row_lse_ptr="*fp32", col_lse_ptr="*fp32")
+        bwd.update(**sizes, n_row_blocks="i32", **tail)
         for name, kernel, sig in (("fwd", _infonce_fwd_kernel, fwd), ("bwd", _infonce_bwd_kernel, bwd)):
-            cfg = dict(GPU_CONFIGS[(name, "fp32" if dtype == "fp32" else "16bit")])
-            num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee", **cfg)
-            specs.append(
-                AotSpec(
-                    name=f"infonce_{name}[{dtype}]",
-                    kernel=kernel,
-                    signature=dict(sig, **{n: "constexpr" for n in consts}),
-                    constexprs=consts,
-                    dtype=dtype,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                    expect_wgmma=dtype != "fp32",
-                )
-            )
+            configs = space(GPU_CONFIGS[(name, "fp32" if dtype == "fp32" else "16bit")])
+            for cfg in configs:
+                tile = f",{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_D']}" if len(configs) > 1 else ""
+                consts = dict(UPCAST=dtype == "fp32", INPUT_PRECISION="ieee")
+                specs.append(aot_spec(f"infonce_{name}[{dtype}{tile}]", kernel, sig, consts, cfg, dtype))
     return specs
