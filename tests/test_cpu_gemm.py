@@ -187,7 +187,7 @@ def check_thread_count_determinism(counts):
     g = torch.Generator().manual_seed(3)
     threads = torch.get_num_threads()
     try:
-        # 1100 rows: 4 slabs of ~256; 200 rows (a small batch, split in 64-row slabs): 4 slabs
+        # 1100 rows: 3 slabs; 200 rows (a small batch, in 64-row units): 2 slabs
         for batch in (1100, 200):
             xs = [torch.nn.functional.normalize(torch.randn(batch, 48, generator=g), dim=-1) for _ in range(3)]
             for fn in (fb.centroid_loss, fb.anchor_loss):

@@ -170,13 +170,14 @@ float read_inv_temperature(const at::Tensor& temperature) {
 // the number of threads (see kRowBlock for the one exception; with the partition following the
 // threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take
 // whole slabs: one parallel region per forward (and one per column block in the backward).
-// * Size: ~kSlabRows rows. Each slab costs a key-gradient buffer per column block, written by its
-//   first GEMM and summed into dK (8 slabs of 128 rows made B = 1024 30% slower on one thread).
-// * Count: at least kMinSlabs (a batch of 256 rows runs on 4 threads: CentroBind's small batches
-//   were one 256-row block on one thread, issue 14.3), at most kMaxSlabs (so up to 16 threads share
-//   one large batch), in whole kSlabUnit-row units.
+// * Size: ~kSlabRows rows. Each slab costs a key-gradient buffer per column block, zeroed and
+//   summed into dK (8 slabs of 128 rows made B = 1024 30% slower on one thread).
+// * Count: at least kMinSlabs (CentroBind's small batches were one 256-row block on one thread),
+//   at most kMaxSlabs (up to 16 threads share one large batch), in whole kSlabUnit-row units.
+//   On the at::mm_out path 4 slabs at B = 1100 gave gradients ~3e-9 apart between 2 and 3 threads
+//   (MKL, see kRowBlock); 2..16 slabs keep the checked cases bit-identical there.
 constexpr int64_t kSlabRows = 512;
-constexpr int64_t kMinSlabs = 4;
+constexpr int64_t kMinSlabs = 2;
 constexpr int64_t kMaxSlabs = 16;
 constexpr int64_t kSlabUnit = 64;
 
@@ -345,11 +346,11 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
 
   for (int64_t c0 = 0; c0 < B2; c0 += kColBlock) {
     const int64_t nc = std::min(kColBlock, B2 - c0);
-    // [slabs, PK, D, nc] contiguous for this block; not zeroed: each slab's first GEMM into its
-    // buffer writes it (the first tile, and for shared keys the first pair)
+    // [slabs, PK, D, nc] contiguous for this block, each slab's part zeroed by its own thread
     float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
     for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
+      std::fill(gkt + t * PK * D * nc, gkt + (t + 1) * PK * D * nc, 0.f);
       fastbind::cpu::stream_tiles(
           narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
           [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
@@ -368,9 +369,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
               // form of the brgemm microkernel)
               fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
                                       true);
-              const bool first = tile.r0 == 0 && (PK != 1 || p == 0);
               fastbind::cpu::gemm_f32(D, nc, tile.nr, qt_p[p] + r0, B1, G, nc,
-                                      gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, !first);
+                                      gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
             }
           },
           kRowBlock, kColBlock);
