@@ -185,19 +185,21 @@ def check_thread_count_determinism(counts):
     """InfoNCE losses and gradients (shared and per-pair keys) are equal bit for bit for every thread
     count in `counts`; returns the largest difference to the first count's results otherwise seen."""
     g = torch.Generator().manual_seed(3)
-    xs = [torch.nn.functional.normalize(torch.randn(1100, 48, generator=g), dim=-1) for _ in range(3)]
     threads = torch.get_num_threads()
     try:
-        for fn in (fb.centroid_loss, fb.anchor_loss):
-            results = []
-            for n in counts:
-                torch.set_num_threads(n)
-                xl = [x.clone().requires_grad_() for x in xs]
-                loss = fn(*xl, temperature=0.07, label_smoothing=0.1, backend="cpu")
-                results.append((loss.detach(), *torch.autograd.grad(loss, xl)))
-            for other in results[1:]:
-                for a, b in zip(results[0], other):
-                    assert torch.equal(a, b), (fn.__name__, counts)
+        # 1100 rows: 3 slabs; 200 rows (a small batch, in 64-row units): 2 slabs
+        for batch in (1100, 200):
+            xs = [torch.nn.functional.normalize(torch.randn(batch, 48, generator=g), dim=-1) for _ in range(3)]
+            for fn in (fb.centroid_loss, fb.anchor_loss):
+                results = []
+                for n in counts:
+                    torch.set_num_threads(n)
+                    xl = [x.clone().requires_grad_() for x in xs]
+                    loss = fn(*xl, temperature=0.07, label_smoothing=0.1, backend="cpu")
+                    results.append((loss.detach(), *torch.autograd.grad(loss, xl)))
+                for other in results[1:]:
+                    for a, b in zip(results[0], other):
+                        assert torch.equal(a, b), (fn.__name__, batch, counts)
     finally:
         torch.set_num_threads(threads)
 

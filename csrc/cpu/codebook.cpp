@@ -22,7 +22,9 @@
 #include <utility>
 #include <vector>
 
+#include "fastbind/simd.h"
 #include "fastbind/tiled.h"
+#include "fastbind/topk.h"
 
 namespace fastbind {
 namespace cpu {
@@ -49,24 +51,10 @@ Metric parse_metric(const std::string& metric) {
   TORCH_CHECK(false, "codebook_lookup: metric must be 'l2', 'cosine' or 'dot', got '", metric, "'");
 }
 
-// Insert (score, j) into the ascending list s[0..k), id[0..k) whose last entry it beats. Columns
-// arrive in increasing j, so an equal score stays behind the earlier (lower) index: ties go to the
-// lowest index, as torch.argmin / a stable sort.
-inline void push_topk(float* s, int64_t* id, int64_t k, float score, int64_t j) {
-  int64_t p = k - 1;
-  while (p > 0 && s[p - 1] > score) {
-    s[p] = s[p - 1];
-    id[p] = id[p - 1];
-    --p;
-  }
-  s[p] = score;
-  id[p] = j;
-}
-
-// The two tile-row epilogues below work on vectors of kLanes floats (GCC vector extensions). They
-// are compiled three times (generic, AVX2, AVX-512) and picked at run time, since
-// the extension is built without -march flags. NaN scores never win a comparison: a NaN code or row
-// never displaces a real candidate (NaN rows end with NaN distances, see the winners' pass).
+// The two tile-row epilogues below work on vectors of kLanes floats (GCC vector extensions),
+// compiled once per SIMD target (FB_MULTIVERSION, fastbind/simd.h). NaN scores never win a
+// comparison: a NaN code or row never displaces a real candidate (NaN rows end with NaN distances,
+// see the winners' pass).
 constexpr int64_t kLanes = 16;
 
 #define FASTBIND_INLINE inline __attribute__((always_inline))
@@ -97,7 +85,7 @@ FASTBIND_INLINE float hmin16(vf16 v) {
 
 // k = 1: the minimum of prod[j] + bias[j] over a tile row; the index is searched only when the
 // tile improves the row's best (the same float additions, so == finds the first such j exactly).
-FASTBIND_INLINE void row_min_body(const float* prod, const float* bias, int64_t nc, int64_t c0, float& best,
+FB_MULTIVERSION void row_min(const float* prod, const float* bias, int64_t nc, int64_t c0, float& best,
                                   int64_t& best_j) {
   const float inf = std::numeric_limits<float>::infinity();
   vf16 lane0 = vf16{} + inf, lane1 = lane0;
@@ -125,7 +113,7 @@ FASTBIND_INLINE void row_min_body(const float* prod, const float* bias, int64_t 
 
 // k > 1: scan a tile row in blocks of kLanes; a block whose minimum does not beat the row's current
 // k-th best (the common case once the list has filled) is skipped without a scalar pass.
-FASTBIND_INLINE void row_topk_body(const float* prod, const float* bias, int64_t nc, int64_t c0, int64_t k,
+FB_MULTIVERSION void row_topk(const float* prod, const float* bias, int64_t nc, int64_t c0, int64_t k,
                                    float* s, int64_t* id) {
   float worst = s[k - 1];
   int64_t j = 0;
@@ -134,7 +122,7 @@ FASTBIND_INLINE void row_topk_body(const float* prod, const float* bias, int64_t
     if (!(hmin16(v) < worst)) continue;
     for (int64_t l = 0; l < kLanes; ++l) {
       if (v[l] < worst) {
-        push_topk(s, id, k, v[l], c0 + j + l);
+        topk_insert(s, id, static_cast<int>(k), static_cast<float>(v[l]), c0 + j + l);
         worst = s[k - 1];
       }
     }
@@ -142,53 +130,10 @@ FASTBIND_INLINE void row_topk_body(const float* prod, const float* bias, int64_t
   for (; j < nc; ++j) {
     const float v = prod[j] + bias[j];
     if (v < worst) {
-      push_topk(s, id, k, v, c0 + j);
+      topk_insert(s, id, static_cast<int>(k), v, c0 + j);
       worst = s[k - 1];
     }
   }
-}
-
-void row_min_generic(const float* p, const float* b, int64_t nc, int64_t c0, float& best, int64_t& best_j) {
-  row_min_body(p, b, nc, c0, best, best_j);
-}
-void row_topk_generic(const float* p, const float* b, int64_t nc, int64_t c0, int64_t k, float* s, int64_t* id) {
-  row_topk_body(p, b, nc, c0, k, s, id);
-}
-#if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("avx2"))) void row_min_avx2(const float* p, const float* b, int64_t nc, int64_t c0,
-                                                  float& best, int64_t& best_j) {
-  row_min_body(p, b, nc, c0, best, best_j);
-}
-__attribute__((target("avx2"))) void row_topk_avx2(const float* p, const float* b, int64_t nc, int64_t c0,
-                                                   int64_t k, float* s, int64_t* id) {
-  row_topk_body(p, b, nc, c0, k, s, id);
-}
-__attribute__((target("avx512f"))) void row_min_avx512(const float* p, const float* b, int64_t nc, int64_t c0,
-                                                       float& best, int64_t& best_j) {
-  row_min_body(p, b, nc, c0, best, best_j);
-}
-__attribute__((target("avx512f"))) void row_topk_avx512(const float* p, const float* b, int64_t nc, int64_t c0,
-                                                        int64_t k, float* s, int64_t* id) {
-  row_topk_body(p, b, nc, c0, k, s, id);
-}
-#endif
-
-using RowMinFn = void (*)(const float*, const float*, int64_t, int64_t, float&, int64_t&);
-using RowTopkFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, float*, int64_t*);
-
-// The best variant this CPU runs (decided once).
-std::pair<RowMinFn, RowTopkFn> row_kernels() {
-#if defined(__GNUC__) && defined(__x86_64__)
-  static const std::pair<RowMinFn, RowTopkFn> chosen = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return std::make_pair<RowMinFn, RowTopkFn>(row_min_avx512, row_topk_avx512);
-    if (__builtin_cpu_supports("avx2")) return std::make_pair<RowMinFn, RowTopkFn>(row_min_avx2, row_topk_avx2);
-    return std::make_pair<RowMinFn, RowTopkFn>(row_min_generic, row_topk_generic);
-  }();
-  return chosen;
-#else
-  return {row_min_generic, row_topk_generic};
-#endif
 }
 
 // Exact distance of row x to code e (DESIGN §2.4), double accumulation.
@@ -257,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   const float* w_p = w.defined() ? w.data_ptr<float>() : nullptr;
 
   // Threads own disjoint row ranges (whole row blocks) and stream their rows through the codebook
-  // with single-threaded GEMM tiles: no barrier per tile (the per-tile parallel_for + multithreaded
-  // GEMM alternative synchronises ~2 times per tile, which costs a lot on a shared 2-core machine).
+  // with single-threaded GEMM tiles (split_rows / for_each_slab, tiled.h): no barrier per tile (the
+  // per-tile parallel_for + multithreaded GEMM alternative synchronises ~2 times per tile).
   // bfloat16 x and codebook stay bfloat16 in the GEMM (fp32 accumulation) when its B operand is
   // exact in bfloat16: −2·e (l2) and −e (dot) are, w⊙e and e/‖e‖ are not (those take the fp32 GEMM
   // of the upcast operands). The scores then differ from the fp32 GEMM's only in the order of the
@@ -268,16 +213,12 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   const at::Tensor B_gemm = bf16_gemm ? B.to(at::kBFloat16) : B;
   const at::ScalarType gemm_dtype = bf16_gemm ? at::kBFloat16 : at::kFloat;
   const bool direct = x.scalar_type() == gemm_dtype && x.is_contiguous();
-  const std::pair<RowMinFn, RowTopkFn> kernels = row_kernels();
-  const RowMinFn row_min = kernels.first;
-  const RowTopkFn row_topk = kernels.second;
   // Fewer rows than threads × kRowBlock (small batches, large codebooks): smaller row blocks, so
   // that every thread still gets rows.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t row_block = std::min<int64_t>(kRowBlock, std::max<int64_t>(16, (N + threads - 1) / threads));
-  const int64_t num_blocks = (N + row_block - 1) / row_block;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t block_lo, int64_t block_hi) {
-    const int64_t row_lo = block_lo * row_block, row_hi = std::min(N, block_hi * row_block);
+  for_each_slab(split_rows(N, threads, row_block), [&](int64_t, int64_t row_lo, int64_t rows) {
+    const int64_t row_hi = row_lo + rows;
     const int64_t chunk = direct ? row_hi - row_lo : kChunkRows;
     std::vector<float> best(std::min(chunk, row_hi - row_lo) * k);
     std::vector<int64_t> best_j(best.size());
@@ -286,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
     for (int64_t r0 = row_lo; r0 < row_hi; r0 += chunk) {
       const int64_t n = std::min(chunk, row_hi - r0);
       const at::Tensor A = x.narrow(0, r0, n).to(gemm_dtype).contiguous();
-      std::fill(best.begin(), best.begin() + n * k, std::numeric_limits<float>::infinity());
-      std::fill(best_j.begin(), best_j.begin() + n * k, int64_t{-1});
+      for (int64_t i = 0; i < n; ++i) topk_init(best.data() + i * k, best_j.data() + i * k, static_cast<int>(k));
 
       auto epilogue = [&](const Tile& tile, const std::vector<at::Tensor>& products) {
         const float* prod = products[0].data_ptr<float>();
@@ -322,19 +262,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
           id[s] = next++;
         }
         for (int64_t s = 0; s < k; ++s) d[s] = exact_distance(metric, A_p + i * D, E_p + id[s] * D, w_p, D);
-        // Insertion sort by (distance, index): safe with NaN (no strict-weak-order requirement).
-        for (int64_t s = 1; s < k; ++s) {
-          const double dv = d[s];
-          const int64_t iv = id[s];
-          int64_t p = s;
-          while (p > 0 && (d[p - 1] > dv || (d[p - 1] == dv && id[p - 1] > iv))) {
-            d[p] = d[p - 1];
-            id[p] = id[p - 1];
-            --p;
-          }
-          d[p] = dv;
-          id[p] = iv;
-        }
+        sort_by_distance_then_index(d.data(), id.data(), static_cast<int>(k));
         for (int64_t s = 0; s < k; ++s) {
           dist_p[(r0 + i) * k + s] = static_cast<float>(d[s]);
           index_p[(r0 + i) * k + s] = id[s];

@@ -15,6 +15,9 @@ namespace cpu {
 // and b (even D, AVX-512) in the bf16 kernel, everything else in float32; at::mm_out without brgemm. Row blocks are split over the
 // threads and written straight into `out` (no scratch tile: this is the floor of the fused ops'
 // GEMMs, the same microkernel calls without an epilogue).
+// Row blocks of the split: 256 rows × N columns per microkernel sweep, the fused ops' usual tile height.
+constexpr int64_t kTileMmRows = 256;
+
 void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "tile_mm: expected a [M, D] and b [N, D], got ",
               a.sizes(), " and ", b.sizes());
@@ -30,10 +33,9 @@ void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
   float* o = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
   const at::Tensor Bk = bf16 ? pack_panels<at::BFloat16>(B) : (brgemm_usable() ? pack_panels<float>(B) : at::Tensor());
-  const int64_t blocks = (M + kDefaultRowBlock - 1) / kDefaultRowBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t blk = lo; blk < hi; ++blk) {
-      const int64_t r0 = blk * kDefaultRowBlock, nr = std::min(kDefaultRowBlock, M - r0);
+  for_each_slab(split_rows(M, at::get_num_threads(), kTileMmRows), [&](int64_t, int64_t first, int64_t rows) {
+    for (int64_t r0 = first; r0 < first + rows; r0 += kTileMmRows) {
+      const int64_t nr = std::min(kTileMmRows, first + rows - r0);
       if (bf16) {
         gemm_panels(nr, N, D, A.const_data_ptr<at::BFloat16>() + r0 * D, D, Bk.const_data_ptr<at::BFloat16>(), N, 0,
                     o + r0 * ldo, ldo);
@@ -41,8 +43,8 @@ void tile_mm_cpu(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
         gemm_panels(nr, N, D, A.const_data_ptr<float>() + r0 * D, D, Bk.const_data_ptr<float>(), N, 0, o + r0 * ldo,
                     ldo);
       } else {
-        at::Tensor rows = out.narrow(0, r0, nr);
-        at::mm_out(rows, A.narrow(0, r0, nr), B.t());
+        at::Tensor rows_out = out.narrow(0, r0, nr);
+        at::mm_out(rows_out, A.narrow(0, r0, nr), B.t());
       }
     }
     if (bf16) gemm_done();

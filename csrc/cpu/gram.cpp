@@ -23,17 +23,12 @@
 #include <limits>
 #include <vector>
 
+#include "fastbind/epilogue.h"
+#include "fastbind/gram_math.h"
 #include "fastbind/saturated_ce.h"
+#include "fastbind/simd.h"
 #include "fastbind/tiled.h"
 
-// The hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
-// time: the extension is built without -march flags, so this is how the epilogue gets 8-wide
-// vectors on the machines that have them.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FB_VECTORISED __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-math-errno", "no-trapping-math")))
-#else
-#define FB_VECTORISED
-#endif
 
 namespace fastbind {
 namespace cpu {
@@ -47,33 +42,6 @@ constexpr int kMaxProducts = 7;  // k <= 8 modalities -> at most 7 products per 
 // reads each product row once, right after the GEMM wrote the tile.
 constexpr int64_t kRowBlock = 512;
 constexpr int64_t kColBlock = 1024;
-
-// Backward clamp of the distance to the span: ∂vol/∂(‖a‖², P) carry 1/dist, whose round-off
-// error in float32 is about 1e-7·‖a‖²/dist; below 1e-4·‖a‖ we clamp so that the gradient stays
-// finite and its error bounded (forward values are never clamped). kTinyDist guards zero anchors.
-constexpr float kDistRelEps = 1e-4f;
-constexpr float kTinyDist = 1e-20f;
-
-// exp(x) for x <= ~88 in float32, branch-free so that gcc vectorises the loops that call it.
-// Range reduction x = n·ln2 + f, |f| <= ln2/2, degree-6 Taylor polynomial (rel. error < 2e-7),
-// 2^n by building the exponent bits. Inputs below -87.3 return exp(-87.3) ≈ 1e-38 (they are
-// always added to a sum that contains exp(0) = 1, so this changes nothing); NaN propagates.
-__attribute__((always_inline)) inline float fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  x = x > 88.3f ? 88.3f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5·2^23 trick)
-  const float f = (t - n) * 0.693147180559945309f;
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
 
 // Per-tile pointers to the k-1 products (row-major [nr, nc]).
 struct Products {
@@ -89,26 +57,26 @@ Products products_of(const std::vector<at::Tensor>& prods) {
 }
 
 // dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
-FB_VECTORISED void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
 #pragma omp simd
   for (int64_t j = 0; j < nc; ++j) dist[j] = a_sq;
   for (int r = 0; r < P.n; ++r) {
     const float* __restrict pr = P.p[r] + off;
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) dist[j] -= pr[j] * pr[j];
+    for (int64_t j = 0; j < nc; ++j) dist[j] = gram_residual_sub(dist[j], pr[j]);
   }
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = __builtin_sqrtf(dist[j] < 0.f ? 0.f : dist[j]);  // NaN stays NaN
+  for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(dist[j]);
 }
 
 // out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ).
-FB_VECTORISED void scaled_volumes(const float* __restrict dist, const float* __restrict span_vol, float scale,
+FB_MULTIVERSION void scaled_volumes(const float* __restrict dist, const float* __restrict span_vol, float scale,
                                   int64_t nc, float* __restrict out) {
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) out[j] = scale * span_vol[j] * dist[j];
+  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], dist[j]);
 }
 
-FB_VECTORISED float row_max(const float* __restrict x, int64_t n) {
+FB_MULTIVERSION float row_max(const float* __restrict x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
@@ -117,7 +85,7 @@ FB_VECTORISED float row_max(const float* __restrict x, int64_t n) {
 
 // Σ_{j≠skip} exp(x_j − shift) and Σ_j x_j (skip: the positive, added back exactly by
 // ce_from_stats in fastbind/saturated_ce.h; -1 or out of range: none).
-FB_VECTORISED void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, int64_t skip, float* exp_sum,
+FB_MULTIVERSION void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, int64_t skip, float* exp_sum,
                                    float* sum) {
   float es = 0.f, s = 0.f;
 #pragma omp simd reduction(+ : es, s)
@@ -130,13 +98,13 @@ FB_VECTORISED void exp_sum_and_sum(const float* __restrict x, int64_t n, float s
 }
 
 // col_max_j = max(col_max_j, x_j).
-FB_VECTORISED void max_into(const float* __restrict x, int64_t n, float* __restrict col_max) {
+FB_MULTIVERSION void max_into(const float* __restrict x, int64_t n, float* __restrict col_max) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) col_max[j] = x[j] > col_max[j] ? x[j] : col_max[j];
 }
 
 // col_exp_j += exp(x_j − col_max_j) for j ≠ skip (the positive, as above); col_sum_j += x_j.
-FB_VECTORISED void exp_sum_into(const float* __restrict x, const float* __restrict col_max, int64_t n, int64_t skip,
+FB_MULTIVERSION void exp_sum_into(const float* __restrict x, const float* __restrict col_max, int64_t n, int64_t skip,
                                 float* __restrict col_exp, float* __restrict col_sum) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
@@ -162,7 +130,7 @@ struct RowGrad {
   int64_t diag;  // tile-local positive column, or -1
 };
 
-FB_VECTORISED void backward_row(const Products& P, int64_t off, int64_t nc, float a_sq,
+FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, float a_sq,
                                 const float* __restrict span_vol, const float* __restrict g_col,
                                 const float* __restrict lse_col, const float* __restrict grad, const RowGrad& rg,
                                 float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau) {
@@ -176,23 +144,21 @@ FB_VECTORISED void backward_row(const Products& P, int64_t off, int64_t nc, floa
     for (int64_t j = 0; j < nc; ++j) {
       const float dvol = grad[j];
       dr[j] += dvol * dist[j];
-      const float d = dist[j] < eps_dist ? eps_dist : dist[j];  // NaN stays NaN
-      const float coef = dvol * span_vol[j] / d;
+      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
       da += coef;
       dist[j] = -coef;
     }
   } else {
 #pragma omp simd reduction(+ : da, dt)
     for (int64_t j = 0; j < nc; ++j) {
-      const float logit = neg_inv_tau * span_vol[j] * dist[j];
+      const float logit = gram_scaled_volume(neg_inv_tau, span_vol[j], dist[j]);
       const float delta = j == diag ? one_minus_eps : 0.f;
       const float g = g_row * (fast_exp(logit - lse_row) - row_smooth - delta) +
                       g_col[j] * (fast_exp(logit - lse_col[j]) - col_smooth - delta);
       const float dvol = g * neg_inv_tau;
       dt += g * logit;
       dr[j] += dvol * dist[j];
-      const float d = dist[j] < eps_dist ? eps_dist : dist[j];  // NaN stays NaN
-      const float coef = dvol * span_vol[j] / d;
+      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
       da += coef;
       dist[j] = -coef;  // reuse as the factor of P_r
     }
@@ -232,23 +198,10 @@ void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vecto
   }
 }
 
-// Work split: the anchor rows are cut into one contiguous chunk per thread and every thread streams
-// the tiles of its own chunk through `stream_tiles` (GEMMs single-threaded inside the parallel
-// region). One fork/join per op instead of one per tile and per GEMM: on a 2-core machine shared
-// with other processes the barriers, not the flops, were the cost. Rows are owned by one thread;
-// column statistics and dQ are accumulated per chunk and merged in chunk order (deterministic).
-template <class Body>
-void for_row_chunks(int64_t rows, int64_t nchunks, Body&& body) {
-  const int64_t per = (rows + nchunks - 1) / nchunks;
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      const int64_t r0 = c * per, nr = std::min(per, rows - r0);
-      if (nr > 0) body(c, r0, nr);
-    }
-  });
-}
-
-int64_t chunk_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
+// Work split (split_rows / for_each_slab, tiled.h): one chunk of anchor rows per thread, each
+// streaming its own tiles. Column statistics and dQ are accumulated per chunk and merged in chunk
+// order (deterministic for a given thread count).
+std::vector<int64_t> row_chunks(int64_t rows) { return split_rows(rows, at::get_num_threads()); }
 
 // Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ. With `gemm_basis` holding 2R
 // matrices (bfloat16 hi and lo parts of Q, see operands()) each product is the sum of two bf16
@@ -320,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t D = o.anchor.size(1);
   at::Tensor d_anchor = at::zeros_like(o.anchor);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
-  const int64_t nchunks = chunk_count(o.B1);
+  const std::vector<int64_t> chunks = row_chunks(o.B1);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
   // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
   const at::Tensor anchor_t = o.anchor.t().contiguous();
@@ -336,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     d_basis_part[c] = at::zeros({o.R, D, o.B2}, opts);
     d_span_part[c] = at::zeros({o.B2}, opts);
   }
-  for_row_chunks(o.B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
+  for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> buf(kColBlock);
     float* dr = d_span_part[c].data_ptr<float>();
     float* dqt = d_basis_part[c].data_ptr<float>();
@@ -373,8 +327,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   return {d_anchor, d_basis_t.transpose(1, 2).contiguous(), d_span, d_asq, dtau};
 }
 
-float distance_eps(float a_sq) { return std::max(kDistRelEps * std::sqrt(a_sq), kTinyDist); }
-
 }  // namespace
 
 // vol [B1, B2]
@@ -385,7 +337,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   float* out = vol.data_ptr<float>();
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  for_row_chunks(o.B1, chunk_count(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
+  for_each_slab(row_chunks(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
     stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
@@ -413,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_
       o, nullptr, nullptr,
       [&](int64_t gi, int64_t, int64_t) {
         RowGrad rg{};
-        rg.eps_dist = distance_eps(asq[gi]);
+        rg.eps_dist = gram_distance_eps(asq[gi]);
         rg.diag = -1;
         return rg;
       },
@@ -440,7 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
   at::Tensor row_off = at::zeros({B1}, opts);
   at::Tensor col_pos = at::zeros({B2}, opts);
-  const int64_t nchunks = chunk_count(B1);
+  const std::vector<int64_t> chunks = row_chunks(B1);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
   at::Tensor col_max = at::full({nchunks, B2}, ninf, opts), col_exp = at::zeros({nchunks, B2}, opts);
   at::Tensor col_sum = at::zeros({nchunks, B2}, opts);
@@ -449,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   float *rlse = row_lse.data_ptr<float>(), *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
   float* roff = row_off.data_ptr<float>();
   float* cpos = col_pos.data_ptr<float>();
-  for_row_chunks(B1, nchunks, [&](int64_t c, int64_t r0, int64_t nr) {
+  for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
     std::vector<float> rmax(nr, ninf), rexp(nr, 0.f);
     float* cmax = col_max[c].data_ptr<float>();
@@ -476,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
           const float m = std::max(rmax[li], row_max(logit, t.nc));
           float es, s;
           exp_sum_and_sum(logit, t.nc, m, pos, &es, &s);
-          rexp[li] = rexp[li] * std::exp(rmax[li] - m) + es;
+          rexp[li] = lse_rescale(rmax[li], rexp[li], m) + es;
           rmax[li] = m;
           rsum[gi] += s;
         }
@@ -489,9 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       }
       for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
         const int64_t gj = t.c0 + j;
-        const float m = std::max(cmax[gj], tmax[j]);
-        cexp[gj] = cexp[gj] * std::exp(cmax[gj] - m) + texp[j] * std::exp(tmax[j] - m);
-        cmax[gj] = m;
+        lse_merge(cmax[gj], cexp[gj], tmax[j], texp[j]);
         csum[gj] += tsum[j];
       }
     });
@@ -507,10 +458,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   // cancellation of lse − positive (fastbind/saturated_ce.h)
   if (rows) std::tie(row_loss, row_lse) = ce_from_stats(row_lse, row_off, row_pos, row_sum, label_smoothing, B2);
   if (cols) {
-    // Merge the chunks' column statistics: max over the chunks, Σ_c exp_c·exp(max_c − max).
-    const at::Tensor m = std::get<0>(col_max.max(0));
-    const at::Tensor off = (col_exp * (col_max - m).exp()).sum(0);
-    std::tie(col_loss, col_lse) = ce_from_stats(m, off, col_pos, col_sum.sum(0), label_smoothing, B1);
+    // Merge the chunks' column statistics into chunk 0's, in chunk order.
+    float *cmax = col_max.data_ptr<float>(), *cexp = col_exp.data_ptr<float>();
+    for (int64_t c = 1; c < nchunks; ++c)
+      for (int64_t j = 0; j < B2; ++j) lse_merge(cmax[j], cexp[j], cmax[c * B2 + j], cexp[c * B2 + j]);
+    std::tie(col_loss, col_lse) = ce_from_stats(col_max[0], col_exp[0], col_pos, col_sum.sum(0), label_smoothing, B1);
   }
   return {row_loss, col_loss, row_lse, col_lse};
 }
@@ -540,7 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
       [&](int64_t gi, int64_t c0, int64_t nc) {
         const int64_t pos = gi + diag_offset - c0;
         return RowGrad{grow[gi],    rlse[gi],           row_smooth, col_smooth, 1.0f - eps, -1.0f / tau,
-                       distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1};
+                       gram_distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1};
       },
       [](int64_t, int64_t) -> const float* { return nullptr; });
   at::Tensor d_tau = at::full({}, -dtau / tau, temperature.options().dtype(at::kFloat));

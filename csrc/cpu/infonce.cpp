@@ -14,21 +14,27 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "fastbind/epilogue.h"
 #include "fastbind/saturated_ce.h"
+#include "fastbind/simd.h"
 #include "fastbind/tiled.h"
 
 namespace fastbind {
 namespace {
 
+using cpu::for_each_slab;
+using cpu::split_rows;
+
 // Tiles: 256 rows (the dK GEMM of the backward has inner dimension = rows, which BLAS wants >= ~128)
 // by 1024 columns, cut into column chunks of kChunk for the epilogue threads. A chunk of 256 rows x
 // 256 columns is 256 KiB of float32: it stays in a core's 1 MiB L2 between the epilogue's two passes.
-// Neither chunks nor row slabs (row_ranges) depend on the thread count, so results are bit-identical
+// Neither chunks nor row slabs (row_slabs) depend on the thread count, so results are bit-identical
 // for any thread count on the brgemm path. On the at::mm_out path MKL's sgemm itself rounds
 // differently when it runs outside a parallel region (1 thread) or, it seems, when threads of the
 // region are idle (more threads than slabs); ~3e-9 on the gradients then. tests/test_cpu_gemm.py.
@@ -37,45 +43,13 @@ constexpr int64_t kColBlock = 1024;
 constexpr int64_t kChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp for the epilogues, written so that gcc vectorises it inside `omp simd` loops (std::exp is a
-// scalar libm call). Cody-Waite reduction x = n·ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r
-// (Cephes expf coefficients, max relative error ~2 ulp), 2^n assembled in the exponent bits.
-// x < -87.3 (incl. -inf) gives 0, NaN propagates, x > 88.3 gives +inf (the epilogues only take
-// x = logit - max <= 0, where it is accurate down to the float32 underflow).
-// always_inline: it must be compiled inside each target clone of the loops below (an `omp declare
-// simd` clone would be built for the baseline ISA, with libm calls for fma).
-__attribute__((always_inline)) static inline float vexp(float x) {
-  float c = x < -87.3f ? -87.3f : x;
-  c = c > 88.3f ? 88.3f : c;
-  // round to nearest by the 1.5·2^23 trick (std::nearbyint would be a libm call in the loop)
-  const float n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = n * -0.693359375f + c;
-  r = n * 2.12194440e-4f + r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
-  result = x < -87.3f ? 0.0f : result;
-  result = x > 88.3f ? std::numeric_limits<float>::infinity() : result;
-  return x != x ? x : result;
-}
-
 // max without libm's fmaxf call (vectorises to maxps); a NaN operand is dropped here but still
 // reaches the sums of exp, so the loss stays NaN for NaN inputs
 static inline float vmax(float a, float b) { return a > b ? a : b; }
 
-#define FASTBIND_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-
 // Pass 1 over a [nr, w] chunk of logits (raw dots s, row stride ld): per-row chunk max of s·inv_t
 // into row_max[nr], and the column max folded into col_max[w] (which holds the running column max).
-FASTBIND_CLONES
+FB_MULTIVERSION
 void chunk_max(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, float* row_max, float* col_max) {
   for (int64_t i = 0; i < nr; ++i) {
     const float* row = s + i * ld;
@@ -94,7 +68,7 @@ void chunk_max(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, f
 // to col_sum_exp[w] / col_sum_logit[w]. The positive (row i, column pos0 + i) is left out of both
 // sums of exp: the finalisation adds it back exactly, so that a nearly saturated row's loss
 // log1p(Σ_{j≠pos} exp(l_j − l_pos)) keeps its digits instead of rounding 1 + tiny in float32.
-FASTBIND_CLONES
+FB_MULTIVERSION
 void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, int64_t pos0, const float* row_max,
                 const float* col_max, float* row_sum_exp, float* row_sum_logit, float* col_sum_exp,
                 float* col_sum_logit) {
@@ -107,9 +81,9 @@ void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, 
     for (int64_t j = 0; j < w; ++j) {
       const float l = row[j] * inv_t;
       const bool off = j != positive;
-      se += off ? vexp(l - rm) : 0.f;
+      se += off ? fast_exp(l - rm) : 0.f;
       sl += l;
-      col_sum_exp[j] += off ? vexp(l - col_max[j]) : 0.f;
+      col_sum_exp[j] += off ? fast_exp(l - col_max[j]) : 0.f;
       col_sum_logit[j] += l;
     }
     row_sum_exp[i] = se;
@@ -121,21 +95,21 @@ void chunk_sums(const float* s, int64_t ld, int64_t nr, int64_t w, float inv_t, 
 // G_j = inv_t·( g_row·(exp(l_j - row_lse) - ε/B2) + g_col_j·(exp(l_j - col_lse_j) - ε/B1) ) (the
 // (1-ε)·δ term of the positive is applied by the caller). use_rows / use_cols skip a direction whose
 // upstream gradient is all zero.
-FASTBIND_CLONES
+FB_MULTIVERSION
 void grad_row(float* s, int64_t w, float inv_t, float g_row, float row_lse, const float* g_col, const float* col_lse,
               float smooth_row, const float* smooth_col, bool use_rows, bool use_cols) {
   if (use_rows && use_cols) {
 #pragma omp simd
     for (int64_t j = 0; j < w; ++j) {
       const float l = s[j] * inv_t;
-      s[j] = inv_t * (g_row * vexp(l - row_lse) + g_col[j] * vexp(l - col_lse[j]) - smooth_row - smooth_col[j]);
+      s[j] = inv_t * (g_row * fast_exp(l - row_lse) + g_col[j] * fast_exp(l - col_lse[j]) - smooth_row - smooth_col[j]);
     }
   } else if (use_rows) {
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_row * vexp(s[j] * inv_t - row_lse) - smooth_row);
+    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_row * fast_exp(s[j] * inv_t - row_lse) - smooth_row);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_col[j] * vexp(s[j] * inv_t - col_lse[j]) - smooth_col[j]);
+    for (int64_t j = 0; j < w; ++j) s[j] = inv_t * (g_col[j] * fast_exp(s[j] * inv_t - col_lse[j]) - smooth_col[j]);
   }
 }
 
@@ -189,30 +163,27 @@ float read_inv_temperature(const at::Tensor& temperature) {
   return 1.0f / temperature.to(at::kFloat).item<float>();
 }
 
-// Rows are cut into at most kSlabs slabs ([begin, end) per slab), a partition
-// that depends on the batch only: each slab streams its rows through stream_tiles with
+// Rows are cut into slabs (split_rows / for_each_slab, fastbind/tiled.h) by a rule that depends on
+// the batch only, never on the thread count: each slab streams its rows through stream_tiles with
 // single-threaded GEMMs and a serial epilogue, keeps its own column statistics (forward) and key
 // gradient (backward), and the slabs are merged in slab order — so the sums are the same whatever
 // the number of threads (see kRowBlock for the one exception; with the partition following the
-// threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take whole slabs: one
-// parallel region per forward (and one per column block in the backward) instead of one per tile,
-// since on a 2-core machine shared with other work every barrier costs a descheduled thread's time
-// slice. More than kSlabs threads do not speed up one call. About kSlabRows rows per slab: each slab
-// costs a key-gradient buffer, zeroed and merged per column block (8 slabs of 128 rows made B = 1024
-// 30% slower on one thread, 2 slabs of 512 rows 7%). But at least two slabs from 2·kSlabUnit rows
-// up, so that a small batch (CentroBind at B <= 256 was one 256-row block on one thread) still
-// spreads over two threads. Slab bounds are multiples of kSlabUnit rows.
-constexpr int64_t kSlabs = 8;
+// threads, the key gradients differed by ~3e-9 between any two thread counts). The threads take
+// whole slabs: one parallel region per forward (and one per column block in the backward).
+// * Size: ~kSlabRows rows. Each slab costs a key-gradient buffer per column block, zeroed and
+//   summed into dK (8 slabs of 128 rows made B = 1024 30% slower on one thread).
+// * Count: at least kMinSlabs (CentroBind's small batches were one 256-row block on one thread),
+//   at most kMaxSlabs (up to 16 threads share one large batch), in whole kSlabUnit-row units.
+//   On the at::mm_out path 4 slabs at B = 1100 gave gradients ~3e-9 apart between 2 and 3 threads
+//   (MKL, see kRowBlock); 2..16 slabs keep the checked cases bit-identical there.
 constexpr int64_t kSlabRows = 512;
+constexpr int64_t kMinSlabs = 2;
+constexpr int64_t kMaxSlabs = 16;
 constexpr int64_t kSlabUnit = 64;
 
-std::vector<int64_t> row_ranges(int64_t rows) {
-  const int64_t units = (rows + kSlabUnit - 1) / kSlabUnit;
-  const int64_t wanted = std::max<int64_t>(2, (rows + kSlabRows - 1) / kSlabRows);
-  const int64_t slabs = std::max<int64_t>(1, std::min({kSlabs, wanted, units}));
-  std::vector<int64_t> bounds(slabs + 1);
-  for (int64_t t = 0; t <= slabs; ++t) bounds[t] = std::min(rows, (units * t / slabs) * kSlabUnit);
-  return bounds;
+std::vector<int64_t> row_slabs(int64_t rows) {
+  const int64_t wanted = (rows + kSlabRows - 1) / kSlabRows;
+  return split_rows(rows, std::clamp(wanted, kMinSlabs, kMaxSlabs), kSlabUnit);
 }
 
 std::vector<at::Tensor> narrow_rows(const std::vector<at::Tensor>& ts, int64_t begin, int64_t length) {
@@ -251,21 +222,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   at::Tensor row_logit = at::zeros({P, B1}, f32), positive = at::zeros({P, B1}, f32);
   float *rmax = row_max.data_ptr<float>(), *rsum = row_sum.data_ptr<float>();
   float *rlog = row_logit.data_ptr<float>(), *pos = positive.data_ptr<float>();
-  const std::vector<int64_t> bounds = row_ranges(B1);
-  const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
+  const std::vector<int64_t> bounds = row_slabs(B1);
+  const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<ColumnStats> cols;  // per slab, merged in slab order below (deterministic)
-  for (int64_t t = 0; t < threads; ++t) cols.emplace_back(P, B2, f32);
+  for (int64_t t = 0; t < slabs; ++t) cols.emplace_back(P, B2, f32);
 
-  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t first_row = bounds[t];
+  for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
       float *cmax = cols[t].max.data_ptr<float>(), *csum = cols[t].sum.data_ptr<float>();
       float* clog = cols[t].logit.data_ptr<float>();
       const int64_t max_rows = std::min(kRowBlock, B1), chunks_max = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
       std::vector<float> part_max(chunks_max * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
       std::vector<float> new_max(kChunk);
       fastbind::cpu::stream_tiles(
-          narrow_rows(pr.gemm_queries, first_row, bounds[t + 1] - first_row), pr.gemm_keys,
+          narrow_rows(pr.gemm_queries, first_row, slab_rows), pr.gemm_keys,
           [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0, chunks = (tile.nc + kChunk - 1) / kChunk;
             for (int64_t p = 0; p < P; ++p) {
@@ -278,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
                 std::copy(cm, cm + w, new_max.data());  // new_max = max(running, this chunk's column max)
                 chunk_max(s, tile.nc, tile.nr, w, inv_t, part, new_max.data());
                 for (int64_t j = 0; j < w; ++j) {  // rescale the running column sums to the new max
-                  cs[j] = cm[j] == kNegInf ? 0.f : cs[j] * std::exp(cm[j] - new_max[j]);
+                  cs[j] = lse_rescale(cm[j], cs[j], new_max[j]);
                   cm[j] = new_max[j];
                 }
                 chunk_sums(s, tile.nc, tile.nr, w, inv_t, r0 + diag_offset - tile.c0 - j0, part, cm,
@@ -294,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
                 const int64_t row = p * B1 + r0 + i;
                 float m = rmax[row];
                 for (int64_t c = 0; c < chunks; ++c) m = vmax(m, part_max[c * max_rows + i]);
-                float sum = rmax[row] == kNegInf ? 0.f : rsum[row] * std::exp(rmax[row] - m);
+                float sum = lse_rescale(rmax[row], rsum[row], m);
                 for (int64_t c = 0; c < chunks; ++c) {
-                  sum += part_exp[c * max_rows + i] * std::exp(part_max[c * max_rows + i] - m);
+                  sum += lse_rescale(part_max[c * max_rows + i], part_exp[c * max_rows + i], m);
                   rlog[row] += part_logit[c * max_rows + i];
                 }
                 rmax[row] = m;
@@ -305,16 +274,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
             }
           },
           kRowBlock, kColBlock);
-    }
   });
 
-  // merge the slabs' column statistics in slab order
+  // merge the slabs' column statistics into slab 0's, in slab order
   at::Tensor col_max = cols[0].max, col_sum = cols[0].sum, col_logit = cols[0].logit;
-  for (int64_t t = 1; t < threads; ++t) {
-    at::Tensor m = at::maximum(col_max, cols[t].max);
-    col_sum = col_sum * (col_max - m).exp().nan_to_num(0.f) + cols[t].sum * (cols[t].max - m).exp().nan_to_num(0.f);
-    col_logit = col_logit + cols[t].logit;
-    col_max = m;
+  {
+    float *cmax = col_max.data_ptr<float>(), *csum = col_sum.data_ptr<float>();
+    for (int64_t t = 1; t < slabs; ++t) {
+      const float *tmax = cols[t].max.data_ptr<float>(), *tsum = cols[t].sum.data_ptr<float>();
+      for (int64_t j = 0; j < P * B2; ++j) lse_merge(cmax[j], csum[j], tmax[j], tsum[j]);
+      col_logit.add_(cols[t].logit);
+    }
   }
 
   // CE = lse - (1-ε)·positive - (ε/B)·Σ logits; rows/columns without a positive keep the smoothing part
@@ -350,17 +320,21 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   // per-element smoothing terms g·ε/B (the positive's (1-ε) term is subtracted separately)
   at::Tensor smooth_row = g_row * (eps / B2), smooth_col = g_col * (eps / B1);
 
-  at::Tensor grad_q = at::zeros({P, B1, D}, f32), grad_k = at::zeros({PK, B2, D}, f32);
-  if (!use_rows && !use_cols) return {grad_q, grad_k};
+  at::Tensor grad_q = at::zeros({P, B1, D}, f32);
+  // (nothing to do, or no rows: the key-gradient buffers below are written only by the slabs' GEMMs)
+  if ((!use_rows && !use_cols) || B1 == 0 || P == 0) return {grad_q, at::zeros({PK, B2, D}, f32)};
   const float *gr = g_row.data_ptr<float>(), *gc = g_col.data_ptr<float>();
   const float *rl = r_lse.data_ptr<float>(), *cl = c_lse.data_ptr<float>();
   const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
-  const std::vector<int64_t> bounds = row_ranges(B1);
-  const int64_t threads = static_cast<int64_t>(bounds.size()) - 1;
-  // dKᵀ of one column block, per slab (rows of different slabs meet in the same key rows), and the
-  // queries transposed once (the A operand of the dKᵀ product)
+  const std::vector<int64_t> bounds = row_slabs(B1);
+  const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
+  // dKᵀ of one column block, per slab (rows of different slabs meet in the same key rows), summed
+  // into dKᵀ [PK, D, B2] (transposed once at the end), and the queries transposed once (the A
+  // operand of the dKᵀ product)
   const int64_t ncb = std::min(kColBlock, B2);
-  at::Tensor grad_k_part = at::empty({threads, PK, D, ncb}, f32);
+  at::Tensor grad_k_part = at::empty({slabs, PK, D, ncb}, f32);
+  at::Tensor grad_kt = at::empty({PK, D, B2}, f32);
+  float* gk_t = grad_kt.data_ptr<float>();
   std::vector<at::Tensor> queries_t;
   std::vector<const float*> qt_p, key_p;
   for (int64_t p = 0; p < P; ++p) {
@@ -372,42 +346,51 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
 
   for (int64_t c0 = 0; c0 < B2; c0 += kColBlock) {
     const int64_t nc = std::min(kColBlock, B2 - c0);
-    // [threads, PK, D, nc] contiguous for this block
-    at::Tensor part = grad_k_part.view({-1}).narrow(0, 0, threads * PK * D * nc).view({threads, PK, D, nc}).zero_();
-    float* gkt = part.data_ptr<float>();
+    // [slabs, PK, D, nc] contiguous for this block, each slab's part zeroed by its own thread
+    float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
-    at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
-      for (int64_t t = t_begin; t < t_end; ++t) {
-        const int64_t first_row = bounds[t];
-        const std::vector<at::Tensor> queries = narrow_rows(pr.gemm_queries, first_row, bounds[t + 1] - first_row);
-        fastbind::cpu::stream_tiles(
-            queries, keys,
-            [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
-              const int64_t r0 = first_row + tile.r0;
-              for (int64_t p = 0; p < P; ++p) {
-                for (int64_t i = 0; i < tile.nr; ++i) {
-                  const int64_t row = r0 + i;
-                  float* s = products[p].data_ptr<float>() + i * tile.nc;
-                  grad_row(s, tile.nc, inv_t, gr[p * B1 + row], rl[p * B1 + row], gc + p * B2 + c0, cl + p * B2 + c0,
-                           sr[p * B1 + row], sc + p * B2 + c0, use_rows, use_cols);
-                  const int64_t j = row + diag_offset - c0;  // the positive's (1-ε)·δ term, both directions
-                  if (j >= 0 && j < nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + c0 + j]);
-                }
-                const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
-                // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
-                // form of the brgemm microkernel)
-                fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
-                                        true);
-                fastbind::cpu::gemm_f32(D, nc, tile.nr, qt_p[p] + r0, B1, G, nc,
-                                        gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
+    for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
+      std::fill(gkt + t * PK * D * nc, gkt + (t + 1) * PK * D * nc, 0.f);
+      fastbind::cpu::stream_tiles(
+          narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
+          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+            const int64_t r0 = first_row + tile.r0;
+            for (int64_t p = 0; p < P; ++p) {
+              for (int64_t i = 0; i < tile.nr; ++i) {
+                const int64_t row = r0 + i;
+                float* s = products[p].data_ptr<float>() + i * tile.nc;
+                grad_row(s, tile.nc, inv_t, gr[p * B1 + row], rl[p * B1 + row], gc + p * B2 + c0, cl + p * B2 + c0,
+                         sr[p * B1 + row], sc + p * B2 + c0, use_rows, use_cols);
+                const int64_t j = row + diag_offset - c0;  // the positive's (1-ε)·δ term, both directions
+                if (j >= 0 && j < nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + c0 + j]);
               }
-            },
-            kRowBlock, kColBlock);
+              const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
+              // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
+              // form of the brgemm microkernel)
+              fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
+                                      true);
+              fastbind::cpu::gemm_f32(D, nc, tile.nr, qt_p[p] + r0, B1, G, nc,
+                                      gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
+            }
+          },
+          kRowBlock, kColBlock);
+    });
+    // dKᵀ[:, :, block] = Σ_t part_t, in slab order, element by element (parallel over the D rows:
+    // contiguous reads, and the same sums for any thread count)
+    at::parallel_for(0, PK * D, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        float* dst = gk_t + r * B2 + c0;
+        const float* src = gkt + r * nc;
+        std::copy(src, src + nc, dst);
+        for (int64_t t = 1; t < slabs; ++t) {
+          const float* part = gkt + (t * PK * D + r) * nc;
+#pragma omp simd
+          for (int64_t j = 0; j < nc; ++j) dst[j] += part[j];
+        }
       }
     });
-    at::Tensor block = grad_k.narrow(1, c0, nc);
-    for (int64_t t = 0; t < threads; ++t) block.add_(part[t].transpose(1, 2));
   }
+  const at::Tensor grad_k = grad_kt.transpose(1, 2).contiguous();
   return {grad_q, grad_k};
 }
 

@@ -39,10 +39,37 @@ struct Tile {
   int64_t r0, nr, c0, nc;
 };
 
-// Tile sizes: 256 × 1024 float32 products = 1 MiB per product, big enough for BLAS to run at
-// its peak and small enough that P products of a tile stay in the last-level cache.
-constexpr int64_t kDefaultRowBlock = 256;
-constexpr int64_t kDefaultColBlock = 1024;
+// ---- the thread split -------------------------------------------------------------------------
+// Every fused CPU op splits its A rows (queries, anchors, lookup rows) into contiguous slabs and
+// runs each slab's tiles on one thread, with single-threaded GEMMs: one parallel region per call
+// (or per column block) rather than a fork/join per tile and per GEMM. A slab owns its rows' outputs;
+// what its rows share with other slabs (column statistics, key gradients) it keeps in its own
+// buffer, merged in slab order afterwards, so a result depends on the slab bounds only, never on
+// which thread ran a slab.
+
+// The bounds of `slabs` contiguous row ranges covering [0, rows): slab s is [bounds[s],
+// bounds[s + 1]), its bounds multiples of `unit` rows (but the end), the units spread as evenly as
+// possible. Clamped to at least 1 and at most ceil(rows / unit) slabs, so no slab is empty (but the
+// one slab of rows = 0).
+inline std::vector<int64_t> split_rows(int64_t rows, int64_t slabs, int64_t unit = 1) {
+  TORCH_CHECK(rows >= 0 && unit >= 1, "split_rows: bad arguments");
+  const int64_t units = (rows + unit - 1) / unit;
+  slabs = std::max<int64_t>(1, std::min(slabs, units));
+  std::vector<int64_t> bounds(slabs + 1);
+  for (int64_t s = 0; s <= slabs; ++s) bounds[s] = std::min(rows, (units * s / slabs) * unit);
+  return bounds;
+}
+
+// Runs body(slab, first_row, num_rows) once for every non-empty slab of split_rows bounds, the slabs
+// spread over the ATen threads.
+template <class Body>
+void for_each_slab(const std::vector<int64_t>& bounds, Body&& body) {
+  const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      if (bounds[s + 1] > bounds[s]) body(s, bounds[s], bounds[s + 1] - bounds[s]);
+  });
+}
 
 // ---- the tile GEMM -----------------------------------------------------------------------------
 
@@ -204,9 +231,8 @@ inline void gemm_done() { at::native::cpublas::brgemm_release(true); }
 // pair; all A_p share R rows and all B_p share C rows. bfloat16 pairs run the bf16 microkernel
 // (callers check use_bf16_gemm(D) first).
 template <class Epilogue>
-void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
-                  Epilogue&& epilogue, int64_t row_block = kDefaultRowBlock,
-                  int64_t col_block = kDefaultColBlock) {
+void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, Epilogue&& epilogue,
+                  int64_t row_block, int64_t col_block) {
   TORCH_CHECK(!A.empty() && A.size() == B.size(), "stream_tiles: need P >= 1 pairs of matrices");
   const int64_t P = static_cast<int64_t>(A.size());
   const int64_t R = A[0].size(0), C = B[0].size(0), D = A[0].size(1);

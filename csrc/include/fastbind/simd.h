@@ -1,0 +1,24 @@
+#pragma once
+// FB_MULTIVERSION: the one SIMD dispatch of the CPU kernels. The extension is built without -march
+// flags (one binary for every x86-64 CPU), so a hot epilogue loop marked with it is compiled three
+// times — AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline — and the loader picks the
+// best clone this CPU runs (an ifunc, resolved once). no-math-errno / no-trapping-math let gcc
+// vectorise sqrt and the conditional selects (`j != skip ? e : 0`) inside `omp simd` loops.
+//
+// target_clones with "arch=" levels needs gcc >= 11 on x86-64 (clang spells the levels
+// differently, other architectures have other targets): everywhere else the macro is empty and
+// the loops are compiled once, for the compiler's default target. -DFASTBIND_NO_MULTIVERSION
+// forces that plain branch (tests/test_cpu_headers.py compiles both).
+//
+// Functions called from a multiversioned loop must be inlined into each clone: the shared math of
+// epilogue.h / gram_math.h / topk.h is FB_HD (always_inline on gcc, hd.h).
+#if !defined(FASTBIND_NO_MULTIVERSION) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
+    defined(__x86_64__) && __GNUC__ >= 11
+#define FB_MULTIVERSION                                                               \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"),      \
+                 optimize("no-math-errno", "no-trapping-math")))
+#define FB_MULTIVERSIONED 1
+#else
+#define FB_MULTIVERSION
+#define FB_MULTIVERSIONED 0
+#endif
