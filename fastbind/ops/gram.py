@@ -73,6 +73,42 @@ def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(basis), volume
 
 
+def _register_span_basis() -> None:
+    """Fake kernels of the C++ op pair fastbind::gram_basis_fwd/_bwd: span_basis in one call per
+    direction, the same computation as the torch version. Its autograd is registered in C++
+    (csrc/cpu/span_basis.cpp): the Python autograd wrapper cost more than the kernels at small B."""
+    fwd, bwd = "fastbind::gram_basis_fwd", "fastbind::gram_basis_bwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(modalities):
+        n = len(modalities)
+        torch._check(1 <= n <= K_RANGE[1], lambda: f"gram_basis_fwd: expected 1..{K_RANGE[1]} modalities, got {n}")
+        first = modalities[0]
+        torch._check(first.dim() == 2, lambda: "gram_basis_fwd: modalities must be [B, D]")
+        for m in modalities:
+            torch._check(m.shape == first.shape, lambda: "gram_basis_fwd: modalities must share [B, D]")
+        b, d = first.shape
+        f32 = dict(dtype=torch.float32)
+        return (
+            first.new_empty(n, b, d, **f32),
+            first.new_empty(b, **f32),
+            first.new_empty(n, b, **f32),
+            first.new_empty(b, 2, n, n, **f32),
+        )
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(grad_basis, grad_volume, basis, norms, coefs):
+        n, b, d = basis.shape
+        torch._check(norms.shape == (n, b), lambda: "gram_basis_bwd: norms must be [n, B]")
+        torch._check(coefs.shape == (b, 2, n, n), lambda: "gram_basis_bwd: coefs must be [B, 2, n, n]")
+        return [basis.new_empty(b, d) for _ in range(n)]
+
+    _BASIS_OP.append(_op(fwd))
+
+
+_BASIS_OP: list = []  # [fastbind::gram_basis_fwd] once registered (a plain list: traceable by dynamo)
+
+
 # --------------------------------------------------------------------------------------------
 # custom ops: fake kernels and autograd (shared by the C++ and the Triton ops)
 # --------------------------------------------------------------------------------------------
@@ -179,6 +215,7 @@ def _ops(backend: str):
 
 if extension_loaded():
     _register_backend("cpu")
+    _register_span_basis()
 if _triton_available()[0]:
     _register_backend("triton")
 
@@ -203,10 +240,12 @@ def _prepare(anchor: torch.Tensor, modalities, backend: str):
     float32 basis, csrc/cpu/gram.cpp).
     """
     a32 = anchor.float()
+    if backend == "cpu":  # one C++ op for the per-sample part (it upcasts 16-bit modalities itself)
+        basis, span_vol, _, _ = _BASIS_OP[0](modalities)
+        a_op = anchor if anchor.dtype == torch.bfloat16 else a32
+        return a_op.contiguous(), basis, span_vol, (a32 * a32).sum(-1)
     basis, span_vol = span_basis([m.float() for m in modalities])
     operand = anchor.dtype if backend == "triton" else torch.float32
-    if backend == "cpu" and anchor.dtype == torch.bfloat16:
-        return anchor.contiguous(), basis.contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
     a_op = anchor.to(operand).contiguous()
     return a_op, basis.to(operand).contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
 
@@ -240,6 +279,8 @@ def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) ->
     name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=(*FUSED, "torch"))
     if name == "torch":
         return ref.gram_volume_paired(*modalities)
+    if name == "cpu":
+        return _BASIS_OP[0](modalities)[1].to(modalities[0].dtype)
     return span_basis([m.float() for m in modalities])[1].to(modalities[0].dtype)
 
 
