@@ -7,8 +7,9 @@ m^1_j ... m^{k-1}_j (the Schur complement of the k x k Gram matrix)::
     vol_ij = r_j * sqrt(max(||a_i||^2 - sum_r (a_i . q^r_j)^2, 0))
 
 where q^r_j is an orthonormal basis of span(m^1_j ... m^{k-1}_j) and r_j = sqrt(det M_j) the volume
-of sample j's own modalities. The per-sample part (q, r, ||a||^2: O((B1 + B2) k^2 D)) is ordinary
-torch code in float32 that autograd differentiates (:func:`span_basis`); the B1 x B2 part is the
+of sample j's own modalities. The per-sample part (q, r, ||a||^2: O((B1 + B2) k^2 D)) is float32
+torch code that autograd differentiates (:func:`span_basis`), on the cpu backend one C++ op pair
+(``fastbind::gram_basis_fwd/_bwd``, csrc/cpu/span_basis.cpp, the same computation); the B1 x B2 part is the
 fused op: k-1 GEMM tiles A . Q_r^T with the volume / log-sum-exp epilogue, and a backward that
 recomputes the tiles. Nothing of size B1 x B2 is kept by the loss.
 
@@ -49,7 +50,7 @@ _TINY_NORM = 1e-30
 
 
 # --------------------------------------------------------------------------------------------
-# per-sample part (ordinary autograd)
+# per-sample part (torch version; the cpu backend's C++ op pair computes the same)
 # --------------------------------------------------------------------------------------------
 def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis and volume of each sample's modalities.
