@@ -52,6 +52,12 @@ TORCH_LIBRARY(fastbind, m) {
       " Tensor anchor_sq, Tensor temperature, Tensor row_lse, Tensor col_lse, float label_smoothing,"
       " int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
+  // Per-sample part (csrc/cpu/span_basis.cpp): n modalities [B, D] -> orthonormal basis [n, B, D]
+  // (Gram-Schmidt, two passes), volume [B], and the saved residual norms [n, B] and projection
+  // coefficients [B, 2, n, n] of the backward, which returns the n modality gradients; float32.
+  m.def("gram_basis_fwd(Tensor[] modalities) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("gram_basis_bwd(Tensor? grad_basis, Tensor? grad_volume, Tensor basis, Tensor norms, Tensor coefs) -> Tensor[]");
+
   // ---- anchored InfoNCE (csrc/cpu/infonce.cpp) ----
   // Σ over P (query, key) pairs q [P, B1, D], k [1 or P, B2, D] of the per-row / per-column
   // cross-entropies of q_p·k_pᵀ/τ (positive of row i: column i + diag_offset); float32 outputs

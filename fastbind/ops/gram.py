@@ -7,8 +7,9 @@ m^1_j ... m^{k-1}_j (the Schur complement of the k x k Gram matrix)::
     vol_ij = r_j * sqrt(max(||a_i||^2 - sum_r (a_i . q^r_j)^2, 0))
 
 where q^r_j is an orthonormal basis of span(m^1_j ... m^{k-1}_j) and r_j = sqrt(det M_j) the volume
-of sample j's own modalities. The per-sample part (q, r, ||a||^2: O((B1 + B2) k^2 D)) is ordinary
-torch code in float32 that autograd differentiates (:func:`span_basis`); the B1 x B2 part is the
+of sample j's own modalities. The per-sample part (q, r, ||a||^2: O((B1 + B2) k^2 D)) is float32
+torch code that autograd differentiates (:func:`span_basis`), on the cpu backend one C++ op pair
+(``fastbind::gram_basis_fwd/_bwd``, csrc/cpu/span_basis.cpp, the same computation); the B1 x B2 part is the
 fused op: k-1 GEMM tiles A . Q_r^T with the volume / log-sum-exp epilogue, and a backward that
 recomputes the tiles. Nothing of size B1 x B2 is kept by the loss.
 
@@ -42,6 +43,7 @@ from fastbind.ops._registry import (
     check_dtype,
     check_shape,
     declare,
+    _op,
     make_first_order_backward,
     register_built,
 )
@@ -60,7 +62,7 @@ _TINY_NORM = 1e-30
 
 
 # --------------------------------------------------------------------------------------------
-# per-sample part (ordinary autograd)
+# per-sample part (torch version; the cpu backend's C++ op pair computes the same)
 # --------------------------------------------------------------------------------------------
 def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis and volume of each sample's modalities.
@@ -82,6 +84,44 @@ def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         basis.append(u / norm.clamp_min(_TINY_NORM)[:, None])
         volume = volume * norm
     return torch.stack(basis), volume
+
+
+def _register_span_basis() -> None:
+    """Fake kernels of the C++ op pair fastbind::gram_basis_fwd/_bwd: span_basis in one call per
+    direction, the same computation as the torch version. Its autograd is registered in C++
+    (csrc/cpu/span_basis.cpp): the Python autograd wrapper cost more than the kernels at small B."""
+    fwd, bwd = "fastbind::gram_basis_fwd", "fastbind::gram_basis_bwd"
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(modalities):
+        n = len(modalities)
+        torch._check(1 <= n <= K_RANGE[1], lambda: f"gram_basis_fwd: expected 1..{K_RANGE[1]} modalities, got {n}")
+        first = modalities[0]
+        torch._check(first.dim() == 2, lambda: "gram_basis_fwd: modalities must be [B, D]")
+        for m in modalities:
+            torch._check(m.shape == first.shape, lambda: "gram_basis_fwd: modalities must share [B, D]")
+        b, d = first.shape
+        f32 = dict(dtype=torch.float32)
+        return (
+            first.new_empty(n, b, d, **f32),
+            first.new_empty(b, **f32),
+            first.new_empty(n, b, **f32),
+            first.new_empty(b, 2, n, n, **f32),
+        )
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(grad_basis, grad_volume, basis, norms, coefs):
+        n, b, d = basis.shape
+        torch._check(norms.shape == (n, b), lambda: "gram_basis_bwd: norms must be [n, B]")
+        torch._check(coefs.shape == (b, 2, n, n), lambda: "gram_basis_bwd: coefs must be [B, 2, n, n]")
+        return [basis.new_empty(b, d) for _ in range(n)]
+
+    _BASIS_OPS["cpu"] = _op(fwd)
+
+
+# backend -> its per-sample op (fastbind::gram_basis_fwd); backends without one use span_basis.
+# A plain dict: traceable by dynamo.
+_BASIS_OPS: dict = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +237,8 @@ extension_loaded()  # imports fastbind._C, which defines the C++ ops (when built
 if triton_installed():
     import fastbind.triton.gram  # noqa: F401  (defines the fastbind::gram_*_triton ops)
 register_built(VOLUME, LOSS)
+if extension_loaded():
+    _register_span_basis()
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,13 +252,18 @@ def _check_gram_inputs(fn: str, anchor, modalities) -> None:
         check_same_rows(fn, list(modalities), names[1:])
 
 
-def _prepare(anchor: torch.Tensor, modalities, kernels: Kernels):
+def _prepare(anchor: torch.Tensor, modalities, kernels: Kernels, backend: str):
     """Operands of the fused ops: (A, basis, span_vol, anchor_sq) with autograd to the inputs.
 
     Per-sample math in float32; the GEMM operands A and basis in the dtypes of the row's operand
     policy (the input dtype where the kernels take it, else float32).
     """
     a32 = anchor.float()
+    basis_op = _BASIS_OPS.get(backend)
+    if basis_op is not None:  # one C++ op for the per-sample part (it upcasts 16-bit modalities itself)
+        basis, span_vol, _, _ = basis_op(modalities)
+        a_op = anchor if anchor.dtype == torch.bfloat16 else a32
+        return a_op.contiguous(), basis, span_vol, (a32 * a32).sum(-1)
     basis, span_vol = span_basis([m.float() for m in modalities])
     a_op = anchor.to(kernels.operands.lhs_dtype(anchor.dtype)).contiguous()
     q_op = basis.to(kernels.operands.rhs_dtype(anchor.dtype)).contiguous()
@@ -237,7 +284,7 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
         return torch_backend.gram_volume(anchor, *modalities)
     check_no_functorch(fn, name, [anchor, *modalities])
     volume_op = VOLUME.forward_op(name)
-    return volume_op(*_prepare(anchor, modalities, VOLUME.rows[name])).to(anchor.dtype)
+    return volume_op(*_prepare(anchor, modalities, VOLUME.rows[name], name)).to(anchor.dtype)
 
 
 def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -253,6 +300,9 @@ def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) ->
     name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=VOLUME.supported)
     if name == "torch":
         return torch_backend.gram_volume_paired(*modalities)
+    basis_op = _BASIS_OPS.get(name)
+    if basis_op is not None:
+        return basis_op(list(modalities))[1].to(modalities[0].dtype)
     return span_basis([m.float() for m in modalities])[1].to(modalities[0].dtype)
 
 
@@ -324,11 +374,11 @@ def gram_loss(
 
     check_no_functorch(fn, name, [anchor, *modalities, temperature])
     loss_op, kernels = LOSS.forward_op(name), LOSS.rows[name]
-    local = _prepare(anchor, modalities, kernels)
+    local = _prepare(anchor, modalities, kernels, name)
     if not gather:
         row_ce, col_ce, _, _ = loss_op(*local, tau.float(), eps, 0, rows, cols)
     else:
-        glob = _prepare(anchor_g, modalities_g, kernels)
+        glob = _prepare(anchor_g, modalities_g, kernels, name)
         row_ce = col_ce = None
         if rows:  # local rows against the global columns: row i's positive is column i + offset
             a, _, _, a_sq = local
