@@ -40,15 +40,15 @@ TORCH_LIBRARY(fastbind, m) {
   // ---- GRAM (csrc/cpu/gram.cpp) ----
   // anchor [B1,D], basis [k-1,B2,D] (orthonormal basis of each sample's non-anchor modalities),
   // span_vol [B2] (volume of those modalities), anchor_sq [B1] (squared anchor norms); float32.
-  m.def("gram_volume(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq) -> Tensor");
+  m.def("gram_volume_fwd(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq) -> Tensor");
   m.def(
-      "gram_volume_backward(Tensor grad, Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq)"
+      "gram_volume_bwd(Tensor grad, Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gram_loss_forward(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq, Tensor temperature,"
+      "gram_loss_fwd(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq, Tensor temperature,"
       " float label_smoothing, int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "gram_loss_backward(Tensor grad_row, Tensor grad_col, Tensor anchor, Tensor basis, Tensor span_vol,"
+      "gram_loss_bwd(Tensor grad_row, Tensor grad_col, Tensor anchor, Tensor basis, Tensor span_vol,"
       " Tensor anchor_sq, Tensor temperature, Tensor row_lse, Tensor col_lse, float label_smoothing,"
       " int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
@@ -68,7 +68,7 @@ TORCH_LIBRARY(fastbind, m) {
   // x [N, D], codebook [K, D], weight [D] or None -> (dist [N, k] float32, index [N, k] int64):
   // the k nearest codes per row, ties to the lowest index, never an N×K tensor. Not differentiable
   // (fastbind/ops/codebook.py recomputes a differentiable dist around it).
-  m.def("codebook_lookup(Tensor x, Tensor codebook, int k, str metric, Tensor? weight) -> (Tensor, Tensor)");
+  m.def("codebook_lookup_fwd(Tensor x, Tensor codebook, int k, str metric, Tensor? weight) -> (Tensor, Tensor)");
 }
 
 }  // namespace fastbind

@@ -21,14 +21,24 @@ import os
 
 import torch
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastbind.ops._registry import FUSED_BACKENDS, FUSED_DTYPES, TABLES
+
+BACKENDS = (*FUSED_BACKENDS, "torch")
 
 _default: str | None = None
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # fastbind.triton imports triton (optional, and slow to import): only asked once triton is known
+    # to be installed.
+    from fastbind.triton._common import _interpreting
+
+    return _interpreting()
+
+
+def _has_rows(name: str) -> bool:
+    """Whether some op has a kernel row for the fused backend `name` (fastbind.ops._registry)."""
+    return any(name in table.rows for table in TABLES.values())
 
 
 @functools.cache
@@ -51,6 +61,10 @@ def _triton_status() -> tuple[bool, str]:
     return True, ""
 
 
+def triton_installed() -> bool:
+    return _triton_status()[0]
+
+
 def availability() -> dict[str, tuple[bool, str]]:
     """Map each backend name to (available on this machine, reason when not)."""
     cpu_ok, cuda_built, ext_reason = _extension_status()
@@ -70,11 +84,14 @@ def availability() -> dict[str, tuple[bool, str]]:
         status["triton"] = (False, "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton on CPU tensors)")
     else:
         status["triton"] = (True, "")
+    for name in FUSED_BACKENDS:
+        if status[name][0] and not _has_rows(name):
+            status[name] = (False, f"no op has a {name} kernel yet")
     return status
 
 
 def backends() -> list[str]:
-    """Names of the backends usable on this machine, fastest first."""
+    """Names of the backends usable on this machine that run at least one op, fastest first."""
     status = availability()
     order = BACKENDS if torch.cuda.is_available() else ("cpu", "triton", "torch")
     return [name for name in order if status[name][0]]
@@ -123,9 +140,17 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, supported: tup
     return ""
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (over a second)
+    at ``import fastbind``: that decorator only sets this attribute, which dynamo reads when it meets
+    the function while tracing (tests/test_backend.py checks both do the same)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Selection reads the environment and the extension's build info (a str-returning op that
 # torch.compile cannot trace): under torch.compile it runs once at trace time, as a constant.
-@torch._dynamo.assume_constant_result
+@_assume_constant_result
 def resolve(
     op: str,
     backend: str | None,

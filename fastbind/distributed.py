@@ -32,11 +32,18 @@ identity: ``gather_with_grad(x) == (x, 0)``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastbind.ops._checks import check_choice
+from fastbind.ops._loss import DIRECTIONS, REDUCTIONS, directions, per_row, reduce
+
 __all__ = [
+    "all_reduce_sum_",
+    "broadcast_",
     "ddp_scale",
     "gather_with_grad",
     "gather_sizes",
@@ -66,6 +73,22 @@ def ddp_scale(group=None) -> int:
     """The factor W (= world size) that turns a rank's share of a global loss into the DDP-convention
     loss every ``gather=True`` loss returns (1 outside a process group)."""
     return world_size(group)
+
+
+def all_reduce_sum_(*tensors: torch.Tensor, group=None) -> None:
+    """Sum each tensor over ``group``'s processes in place (nothing to do outside a process group)."""
+    if world_size(group) > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def broadcast_(*tensors: torch.Tensor, group=None) -> None:
+    """Overwrite each tensor in place with the first process's copy (rank 0 of ``group``; nothing to
+    do outside a process group)."""
+    if world_size(group) > 1:
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        for t in tensors:
+            dist.broadcast(t, src=src, group=group)
 
 
 def _uses_nccl(group) -> bool:
@@ -168,19 +191,11 @@ def local_rows_loss(
             f"local_rows_loss: col_logits has shape [{', '.join(map(str, col_logits.shape))}], "
             f"expected [{global_b}, {b}] (the transpose of row_logits' shape [{b}, {global_b}])"
         )
+    check_choice("local_rows_loss", "direction", direction, DIRECTIONS)
+    check_choice("local_rows_loss", "reduction", reduction, REDUCTIONS)
     target = torch.arange(offset, offset + b, device=row_logits.device)
-    per_row = []
-    if direction in ("both", "a2d"):
-        per_row.append(F.cross_entropy(row_logits, target, label_smoothing=label_smoothing, reduction="none"))
-    if direction in ("both", "d2a"):
-        per_row.append(F.cross_entropy(col_logits.t(), target, label_smoothing=label_smoothing, reduction="none"))
-    if not per_row:
-        raise ValueError(f"local_rows_loss: direction must be one of 'both', 'a2d', 'd2a', got {direction!r}")
-    losses = per_row[0] if len(per_row) == 1 else (per_row[0] + per_row[1]) / 2
-    if reduction == "none":
-        return losses
-    if reduction == "sum":
-        return losses.sum() * ddp_scale(group)
-    if reduction == "mean":
-        return losses.sum() * (ddp_scale(group) / global_b)
-    raise ValueError(f"local_rows_loss: reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+    rows, cols = directions(direction)
+    ce = functools.partial(F.cross_entropy, target=target, label_smoothing=label_smoothing, reduction="none")
+    row_loss = ce(row_logits) if rows else None
+    col_loss = ce(col_logits.t()) if cols else None
+    return reduce(per_row(row_loss, col_loss, direction), reduction, global_b, ddp_scale(group))

@@ -27,12 +27,15 @@ DEVICE = torch.device("cuda" if GPU else "cpu")
 import pytest  # noqa: E402
 
 import fastbind  # noqa: E402
+from fastbind.ops._registry import FUSED_BACKENDS  # noqa: E402
 
 
 def device_for(backend: str | None) -> torch.device:
-    """Where a test of `backend` builds its tensors: the cpu backend takes CPU tensors, every other
-    backend (triton, torch, automatic) runs on the suite's device."""
-    return torch.device("cpu") if backend == "cpu" else DEVICE
+    """Where a test of `backend` builds its tensors: the cpu backend takes CPU tensors, the cuda
+    backend CUDA tensors, every other backend (triton, torch, automatic) runs on the suite's device."""
+    if backend in ("cpu", "cuda"):
+        return torch.device(backend)
+    return DEVICE
 
 
 def interpreted(backend: str | None) -> bool:
@@ -59,9 +62,10 @@ def available(name: str) -> bool:
     return name in fastbind.backends()
 
 
-# Fused backends under test. With a GPU, triton runs on CUDA tensors; without one, under the
-# interpreter on CPU tensors. The cpu backend runs wherever the extension is built.
-FUSED = [b for b in ("cpu", "triton") if b in fastbind.backends()]
+# Fused backends under test: every backend with kernel rows (fastbind/ops/_registry.py) that is
+# available here. With a GPU, triton runs on CUDA tensors; without one, under the interpreter on
+# CPU tensors. The cpu backend runs wherever the extension is built.
+FUSED = [b for b in reversed(FUSED_BACKENDS) if b in fastbind.backends()]
 
 
 def pytest_report_header(config):

@@ -279,7 +279,7 @@ def test_argument_errors():
         fb.codebook_lookup(x, e, backend="cuda")
 
 
-OPS = {"cpu": "codebook_lookup", "triton": "codebook_lookup_triton"}
+OPS = {"cpu": "codebook_lookup_fwd", "triton": "codebook_lookup_fwd_triton"}
 
 
 @pytest.mark.parametrize("backend", FUSED)

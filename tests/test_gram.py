@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import FUSED, device_for, interpreted
 
 import fastbind as fb
+from fastbind.ops import _registry
 from fastbind.ops import gram as gram_ops
 from fastbind.reference import gram as ref
 
@@ -52,9 +53,11 @@ def _leaf(t, dtype=None):
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
 
 
-# shapes not multiples of any tile (cpu: 128 x 1024, triton: 64 x 32), and smaller than a tile
+# shapes not multiples of any tile (cpu: 512 x 1024 in csrc/cpu/gram.cpp; triton: at most 64 x 32,
+# CONFIGS in fastbind/triton/gram.py), and smaller than a tile
 VOLUME_SHAPES = [(1, 1, 9), (5, 9, 17), (70, 37, 33)]  # D >= k: the volumes are not round-off
-# several cpu tiles in both directions, and many GPU tiles (not run under the interpreter: too slow)
+# two cpu column tiles and many GPU tiles in both directions (not run under the interpreter: too
+# slow); test_rectangular_loss_across_tiles crosses the cpu row tile
 LARGE = (130, 1100, 20)
 
 
@@ -163,7 +166,7 @@ def test_loss_small_and_odd_batches(backend, b):
 def test_rectangular_loss_across_tiles(backend, direction, device):
     """Local rows against many global columns (and the transpose) with a diagonal offset, forward
     and gradients of every operand, on more rows/columns than one cpu tile (512 x 1024) holds."""
-    _, loss_forward = gram_ops._ops(backend)
+    loss_forward = gram_ops.LOSS.forward_op(backend)
     b, big, off, k, eps, tau = 7, (70 if interpreted(backend) else 1100), 3, 3, 0.1, 0.2
     if big > 1024:
         off = 1030  # the positives of the local rows lie in the second cpu column tile
@@ -291,16 +294,9 @@ def _op_args(backend, b1=9, b2=11, d=7, k=3, dtype=torch.float32):
 
 
 def _custom_ops(backend):
-    volume, loss_forward = gram_ops._ops(backend)
-    names = [op.name() for op in (volume, loss_forward)]
-    ns = torch.ops.fastbind
-    backward = [getattr(ns, n.split("::")[1].replace("gram_volume", "gram_volume_backward", 1)) for n in names[:1]]
-    return (
-        volume,
-        loss_forward,
-        backward[0].default,
-        getattr(ns, names[1].split("::")[1].replace("forward", "backward")).default,
-    )
+    """(volume fwd, loss fwd, volume bwd, loss bwd) custom ops of the backend's registry rows."""
+    rows = (gram_ops.VOLUME.rows[backend], gram_ops.LOSS.rows[backend])
+    return tuple(_registry._op(name) for name in [r.forward for r in rows] + [r.backward for r in rows])
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -328,7 +324,7 @@ def test_opcheck(backend, device):
 @pytest.mark.parametrize("backend", FUSED)
 def test_rectangular_offsets_match_reference(backend, device):
     """The multi-process building block: local rows vs global columns with a diagonal offset."""
-    _, loss_forward = gram_ops._ops(backend)
+    loss_forward = gram_ops.LOSS.forward_op(backend)
     b, big, off, k, eps, tau = 5, 13, 4, 3, 0.1, 0.3
     anchor_g, mods_g = _inputs(big, big, 10, k, seed=21, normalize=True, device=device)
     logits = -ref.gram_volume(anchor_g.double(), *(m.double() for m in mods_g)) / tau  # [B, B]

@@ -136,21 +136,21 @@ def test_launches_use_compiled_configs(launches, dtype):
     for k in (2, 3, 5, 8):
         a, basis = _meta(b, d, dtype=dtype), _meta(k - 1, b, d, dtype=dtype)
         r, asq, tau = _meta(b), _meta(b), _meta(())
-        gram.gram_volume_triton._init_fn(a, basis, r, asq)
-        gram.gram_loss_forward_triton._init_fn(a, basis, r, asq, tau, 0.1, 0, True, True)
+        gram.gram_volume_fwd_triton._init_fn(a, basis, r, asq)
+        gram.gram_loss_fwd_triton._init_fn(a, basis, r, asq, tau, 0.1, 0, True, True)
         for det in (False, True):
             torch.use_deterministic_algorithms(det)
             try:
-                gram.gram_volume_backward_triton._init_fn(_meta(b, b), a, basis, r, asq)
+                gram.gram_volume_bwd_triton._init_fn(_meta(b, b), a, basis, r, asq)
                 args = (_meta(b), _meta(b), a, basis, r, asq, tau, _meta(b), _meta(b), 0.1, 0, True, True)
-                gram.gram_loss_backward_triton._init_fn(*args)
+                gram.gram_loss_bwd_triton._init_fn(*args)
             finally:
                 torch.use_deterministic_algorithms(False)
     q, kk = _meta(3, b, d, dtype=dtype), _meta(1, b, d, dtype=dtype)
     infonce.infonce_fwd_triton._init_fn(q, kk, _meta(()), 0.1, 0)
     infonce.infonce_bwd_triton._init_fn(_meta(3, b), _meta(3, b), q, kk, _meta(()), _meta(3, b), _meta(3, b), 0.1, 0)
     for k in (1, 2, 5, 8, 9, 32):
-        codebook.codebook_lookup_triton._init_fn(_meta(b, d, dtype=dtype), _meta(100, d), k, "l2", None)
+        codebook.codebook_lookup_fwd_triton._init_fn(_meta(b, d, dtype=dtype), _meta(100, d), k, "l2", None)
     assert launches
     compiled = _compiled_keys()
     missing = sorted({launch for launch in launches if launch not in compiled})

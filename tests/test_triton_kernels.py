@@ -141,7 +141,7 @@ def test_gram_backward_rounds_dp_like_the_gpu(dtype, deterministic):
     with torch.inference_mode():
         torch.use_deterministic_algorithms(deterministic)
         try:
-            d_a, d_q, _, _ = torch.ops.fastbind.gram_volume_backward_triton(grad, anchor, basis, span_vol, anchor_sq)
+            d_a, d_q, _, _ = torch.ops.fastbind.gram_volume_bwd_triton(grad, anchor, basis, span_vol, anchor_sq)
         finally:
             torch.use_deterministic_algorithms(False)
     p = torch.einsum("id,rjd->rij", a64, q64)

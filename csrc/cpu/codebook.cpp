@@ -345,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   return {dist, index};
 }
 
-TORCH_LIBRARY_IMPL(fastbind, CPU, m) { m.impl("codebook_lookup", &codebook_lookup_cpu); }
+TORCH_LIBRARY_IMPL(fastbind, CPU, m) { m.impl("codebook_lookup_fwd", &codebook_lookup_cpu); }
 
 }  // namespace cpu
 }  // namespace fastbind

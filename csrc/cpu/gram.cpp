@@ -548,10 +548,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
 }
 
 TORCH_LIBRARY_IMPL(fastbind, CPU, m) {
-  m.impl("gram_volume", &gram_volume_cpu);
-  m.impl("gram_volume_backward", &gram_volume_backward_cpu);
-  m.impl("gram_loss_forward", &gram_loss_forward_cpu);
-  m.impl("gram_loss_backward", &gram_loss_backward_cpu);
+  m.impl("gram_volume_fwd", &gram_volume_cpu);
+  m.impl("gram_volume_bwd", &gram_volume_backward_cpu);
+  m.impl("gram_loss_fwd", &gram_loss_forward_cpu);
+  m.impl("gram_loss_bwd", &gram_loss_backward_cpu);
 }
 
 }  // namespace cpu

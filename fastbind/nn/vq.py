@@ -74,11 +74,10 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from fastbind.ops.codebook import codebook_lookup, toc_select
-from fastbind.reference.codebook import straight_through
+from fastbind.distributed import all_reduce_sum_, broadcast_
+from fastbind.ops.codebook import codebook_lookup, straight_through, toc_select
 
 INITS = ("kmeans++", "random", "none")
 COUNT_INITS = ("one", "zero")
@@ -115,23 +114,6 @@ def _check_finite_tensor(fn: str, name: str, value, shape: tuple[int, ...]) -> N
         raise ValueError(f"VectorQuantizer.{fn}: {name} has shape {list(value.shape)}, expected {list(shape)}")
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"VectorQuantizer.{fn}: {name} has non-finite (NaN or inf) entries")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over the default process group in place (no-op without torch.distributed)."""
-    if _distributed():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _broadcast_(*tensors: torch.Tensor) -> None:
-    if _distributed():
-        for t in tensors:
-            dist.broadcast(t, src=0)
 
 
 def code_matching_loss(
@@ -503,7 +485,7 @@ class VectorQuantizer(nn.Module):
                 w = self.w_self if n == m else self.w_cross
                 mixed.index_add_(0, index, zn, alpha=w)
             sums.append(mixed)
-        _all_reduce_(*counts, *sums)
+        all_reduce_sum_(*counts, *sums)
         gamma, k = self.decay, self.num_codes
         for count, mixed in zip(counts, sums):
             self.ema_count.mul_(gamma).add_(count, alpha=1 - gamma)
@@ -531,7 +513,7 @@ class VectorQuantizer(nn.Module):
         scale = source.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-6) * _REPLACE_NOISE
         noise = torch.randn(source.shape, generator=self._rng).to(source.device) * scale
         new_codes = (source + noise).contiguous()
-        _broadcast_(new_codes)
+        broadcast_(new_codes)
         self.codebook[dead] = new_codes.to(self.codebook.dtype)
         self.ema_sum[dead] = new_codes
         self.ema_count[dead] = 1.0
@@ -570,7 +552,7 @@ class VectorQuantizer(nn.Module):
                 centers[c] = cpu[nxt]
                 best = torch.minimum(best, (cpu - centers[c]).square().sum(-1))
         centers = centers.to(self.codebook.device)
-        _broadcast_(centers)
+        broadcast_(centers)
         self.initialize(centers)
 
     def _record_statistics(self, counts) -> None:

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-DIRECTIONS = ("both", "a2d", "d2a")
-REDUCTIONS = ("mean", "sum", "none")
+from fastbind.ops._loss import DIRECTIONS, REDUCTIONS
 
 
 def shape_str(t: torch.Tensor) -> str:

@@ -21,26 +21,76 @@ from __future__ import annotations
 
 import torch
 
-from fastbind._backend import BACKENDS, extension_loaded, resolve
+from fastbind._backend import BACKENDS, extension_loaded, resolve, triton_installed
+from fastbind._constants import MAX_K, METRICS, NORM_EPS
 from fastbind.ops._checks import check_choice, check_tensor, shape_str
-from fastbind.reference import codebook as ref
+from fastbind.ops._registry import (
+    AS_GIVEN,
+    FUSED_DTYPES,
+    Kernels,
+    OpTable,
+    check_dtype,
+    check_shape,
+    declare,
+    register_built,
+)
+from fastbind.reference import codebook as torch_backend  # the "torch" backend (DESIGN §4)
 
-METRICS = ref.METRICS
-MAX_K = 32  # largest k of the fused kernels' running top-k (a sorted list per row in registers / cache)
-_FUSED = ("triton", "cpu", "torch")
-
-try:  # the Triton op registers itself on import; triton is optional
-    from fastbind.triton import codebook as _triton_codebook
-except ImportError:  # pragma: no cover - triton not installed
-    _triton_codebook = None
+# ---------------------------------------------------------------------------------------------
+# custom op: the kernel table (fake kernel; the op has no gradient of its own)
 
 
-if extension_loaded():
+def _lookup_fake(x, codebook, k, metric, weight):
+    op = "codebook_lookup_fwd"
+    torch._check(x.dim() == 2, lambda: f"{op}: x has shape {shape_str(x)}, expected [N, D]")
+    n, d = x.shape
+    check_shape(op, "codebook", codebook, (None, d))
+    num_codes = codebook.shape[0]
+    torch._check(1 <= k <= MAX_K and k <= num_codes, lambda: f"{op}: k = {k}, expected 1 <= k <= min({MAX_K}, K)")
+    torch._check(metric in METRICS, lambda: f"{op}: metric {metric!r}, expected one of {METRICS}")
+    check_dtype(op, "x", x, FUSED_DTYPES)
+    check_dtype(op, "codebook", codebook, FUSED_DTYPES)
+    if weight is not None:
+        check_shape(op, "weight", weight, (d,))
+    return x.new_empty((n, k), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int64)
 
-    @torch.library.register_fake("fastbind::codebook_lookup")
-    def _codebook_lookup_fake(x, codebook, k, metric, weight):
-        n = x.shape[0]
-        return x.new_empty((n, k), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int64)
+
+LOOKUP = declare(OpTable("codebook_lookup", _lookup_fake))
+# Both backends take float32, float16 and bfloat16 rows and codebooks as they are.
+LOOKUP.add("cpu", Kernels("fastbind::codebook_lookup_fwd", None, AS_GIVEN))
+LOOKUP.add("triton", Kernels("fastbind::codebook_lookup_fwd_triton", None, AS_GIVEN))
+
+extension_loaded()  # imports fastbind._C, which defines the C++ ops (when built)
+if triton_installed():
+    import fastbind.triton.codebook  # noqa: F401  (defines the fastbind::codebook_lookup_fwd_triton op)
+register_built(LOOKUP)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-row math of the production path (the reference keeps its own: it is the tests' oracle)
+
+
+def _weighted_norm(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    sq = v * v if weight is None else v * v * weight
+    # clamped before the sqrt: a zero vector has a finite (zero) gradient
+    return sq.sum(-1, keepdim=True).clamp_min(NORM_EPS * NORM_EPS).sqrt()
+
+
+def paired_distance(x: torch.Tensor, codes: torch.Tensor, metric: str, weight: torch.Tensor | None) -> torch.Tensor:
+    """Distance [...] of each row of x [..., D] to the code at the same position of codes [..., D]
+    (broadcasting), for `metric` (DESIGN §2.4); differentiable."""
+    if metric == "l2":
+        sq = (x - codes).square()
+        return (sq if weight is None else sq * weight).sum(-1)
+    if metric == "cosine":
+        x, codes = x / _weighted_norm(x, weight), codes / _weighted_norm(codes, weight)
+    prod = (x * codes if weight is None else x * codes * weight).sum(-1)
+    return 1.0 - prod if metric == "cosine" else -prod
+
+
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """The value of `quantized` with the gradient of the identity w.r.t. x (straight-through estimator)."""
+    return x + (quantized - x).detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,21 +173,23 @@ def codebook_lookup(
     fn = "codebook_lookup"
     _check_lookup(fn, x, codebook, metric, weight)
     _check_k(fn, k, codebook.shape[0])
-    name = resolve(fn, backend, x.device, _dispatch_dtype(x, codebook, weight), supported=_FUSED)
+    name = resolve(fn, backend, x.device, _dispatch_dtype(x, codebook, weight), supported=LOOKUP.supported)
     lead, dim = x.shape[:-1], x.shape[-1]
     flat = x.reshape(-1, dim)
     if name == "torch":
         dtype = _compute_dtype(x, codebook, weight)
         w = None if weight is None else weight.to(dtype)
-        dist, index = ref.codebook_lookup(flat.to(dtype), codebook.to(dtype), k, metric, w)
+        dist, index = torch_backend.codebook_lookup(flat.to(dtype), codebook.to(dtype), k, metric, w)
     else:
-        op = torch.ops.fastbind.codebook_lookup if name == "cpu" else torch.ops.fastbind.codebook_lookup_triton
+        operands = LOOKUP.rows[name].operands
+        rows, codes = flat.detach(), codebook.detach()
+        rows, codes = rows.to(operands.lhs_dtype(rows.dtype)), codes.to(operands.rhs_dtype(codes.dtype))
         w = None if weight is None else weight.detach()
-        dist, index = op(flat.detach(), codebook.detach(), k, metric, w)
+        dist, index = LOOKUP.forward_op(name)(rows, codes, k, metric, w)
         needs_grad = x.requires_grad or codebook.requires_grad or (weight is not None and weight.requires_grad)
         if needs_grad and torch.is_grad_enabled():
             w = None if weight is None else weight.float()
-            dist = ref.paired_distance(flat.float()[:, None, :], codebook.float()[index], metric, w)
+            dist = paired_distance(flat.float()[:, None, :], codebook.float()[index], metric, w)
     return dist.reshape(*lead, k), index.reshape(*lead, k)
 
 
@@ -173,8 +225,8 @@ def quantize(
     index = index[..., 0]
     dtype = _compute_dtype(x, codebook, weight)
     code = codebook[index]
-    sqdist = ref.paired_distance(x.to(dtype), code.to(dtype), "l2", None if weight is None else weight.to(dtype))
-    return ref.straight_through(x, code.to(x.dtype)), index, sqdist
+    sqdist = paired_distance(x.to(dtype), code.to(dtype), "l2", None if weight is None else weight.to(dtype))
+    return straight_through(x, code.to(x.dtype)), index, sqdist
 
 
 def _check_toc(fn: str, codebook, alpha, beta) -> None:
@@ -192,6 +244,14 @@ def _toc_dtype(codebook: torch.Tensor) -> torch.dtype:
     return torch.float64 if codebook.dtype == torch.float64 else torch.float32
 
 
+def _toc_scores(codebook: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """-α·sim_d + β·Var_d over the K codes of codebook [K, D] (DESIGN §2.4)."""
+    num_codes = codebook.shape[0]
+    col_sum = codebook.sum(0)
+    sim = (col_sum.square() - codebook.square().sum(0)) / (num_codes * (num_codes - 1))
+    return -alpha * sim + beta * codebook.var(0, correction=1) if beta != 0.0 else -alpha * sim
+
+
 def toc_scores(
     codebook: torch.Tensor, alpha: float = 0.7, beta: float = 0.0, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -205,7 +265,7 @@ def toc_scores(
     fn = "toc_scores"
     _check_toc(fn, codebook, alpha, beta)
     resolve(fn, backend, codebook.device, codebook.dtype, supported=BACKENDS)
-    return ref.toc_scores(codebook.to(_toc_dtype(codebook)), float(alpha), float(beta))
+    return _toc_scores(codebook.to(_toc_dtype(codebook)), float(alpha), float(beta))
 
 
 def toc_select(
@@ -225,4 +285,6 @@ def toc_select(
             f"{fn}: keep = {keep} out of range, expected 1 <= keep <= D = {dim} (codebook {shape_str(codebook)})"
         )
     resolve(fn, backend, codebook.device, codebook.dtype, supported=BACKENDS)
-    return ref.toc_select(codebook.to(_toc_dtype(codebook)), keep, float(alpha), float(beta))
+    scores = _toc_scores(codebook.to(_toc_dtype(codebook)), float(alpha), float(beta))
+    # stable: equal scores keep the lower dimension first
+    return torch.sort(scores.detach(), descending=True, stable=True).indices[:keep]

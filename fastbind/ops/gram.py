@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastbind._backend import _triton_status as _triton_available
-from fastbind._backend import extension_loaded, resolve
+from fastbind._backend import extension_loaded, resolve, triton_installed
+from fastbind._constants import GRAM_K_RANGE
 from fastbind.ops._checks import (
-    check_first_order,
     check_loss_args,
     check_modalities,
     check_no_functorch,
@@ -34,15 +33,27 @@ from fastbind.ops._checks import (
     shape_str,
     temperature_tensor,
 )
-from fastbind.reference import gram as ref
+from fastbind.ops._loss import directions, per_row, reduce
+from fastbind.ops._registry import (
+    FUSED_DTYPES,
+    Kernels,
+    OperandDtypes,
+    OpTable,
+    check_dtype,
+    check_shape,
+    declare,
+    make_first_order_backward,
+    register_built,
+)
+from fastbind.reference import gram as torch_backend  # the "torch" backend (DESIGN §4)
+from fastbind.reference.infonce import cross_entropy_rows
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["gram_volume", "gram_volume_paired", "gram_loss", "span_basis"]
 
-K_RANGE = (2, 8)
-FUSED = ("triton", "cpu")
+K_RANGE = GRAM_K_RANGE
 # Guards the division by a residual norm that is exactly 0 (dependent modalities); any value
 # far below float32 round-off of a norm works.
 _TINY_NORM = 1e-30
@@ -74,113 +85,118 @@ def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# custom ops: fake kernels and autograd (shared by the C++ and the Triton ops)
+# custom ops: the kernel tables (fake kernels, autograd, one row per fused backend)
 # --------------------------------------------------------------------------------------------
-def _register(volume, volume_backward, loss_forward, loss_backward) -> None:
-    """register_fake + register_autograd for one backend's four ops (names as strings)."""
-
-    @torch.library.register_fake(volume)
-    def _volume_fake(anchor, basis, span_vol, anchor_sq):
-        return anchor.new_empty(anchor.shape[0], basis.shape[1], dtype=torch.float32)
-
-    @torch.library.register_fake(volume_backward)
-    def _volume_backward_fake(grad, anchor, basis, span_vol, anchor_sq):
-        f32 = dict(dtype=torch.float32)
-        return (
-            anchor.new_empty(anchor.shape, **f32),
-            basis.new_empty(basis.shape, **f32),
-            span_vol.new_empty(span_vol.shape, **f32),
-            anchor_sq.new_empty(anchor_sq.shape, **f32),
-        )
-
-    @torch.library.register_fake(loss_forward)
-    def _loss_forward_fake(anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols):
-        b1, b2 = anchor.shape[0], basis.shape[1]
-        f32 = dict(dtype=torch.float32)
-        return (
-            anchor.new_empty(b1, **f32),
-            anchor.new_empty(b2, **f32),
-            anchor.new_empty(b1, **f32),
-            anchor.new_empty(b2, **f32),
-        )
-
-    @torch.library.register_fake(loss_backward)
-    def _loss_backward_fake(
-        grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *flags
-    ):
-        f32 = dict(dtype=torch.float32)
-        return (
-            anchor.new_empty(anchor.shape, **f32),
-            basis.new_empty(basis.shape, **f32),
-            span_vol.new_empty(span_vol.shape, **f32),
-            anchor_sq.new_empty(anchor_sq.shape, **f32),
-            temperature.new_empty((), **f32),
-        )
-
-    volume_backward_op = _op(volume_backward)
-    loss_backward_op = _op(loss_backward)
-
-    def _volume_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _volume_grad(ctx, grad):
-        check_first_order(volume)
-        anchor, basis, span_vol, anchor_sq = ctx.saved_tensors
-        d_a, d_q, d_r, d_asq = volume_backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq)
-        return d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq
-
-    torch.library.register_autograd(volume, _volume_grad, setup_context=_volume_setup)
-
-    def _loss_setup(ctx, inputs, output):
-        anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols = inputs
-        ctx.save_for_backward(anchor, basis, span_vol, anchor_sq, temperature, output[2], output[3])
-        ctx.flags = (label_smoothing, diag_offset, rows, cols)
-
-    def _loss_grad(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
-        check_first_order(loss_forward)
-        anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse = ctx.saved_tensors
-        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.contiguous()
-        grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.contiguous()
-        d_a, d_q, d_r, d_asq, d_tau = loss_backward_op(
-            grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *ctx.flags
-        )
-        return (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq, d_tau.to(temperature.dtype)) + (None,) * 4
-
-    torch.library.register_autograd(loss_forward, _loss_grad, setup_context=_loss_setup)
+def _check_operands(op: str, anchor, basis, span_vol, anchor_sq) -> None:
+    """The operand contract of every GRAM op, for the fake kernels (shapes and dtypes)."""
+    torch._check(basis.dim() == 3, lambda: f"{op}: basis has shape {shape_str(basis)}, expected [k-1, B2, D]")
+    nq, b2, d = basis.shape
+    torch._check(K_RANGE[0] - 1 <= nq <= K_RANGE[1] - 1, lambda: f"{op}: basis has k-1 = {nq} vectors, expected 1..7")
+    check_shape(op, "anchor", anchor, (None, d))
+    check_shape(op, "span_vol", span_vol, (b2,))
+    check_shape(op, "anchor_sq", anchor_sq, (anchor.shape[0],))
+    check_dtype(op, "anchor", anchor, FUSED_DTYPES)
+    check_dtype(op, "basis", basis, FUSED_DTYPES)
+    check_dtype(op, "span_vol", span_vol, (torch.float32,))
+    check_dtype(op, "anchor_sq", anchor_sq, (torch.float32,))
 
 
-def _op(name: str):
-    namespace, op = name.split("::")
-    return getattr(getattr(torch.ops, namespace), op).default
+def _grads_like(*tensors) -> tuple[torch.Tensor, ...]:
+    return tuple(t.new_empty(t.shape, dtype=torch.float32) for t in tensors)
 
 
-_OPS: dict[str, tuple] = {}  # backend -> (volume op, loss forward op), registered at import
+def _volume_fake(anchor, basis, span_vol, anchor_sq):
+    _check_operands("gram_volume_fwd", anchor, basis, span_vol, anchor_sq)
+    return anchor.new_empty(anchor.shape[0], basis.shape[1], dtype=torch.float32)
 
 
-def _register_backend(backend: str) -> None:
-    if backend == "cpu":
-        names = [
-            f"fastbind::{n}" for n in ("gram_volume", "gram_volume_backward", "gram_loss_forward", "gram_loss_backward")
-        ]
-    else:
-        from fastbind.triton import gram as triton_gram  # defines the fastbind::*_triton ops
-
-        names = list(triton_gram.OP_NAMES)
-    _register(*names)
-    _OPS[backend] = (_op(names[0]), _op(names[2]))
+def _volume_backward_fake(grad, anchor, basis, span_vol, anchor_sq):
+    _check_operands("gram_volume_bwd", anchor, basis, span_vol, anchor_sq)
+    check_shape("gram_volume_bwd", "grad", grad, (anchor.shape[0], basis.shape[1]))
+    return _grads_like(anchor, basis, span_vol, anchor_sq)
 
 
-def _ops(backend: str):
-    """(volume, loss_forward) custom ops of a fused backend (a plain dict: traceable by dynamo)."""
-    if backend not in _OPS:
-        raise RuntimeError(f"gram: the {backend!r} backend's ops are not registered")
-    return _OPS[backend]
+def _volume_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
-if extension_loaded():
-    _register_backend("cpu")
-if _triton_available()[0]:
-    _register_backend("triton")
+def _volume_grad(ctx, backward_op, grad):
+    anchor, basis, span_vol, anchor_sq = ctx.saved_tensors
+    d_a, d_q, d_r, d_asq = backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq)
+    return d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq
+
+
+def _check_loss_args(op: str, anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols) -> None:
+    _check_operands(op, anchor, basis, span_vol, anchor_sq)
+    check_shape(op, "temperature", temperature, ())
+    b1, b2 = anchor.shape[0], basis.shape[1]
+    # every loss row (column) needs its positive column i + diag_offset (row j - diag_offset)
+    torch._check(
+        not rows or (diag_offset >= 0 and b1 + diag_offset <= b2),
+        lambda: f"{op}: rows need their positive column: B1 = {b1}, B2 = {b2}, diag_offset = {diag_offset}",
+    )
+    torch._check(
+        not cols or (diag_offset <= 0 and b2 - diag_offset <= b1),
+        lambda: f"{op}: columns need their positive row: B1 = {b1}, B2 = {b2}, diag_offset = {diag_offset}",
+    )
+
+
+def _loss_fake(anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols):
+    _check_loss_args("gram_loss_fwd", anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols)
+    b1, b2 = anchor.shape[0], basis.shape[1]
+    return tuple(anchor.new_empty(n, dtype=torch.float32) for n in (b1, b2, b1, b2))
+
+
+def _loss_backward_fake(grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *flags):
+    label_smoothing, diag_offset, rows, cols = flags
+    _check_loss_args("gram_loss_bwd", anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols)
+    b1, b2 = anchor.shape[0], basis.shape[1]
+    stats = (("grad_row", grad_row, b1), ("grad_col", grad_col, b2), ("row_lse", row_lse, b1), ("col_lse", col_lse, b2))
+    for name, t, n in stats:
+        check_shape("gram_loss_bwd", name, t, (n,))
+    return (*_grads_like(anchor, basis, span_vol, anchor_sq), temperature.new_empty((), dtype=torch.float32))
+
+
+def _loss_setup(ctx, inputs, output):
+    anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols = inputs
+    ctx.save_for_backward(anchor, basis, span_vol, anchor_sq, temperature, output[2], output[3])
+    ctx.flags = (label_smoothing, diag_offset, rows, cols)
+
+
+def _loss_grad(ctx, backward_op, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
+    anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse = ctx.saved_tensors
+    grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.contiguous()
+    grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.contiguous()
+    d_a, d_q, d_r, d_asq, d_tau = backward_op(
+        grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *ctx.flags
+    )
+    return (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq, d_tau.to(temperature.dtype)) + (None,) * 4
+
+
+VOLUME = declare(
+    OpTable(
+        "gram_volume",
+        _volume_fake,
+        _volume_backward_fake,
+        _volume_setup,
+        make_first_order_backward(_volume_grad),
+    )
+)
+LOSS = declare(
+    OpTable("gram_loss", _loss_fake, _loss_backward_fake, _loss_setup, make_first_order_backward(_loss_grad))
+)
+# The C++ kernels take a float32 or bfloat16 anchor and a float32 basis (a bfloat16 anchor runs
+# bf16 GEMMs against hi + lo bf16 parts of the basis, csrc/cpu/gram.cpp); Triton takes both as given
+# (16-bit operands feed tensor cores, accumulation in float32).
+_CPU_OPERANDS = OperandDtypes(lhs=frozenset({torch.float32, torch.bfloat16}), rhs=frozenset({torch.float32}))
+for _table in (VOLUME, LOSS):
+    _table.add("cpu", Kernels(f"fastbind::{_table.name}_fwd", f"fastbind::{_table.name}_bwd", _CPU_OPERANDS))
+    _table.add("triton", Kernels(f"fastbind::{_table.name}_fwd_triton", f"fastbind::{_table.name}_bwd_triton"))
+
+extension_loaded()  # imports fastbind._C, which defines the C++ ops (when built)
+if triton_installed():
+    import fastbind.triton.gram  # noqa: F401  (defines the fastbind::gram_*_triton ops)
+register_built(VOLUME, LOSS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,21 +210,17 @@ def _check_gram_inputs(fn: str, anchor, modalities) -> None:
         check_same_rows(fn, list(modalities), names[1:])
 
 
-def _prepare(anchor: torch.Tensor, modalities, backend: str):
+def _prepare(anchor: torch.Tensor, modalities, kernels: Kernels):
     """Operands of the fused ops: (A, basis, span_vol, anchor_sq) with autograd to the inputs.
 
-    Per-sample math in float32; the GEMM operands stay in the input dtype on the triton backend
-    (bf16/fp16 feed tensor cores, accumulation in float32). On the cpu backend they are float32
-    except a bfloat16 anchor, which its bf16 GEMMs take as it is (against hi + lo bf16 parts of the
-    float32 basis, csrc/cpu/gram.cpp).
+    Per-sample math in float32; the GEMM operands A and basis in the dtypes of the row's operand
+    policy (the input dtype where the kernels take it, else float32).
     """
     a32 = anchor.float()
     basis, span_vol = span_basis([m.float() for m in modalities])
-    operand = anchor.dtype if backend == "triton" else torch.float32
-    if backend == "cpu" and anchor.dtype == torch.bfloat16:
-        return anchor.contiguous(), basis.contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
-    a_op = anchor.to(operand).contiguous()
-    return a_op, basis.to(operand).contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
+    a_op = anchor.to(kernels.operands.lhs_dtype(anchor.dtype)).contiguous()
+    q_op = basis.to(kernels.operands.rhs_dtype(anchor.dtype)).contiguous()
+    return a_op, q_op, span_vol.contiguous(), (a32 * a32).sum(-1)
 
 
 def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -220,12 +232,12 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
     """
     fn = "gram_volume"
     _check_gram_inputs(fn, anchor, modalities)
-    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=(*FUSED, "torch"))
+    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=VOLUME.supported)
     if name == "torch":
-        return ref.gram_volume(anchor, *modalities)
+        return torch_backend.gram_volume(anchor, *modalities)
     check_no_functorch(fn, name, [anchor, *modalities])
-    volume_op, _ = _ops(name)
-    return volume_op(*_prepare(anchor, modalities, name)).to(anchor.dtype)
+    volume_op = VOLUME.forward_op(name)
+    return volume_op(*_prepare(anchor, modalities, VOLUME.rows[name])).to(anchor.dtype)
 
 
 def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -237,40 +249,24 @@ def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) ->
     fn = "gram_volume_paired"
     names = [f"modality {i}" for i in range(len(modalities))]
     check_modalities(fn, list(modalities), names, same_batch=True, k_range=K_RANGE, like="modality 0")
-    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=(*FUSED, "torch"))
+    # The fused backends share the loss's per-sample Gram-Schmidt (ordinary torch code, no custom op).
+    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=VOLUME.supported)
     if name == "torch":
-        return ref.gram_volume_paired(*modalities)
+        return torch_backend.gram_volume_paired(*modalities)
     return span_basis([m.float() for m in modalities])[1].to(modalities[0].dtype)
-
-
-def _per_row(row_ce, col_ce, direction: str) -> torch.Tensor:
-    if direction == "a2d":
-        return row_ce
-    if direction == "d2a":
-        return col_ce
-    return (row_ce + col_ce) / 2
-
-
-def _reduce(per_row: torch.Tensor, reduction: str, total_rows: int, scale: int = 1) -> torch.Tensor:
-    """scale: the DDP factor W with gather=True (fastbind.distributed.ddp_scale), else 1."""
-    if reduction == "none":
-        return per_row
-    return per_row.sum() * scale if reduction == "sum" else per_row.sum() * (scale / total_rows)
 
 
 def _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols):
     """Reference per-row / per-column CE of local rows vs global columns and vice versa (without the
     cancellation of lse − positive, as the fused kernels)."""
-    from fastbind.reference.infonce import cross_entropy_rows
-
     b = anchor.shape[0]
     local = torch.arange(b, device=anchor.device)
     row_ce = col_ce = None
     if rows:
-        logits = ref.gram_logits(anchor, *modalities_g, temperature=tau)  # [b, B]
+        logits = torch_backend.gram_logits(anchor, *modalities_g, temperature=tau)  # [b, B]
         row_ce = cross_entropy_rows(logits, local, local + offset, eps)
     if cols:
-        logits = ref.gram_logits(anchor_g, *modalities, temperature=tau)  # [B, b]
+        logits = torch_backend.gram_logits(anchor_g, *modalities, temperature=tau)  # [B, b]
         col_ce = cross_entropy_rows(logits.t(), local, local + offset, eps)
     return row_ce, col_ce
 
@@ -308,10 +304,10 @@ def gram_loss(
             f"[{anchor.shape[0]}, {anchor.shape[1]}] like the anchor (targets are on the diagonal)"
         )
     check_loss_args(fn, temperature, label_smoothing, direction, reduction, anchor.device)
-    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=(*FUSED, "torch"))
+    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=LOSS.supported)
     tau = temperature_tensor(temperature, anchor)
     eps = float(label_smoothing)
-    rows, cols = direction in ("both", "a2d"), direction in ("both", "d2a")
+    rows, cols = directions(direction)
 
     anchor_g, modalities_g, offset, scale = anchor, list(modalities), 0, 1
     if gather:
@@ -324,15 +320,15 @@ def gram_loss(
 
     if name == "torch":
         row_ce, col_ce = _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau, eps, rows, cols)
-        return _reduce(_per_row(row_ce, col_ce, direction), reduction, total, scale)
+        return reduce(per_row(row_ce, col_ce, direction), reduction, total, scale)
 
     check_no_functorch(fn, name, [anchor, *modalities, temperature])
-    _, loss_op = _ops(name)
-    local = _prepare(anchor, modalities, name)
+    loss_op, kernels = LOSS.forward_op(name), LOSS.rows[name]
+    local = _prepare(anchor, modalities, kernels)
     if not gather:
         row_ce, col_ce, _, _ = loss_op(*local, tau.float(), eps, 0, rows, cols)
     else:
-        glob = _prepare(anchor_g, modalities_g, name)
+        glob = _prepare(anchor_g, modalities_g, kernels)
         row_ce = col_ce = None
         if rows:  # local rows against the global columns: row i's positive is column i + offset
             a, _, _, a_sq = local
@@ -340,4 +336,4 @@ def gram_loss(
         if cols:  # global rows against the local columns: column j's positive is row j + offset
             col_ce = loss_op(glob[0], local[1], local[2], glob[3], tau.float(), eps, -offset, False, True)[1]
     out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    return _reduce(_per_row(row_ce, col_ce, direction), reduction, total, scale).to(out_dtype)
+    return reduce(per_row(row_ce, col_ce, direction), reduction, total, scale).to(out_dtype)

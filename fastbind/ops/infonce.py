@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastbind._backend import extension_loaded, resolve
+from fastbind._backend import extension_loaded, resolve, triton_installed
 from fastbind.ops._checks import (
-    check_first_order,
     check_label_smoothing,
     check_loss_args,
     check_modalities,
@@ -40,32 +39,58 @@ from fastbind.ops._checks import (
     shape_str,
     temperature_tensor,
 )
-from fastbind.reference import infonce as ref
+from fastbind.ops._loss import per_row, reduce
+from fastbind.ops._registry import (
+    AS_GIVEN,
+    FUSED_DTYPES,
+    Kernels,
+    OpTable,
+    check_dtype,
+    check_shape,
+    declare,
+    make_first_order_backward,
+    register_built,
+)
+from fastbind.reference import infonce as torch_backend  # the "torch" backend (DESIGN §4)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["anchor_loss", "centroid_loss", "centroid_similarity", "infonce"]
 
-SUPPORTED = ("triton", "cpu", "torch")
 _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
-# custom-op plumbing: fake kernels and autograd, shared by the C++ and the Triton ops
+# custom ops: the kernel table (fake kernels, autograd, one row per fused backend)
 # ---------------------------------------------------------------------------------------------
+def _check_pairs(op: str, q, k, temperature) -> None:
+    """The operand contract of the InfoNCE ops, for the fake kernels (shapes and dtypes)."""
+    torch._check(q.dim() == 3, lambda: f"{op}: q has shape {shape_str(q)}, expected [P, B1, D]")
+    p, _, d = q.shape
+    torch._check(
+        k.dim() == 3 and k.shape[0] in (1, p) and k.shape[2] == d,
+        lambda: f"{op}: k has shape {shape_str(k)}, expected [1 or {p}, B2, {d}]",
+    )
+    check_dtype(op, "q", q, FUSED_DTYPES)
+    check_dtype(op, "k", k, FUSED_DTYPES)
+    check_shape(op, "temperature", temperature, ())
+
+
 def _fwd_fake(q, k, temperature, label_smoothing, diag_offset):
+    _check_pairs("infonce_fwd", q, k, temperature)
     p, b1, _ = q.shape
     b2 = k.shape[1]
-    return (
-        q.new_empty((p, b1), dtype=torch.float32),
-        q.new_empty((p, b2), dtype=torch.float32),
-        q.new_empty((p, b1), dtype=torch.float32),
-        q.new_empty((p, b2), dtype=torch.float32),
-    )
+    return tuple(q.new_empty(shape, dtype=torch.float32) for shape in ((p, b1), (p, b2), (p, b1), (p, b2)))
 
 
 def _bwd_fake(grad_row_loss, grad_col_loss, q, k, temperature, row_lse, col_lse, label_smoothing, diag_offset):
+    _check_pairs("infonce_bwd", q, k, temperature)
+    p, b1, _ = q.shape
+    b2 = k.shape[1]
+    stats = (("grad_row_loss", grad_row_loss, b1), ("grad_col_loss", grad_col_loss, b2))
+    for name, t, n in (*stats, ("row_lse", row_lse, b1), ("col_lse", col_lse, b2)):
+        check_shape("infonce_bwd", name, t, (p, n))
     return q.new_empty(q.shape, dtype=torch.float32), k.new_empty(k.shape, dtype=torch.float32)
 
 
@@ -77,45 +102,31 @@ def _setup_context(ctx, inputs, output):
     ctx.diag_offset = diag_offset
 
 
-def _make_backward(fwd_name: str, bwd_op):
-    def backward(ctx, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_col_lse):
-        check_first_order(fwd_name)
-        # the LSE outputs are saved statistics; only the two losses are differentiated
-        q, k, temperature, row_lse, col_lse = ctx.saved_tensors
-        grad_row_loss = torch.zeros_like(row_lse) if grad_row_loss is None else grad_row_loss
-        grad_col_loss = torch.zeros_like(col_lse) if grad_col_loss is None else grad_col_loss
-        grad_q, grad_k = bwd_op(
-            grad_row_loss, grad_col_loss, q, k, temperature, row_lse, col_lse, ctx.label_smoothing, ctx.diag_offset
-        )
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            # logits = S/τ, so dL/dτ = -(1/τ)·Σ_ij dL/dlogit_ij·logit_ij = -(1/τ)·<q, dL/dq>
-            # (summed in float64: the terms cancel, and the sum runs over P·B·D products)
-            grad_t = (-(q.double() * grad_q.double()).sum() / temperature.double()).to(temperature.dtype)
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_t, None, None
-
-    return backward
+def _backward(ctx, bwd_op, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_col_lse):
+    # the LSE outputs are saved statistics; only the two losses are differentiated
+    q, k, temperature, row_lse, col_lse = ctx.saved_tensors
+    grad_row_loss = torch.zeros_like(row_lse) if grad_row_loss is None else grad_row_loss
+    grad_col_loss = torch.zeros_like(col_lse) if grad_col_loss is None else grad_col_loss
+    grad_q, grad_k = bwd_op(
+        grad_row_loss, grad_col_loss, q, k, temperature, row_lse, col_lse, ctx.label_smoothing, ctx.diag_offset
+    )
+    grad_t = None
+    if ctx.needs_input_grad[2]:
+        # logits = S/τ, so dL/dτ = -(1/τ)·Σ_ij dL/dlogit_ij·logit_ij = -(1/τ)·<q, dL/dq>
+        # (summed in float64: the terms cancel, and the sum runs over P·B·D products)
+        grad_t = (-(q.double() * grad_q.double()).sum() / temperature.double()).to(temperature.dtype)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_t, None, None
 
 
-def register_fused(fwd_name: str, bwd_name: str) -> None:
-    """Fake kernels + autograd for one backend's (forward, backward) pair of fused InfoNCE ops."""
-    torch.library.register_fake(fwd_name)(_fwd_fake)
-    torch.library.register_fake(bwd_name)(_bwd_fake)
-    ns, name = bwd_name.split("::")
-    bwd_op = getattr(getattr(torch.ops, ns), name).default
-    torch.library.register_autograd(fwd_name, _make_backward(fwd_name, bwd_op), setup_context=_setup_context)
+INFONCE = declare(OpTable("infonce", _fwd_fake, _bwd_fake, _setup_context, make_first_order_backward(_backward)))
+# Both backends take float32, float16 and bfloat16 queries and keys as they are (16-bit GEMM operands).
+INFONCE.add("cpu", Kernels("fastbind::infonce_fwd", "fastbind::infonce_bwd", AS_GIVEN))
+INFONCE.add("triton", Kernels("fastbind::infonce_fwd_triton", "fastbind::infonce_bwd_triton", AS_GIVEN))
 
-
-if extension_loaded() and hasattr(torch.ops.fastbind, "infonce_fwd"):
-    register_fused("fastbind::infonce_fwd", "fastbind::infonce_bwd")
-
-
-def _fused_forward(backend: str):
-    if backend == "cpu":
-        return torch.ops.fastbind.infonce_fwd.default
-    from fastbind.triton import infonce as triton_infonce  # registers the Triton ops on import
-
-    return triton_infonce.infonce_fwd_triton
+extension_loaded()  # imports fastbind._C, which defines the C++ ops (when built)
+if triton_installed():
+    import fastbind.triton.infonce  # noqa: F401  (defines the fastbind::infonce_*_triton ops)
+register_built(INFONCE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +138,13 @@ def _rows_cols(backend, q, k, temperature, label_smoothing, diag_offset):
         if q.dtype in _HALF:  # float32 accumulation, like the fused kernels (DESIGN §5)
             q, k = q.float(), k.float()
         keys = [k[0]] * q.shape[0] if k.shape[0] == 1 else list(k)
-        pairs = [ref.infonce_rows_cols(qp, kp, temperature, label_smoothing, diag_offset) for qp, kp in zip(q, keys)]
+        rows_cols = torch_backend.infonce_rows_cols
+        pairs = [rows_cols(qp, kp, temperature, label_smoothing, diag_offset) for qp, kp in zip(q, keys)]
         return torch.stack([r for r, _ in pairs]), torch.stack([c for _, c in pairs])
+    operands = INFONCE.rows[backend].operands
+    q, k = q.to(operands.lhs_dtype(q.dtype)), k.to(operands.rhs_dtype(k.dtype))
     temp = temperature_tensor(temperature, q)
-    row_loss, col_loss, _, _ = _fused_forward(backend)(q, k, temp, float(label_smoothing), int(diag_offset))
+    row_loss, col_loss, _, _ = INFONCE.forward_op(backend)(q, k, temp, float(label_smoothing), int(diag_offset))
     return row_loss, col_loss
 
 
@@ -168,7 +182,7 @@ def _directional_losses(backend, queries, keys, temperature, label_smoothing, ga
 def _symmetric_sum(row_loss, col_loss, batch, scale):
     """Σ over pairs of the symmetric mean-reduced InfoNCE, from [P, b] row and column losses
     (times the DDP scale with gather)."""
-    return 0.5 * (row_loss.sum() + col_loss.sum()) * (scale / batch)
+    return reduce(per_row(row_loss, col_loss, "both"), "mean", batch, scale)
 
 
 DEFAULT_TEMPERATURE = 0.07
@@ -214,6 +228,33 @@ def resolve_temperature(
     return temperature
 
 
+def centroids(
+    modalities: Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    normalize_anchor: bool = False,
+    detach_anchor: bool = False,
+    leave_one_out: bool = False,
+) -> list[torch.Tensor]:
+    """The CentroBind anchors (DESIGN §2.3): one [B, D] tensor per modality, the same one M times
+    unless ``leave_one_out``. c = Σ_m w_m z^m with w = ``weights`` [M] as given (1/M when None);
+    leave-one-out: c^(m) = Σ_{n≠m} w_n z^n / Σ_{n≠m} w_n. Computed in the modalities' dtype."""
+    z = torch.stack(list(modalities))  # [M, B, D]
+    m = z.shape[0]
+    if weights is None:
+        w = torch.full((m,), 1.0 / m, dtype=z.dtype, device=z.device)
+    else:
+        w = weights.to(dtype=z.dtype, device=z.device)
+    weighted = z * w[:, None, None]
+    total = weighted.sum(0)
+    if leave_one_out:
+        anchors = [(total - weighted[i]) / (w.sum() - w[i]) for i in range(m)]
+    else:
+        anchors = [total] * m
+    if normalize_anchor:
+        anchors = [torch.nn.functional.normalize(a, dim=-1) for a in anchors]
+    return [a.detach() for a in anchors] if detach_anchor else anchors
+
+
 def _operands(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Non-contiguous inputs are accepted: the kernels take contiguous rows."""
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
@@ -252,23 +293,13 @@ def infonce(
     check_modalities(fn, [x, y], ["x", "y"], like="x")
     temperature = resolve_temperature(fn, temperature, logit_scale, x.device)
     check_loss_args(fn, temperature, label_smoothing, direction, reduction, x.device)
-    name = resolve(fn, backend, x.device, x.dtype, supported=SUPPORTED)
+    name = resolve(fn, backend, x.device, x.dtype, supported=INFONCE.supported)
     check_no_functorch(fn, name, [x, y, temperature])
     x, y = _operands([x, y])
     row_loss, col_loss, batch, scale = _directional_losses(
         name, [x], [y], temperature, label_smoothing, gather, process_group
     )
-    row_loss, col_loss = row_loss[0], col_loss[0]
-    if direction == "a2d":
-        per_row = row_loss
-    elif direction == "d2a":
-        per_row = col_loss
-    else:
-        per_row = 0.5 * (row_loss + col_loss)
-    if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    return total * (scale / batch) if reduction == "mean" else total * scale
+    return reduce(per_row(row_loss[0], col_loss[0], direction), reduction, batch, scale)
 
 
 def anchor_loss(
@@ -295,7 +326,7 @@ def anchor_loss(
     check_modalities(fn, tensors, names, like="the anchor")
     temperature = resolve_temperature(fn, temperature, logit_scale, anchor.device)
     check_label_smoothing(fn, label_smoothing)
-    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=SUPPORTED)
+    name = resolve(fn, backend, anchor.device, anchor.dtype, supported=INFONCE.supported)
     check_no_functorch(fn, name, [*tensors, temperature])
     anchor, *modalities = _operands(tensors)
     row_loss, col_loss, batch, scale = _directional_losses(
@@ -372,13 +403,13 @@ def centroid_loss(
     temperature = resolve_temperature(fn, temperature, logit_scale, modalities[0].device)
     check_label_smoothing(fn, label_smoothing)
     w = _check_weights(fn, weights, m, modalities[0].device, leave_one_out)
-    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=SUPPORTED)
+    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=INFONCE.supported)
     check_no_functorch(fn, name, [*modalities, temperature, weights])
     zs = _operands(modalities)
     # the centroid in float32 for half inputs (a sum of M bf16 rows loses digits), then back to the
     # GEMM operand dtype
     work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
-    anchors = ref.centroid(work, w, normalize_anchor, detach_anchor, leave_one_out)
+    anchors = centroids(work, w, normalize_anchor, detach_anchor, leave_one_out)
     keys = [a.to(zs[0].dtype) for a in (anchors if leave_one_out else anchors[:1])]
     row_loss, col_loss, batch, scale = _directional_losses(
         name, zs, keys, temperature, label_smoothing, gather, process_group
@@ -399,10 +430,10 @@ def centroid_similarity(
     if m < 2:
         raise ValueError(f"{fn}: got M = {m} modalities, expected at least 2")
     check_modalities(fn, list(modalities), [f"modality {i}" for i in range(m)])
-    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=SUPPORTED)
+    name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=INFONCE.supported)
     zs = _operands(modalities)
     if name == "torch":
-        return ref.centroid_similarity(*zs, normalize_anchor=normalize_anchor)
+        return torch_backend.centroid_similarity(*zs, normalize_anchor=normalize_anchor)
     work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
-    c = ref.centroid(work, normalize_anchor=normalize_anchor)[0].to(zs[0].dtype)
+    c = centroids(work, normalize_anchor=normalize_anchor)[0].to(zs[0].dtype)
     return torch.matmul(torch.stack(zs), c.T)

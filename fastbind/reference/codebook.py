@@ -23,9 +23,8 @@ import functools
 import torch
 import torch.utils.checkpoint
 
-METRICS = ("l2", "cosine", "dot")
-# Zero vectors get a zero unit vector under "cosine" (distance 1 to every code), not a NaN.
-_NORM_EPS = 1e-12
+from fastbind._constants import METRICS
+from fastbind._constants import NORM_EPS as _NORM_EPS
 
 
 def weighted_norm(v: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

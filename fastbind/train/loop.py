@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 import fastbind as fb
 import fastbind.distributed as dist_utils
-from fastbind._backend import resolve
 from fastbind.train.data import SyntheticConfig, SyntheticMultimodal
 from fastbind.train.metrics import joint_volume_retrieval, linear_probe, pairwise_retrieval
 from fastbind.train.models import BindingModel
@@ -176,11 +175,8 @@ class Trainer:
         self.model.train()
         with self._autocast():
             embeddings = self.model(inputs)
-        # The loss runs outside autocast: the fused backends take the bf16/fp16 embeddings as GEMM
-        # operands and accumulate in float32; the reference computes in its input dtype (GRAM's det
-        # has no bf16 kernel), so it gets float32.
-        if resolve("binding_loss", None, self.device, embeddings[0].dtype) == "torch":
-            embeddings = [z.float() for z in embeddings]
+        # The loss runs outside autocast: every backend takes the bf16/fp16 embeddings as they are
+        # and accumulates in float32 (the reference upcasts 16-bit inputs itself).
         loss = binding_loss(
             c.loss, embeddings, self.model.temperature, c.anchor, c.leave_one_out, gather=self.distributed
         )

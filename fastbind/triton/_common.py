@@ -8,10 +8,16 @@ and check spills, shared memory and, for bfloat16 on sm_90, wgmma).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import triton
 import triton.language as tl
+
+
+def _interpreting() -> bool:
+    """True when TRITON_INTERPRET is set: the Triton kernels run on CPU tensors in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass

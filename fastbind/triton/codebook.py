@@ -230,8 +230,8 @@ def prepare_codebook(codebook: torch.Tensor, metric: str, weight: torch.Tensor |
     return b.to(dtype).contiguous(), bias.contiguous(), e
 
 
-@torch.library.custom_op("fastbind::codebook_lookup_triton", mutates_args=())
-def codebook_lookup_triton(
+@torch.library.custom_op("fastbind::codebook_lookup_fwd_triton", mutates_args=())
+def codebook_lookup_fwd_triton(
     x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str, weight: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] (fp32/bf16/fp16), codebook [K, D] -> (dist [N, k] fp32, index [N, k] int64). Not differentiable."""
@@ -272,12 +272,6 @@ def codebook_lookup_triton(
         num_stages=cfg["num_stages"],
     )
     return dist, index
-
-
-@codebook_lookup_triton.register_fake
-def _codebook_lookup_triton_fake(x, codebook, k, metric, weight):
-    n = x.shape[0]
-    return x.new_empty((n, k), dtype=torch.float32), x.new_empty((n, k), dtype=torch.int64)
 
 
 def aot_specs() -> list[AotSpec]:

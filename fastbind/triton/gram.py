@@ -37,13 +37,6 @@ import triton.language as tl
 from fastbind.triton._common import AotSpec, round_to
 from fastbind.triton._saturated import ce_from_stats
 
-OP_NAMES = (
-    "fastbind::gram_volume_triton",
-    "fastbind::gram_volume_backward_triton",
-    "fastbind::gram_loss_forward_triton",
-    "fastbind::gram_loss_backward_triton",
-)
-
 # Launch configuration per kernel kind ("fwd": volume and loss forward, "bwd": the atomic backward)
 # and operand dtype: the launches and the ahead-of-time compile check (aot_specs,
 # tests/test_triton_compile.py) both read this table. Chosen from the sm_90/sm_80 resource report
@@ -758,8 +751,8 @@ def _deterministic_backward(upstream, operands, sizes, det_meta, loss):
     return d_a, d_q, d_r, d_asq, dtau_part.sum()
 
 
-@torch.library.custom_op("fastbind::gram_volume_triton", mutates_args=())
-def gram_volume_triton(
+@torch.library.custom_op("fastbind::gram_volume_fwd_triton", mutates_args=())
+def gram_volume_fwd_triton(
     anchor: torch.Tensor, basis: torch.Tensor, span_vol: torch.Tensor, anchor_sq: torch.Tensor
 ) -> torch.Tensor:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
@@ -781,8 +774,8 @@ def _zero_grads(anchor, basis):
     )
 
 
-@torch.library.custom_op("fastbind::gram_volume_backward_triton", mutates_args=())
-def gram_volume_backward_triton(
+@torch.library.custom_op("fastbind::gram_volume_bwd_triton", mutates_args=())
+def gram_volume_bwd_triton(
     grad: torch.Tensor, anchor: torch.Tensor, basis: torch.Tensor, span_vol: torch.Tensor, anchor_sq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     anchor, basis, span_vol, anchor_sq = _operands(anchor, basis, span_vol, anchor_sq)
@@ -799,8 +792,8 @@ def gram_volume_backward_triton(
     return d_a, d_q, d_r, d_asq
 
 
-@torch.library.custom_op("fastbind::gram_loss_forward_triton", mutates_args=())
-def gram_loss_forward_triton(
+@torch.library.custom_op("fastbind::gram_loss_fwd_triton", mutates_args=())
+def gram_loss_fwd_triton(
     anchor: torch.Tensor,
     basis: torch.Tensor,
     span_vol: torch.Tensor,
@@ -815,9 +808,9 @@ def gram_loss_forward_triton(
     sizes, meta, det_meta = _common(anchor, basis, "fwd")
     b1, b2 = sizes["B1"], sizes["B2"]
     if rows and not (diag_offset >= 0 and b1 + diag_offset <= b2):
-        raise ValueError("gram_loss_forward_triton: every row needs its positive column (i + diag_offset < B2)")
+        raise ValueError("gram_loss_fwd_triton: every row needs its positive column (i + diag_offset < B2)")
     if cols and not (diag_offset <= 0 and b2 - diag_offset <= b1):
-        raise ValueError("gram_loss_forward_triton: every column needs its positive row (j - diag_offset < B1)")
+        raise ValueError("gram_loss_fwd_triton: every column needs its positive row (j - diag_offset < B1)")
     dev = anchor.device
     tau = temperature.to(device=dev, dtype=torch.float32).reshape(1)
     row_loss, row_lse = torch.zeros(b1, device=dev), torch.zeros(b1, device=dev)
@@ -830,8 +823,8 @@ def gram_loss_forward_triton(
     return row_loss, col_loss, row_lse, col_lse
 
 
-@torch.library.custom_op("fastbind::gram_loss_backward_triton", mutates_args=())
-def gram_loss_backward_triton(
+@torch.library.custom_op("fastbind::gram_loss_bwd_triton", mutates_args=())
+def gram_loss_bwd_triton(
     grad_row: torch.Tensor,
     grad_col: torch.Tensor,
     anchor: torch.Tensor,

@@ -342,15 +342,6 @@ def infonce_bwd_triton(
     return grad_q, grad_k.sum(0, keepdim=True) if shared else grad_k
 
 
-def _register() -> None:
-    from fastbind.ops.infonce import register_fused
-
-    register_fused("fastbind::infonce_fwd_triton", "fastbind::infonce_bwd_triton")
-
-
-_register()
-
-
 def aot_specs(dtypes=("fp32", "bf16")) -> list[AotSpec]:
     """fp32 and 16-bit variants of the forward and backward kernels for the ahead-of-time compile test."""
     specs = []
