@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_codebook import check_lookup  # the fused codebook backends' acceptance check
 
 import fastbind  # noqa: F401  (loads fastbind._C: the schemas copied below)
 from fastbind._backend import extension_loaded
+from fastbind.reference import codebook as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -124,7 +126,7 @@ def _interesting_floats() -> torch.Tensor:
         dtype=torch.float32,
     )
     grid = torch.linspace(-70000, 70000, 100_001)  # every half exponent, incl. ties and overflow
-    tiny = torch.linspace(-2**-13, 2**-13, 100_001)  # half subnormals and their ties
+    tiny = torch.linspace(-(2**-13), 2**-13, 100_001)  # half subnormals and their ties
     return torch.cat([bits.view(torch.float32), special, -special, grid, tiny])
 
 
@@ -208,7 +210,10 @@ def test_warp_misuse_aborts_with_a_message(case, message):
 # the tile skeleton (csrc/cuda/tile.cuh) that every family kernel uses
 
 
-@pytest.mark.parametrize("dtype, tensor_cores", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize(
+    "dtype, tensor_cores",
+    [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)],
+)
 @pytest.mark.parametrize("a_cols, b_cols", [(False, False), (True, False), (False, True), (True, True)])
 def test_tile_gemm(emu, dtype, tensor_cores, a_cols, b_cols):
     """A·Bᵀ for M, N, D that are no multiple of the 64×32×32 tile, row strides wider than the
@@ -224,3 +229,76 @@ def test_tile_gemm(emu, dtype, tensor_cores, a_cols, b_cols):
     want = am.double() @ bm.double().t()
     tol = 1e-5 if dtype == torch.float32 or not tensor_cores else 1e-5
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook top-k lookup (csrc/cuda/codebook.cu) against the float64 oracle of tests/test_codebook.py
+
+CODEBOOK_TOL = (2e-4, 2e-5)
+
+
+def _lookup(x, e, k, metric="l2", w=None):
+    return torch.ops.fastbind_emu.codebook_lookup_fwd(x, e, k, metric, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "dot"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_codebook_lookup(emu, dtype, metric, weighted):
+    """N, K, D off the 64×64×32 tile (2 row blocks, 2 code tiles, 2 D chunks); k = 1, 5, 32 in
+    turn. 16-bit l2/dot without weights run on the (emulated) tensor cores, the rest on fp32 FMAs."""
+    k = {torch.float32: 1, torch.float16: 5, torch.bfloat16: 32}[dtype] if not weighted else 3
+    x = torch.randn(70, 40).to(dtype)
+    e = torch.randn(75, 40).to(dtype)
+    w = torch.rand(40) if weighted else None
+    dist, index = _lookup(x, e, k, metric, w)
+    check_lookup(dist, index, x, e, k, metric, w, *CODEBOOK_TOL)
+
+
+def test_codebook_lookup_mixed_dtypes_and_row_stride(emu):
+    """x bfloat16 with a row stride wider than D, codebook float32 (fp32 path, x converted exactly)."""
+    x = torch.randn(33, 50).to(torch.bfloat16)[:, 3:40]
+    e = torch.randn(66, 37)
+    dist, index = _lookup(x, e, 4)
+    check_lookup(dist, index, x, e, 4, "l2", None, *CODEBOOK_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codebook_exact_ties_lowest_index(emu, dtype):
+    """Duplicated codes and integer data (exact in every dtype and summation order): exactly the
+    stable-sort order, i.e. equal distances to the lowest index, for k = 1 and k = 32."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(-3, 4, (30, 6), generator=g).float()
+    e = torch.cat([base, base, base[:10]]).to(dtype)  # codes j, j + 30 (and j + 60) identical
+    x = torch.randint(-3, 4, (41, 6), generator=g).float().to(dtype)
+    expected = torch.sort(ref.pairwise_distance(x.double(), e.double()), dim=1, stable=True).indices
+    for k in (1, 32):
+        _, index = _lookup(x, e, k)
+        assert torch.equal(index, expected[:, :k]), k
+
+
+def test_codebook_matches_cpu_op_on_non_finite_inputs(emu):
+    """NaN / inf rows and a NaN code: the same indices and NaN pattern as the CPU kernel."""
+    x = torch.randn(9, 8)
+    x[2, 3] = float("nan")
+    x[4, 0] = float("inf")
+    e = torch.randn(70, 8)
+    e[5, 2] = float("nan")
+    for k in (1, 3):
+        for metric in ("l2", "cosine", "dot"):
+            got = _lookup(x, e, k, metric)
+            want = torch.ops.fastbind.codebook_lookup_fwd(x, e, k, metric, None)
+            assert torch.equal(got[1], want[1]), (k, metric)
+            torch.testing.assert_close(got[0], want[0], equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_codebook_k_equals_num_codes_and_errors(emu):
+    x, e = torch.randn(5, 3), torch.randn(32, 3)
+    dist, index = _lookup(x, e, 32)
+    assert torch.equal(index.sort(1).values, torch.arange(32).expand(5, 32))
+    check_lookup(dist, index, x, e, 32, "l2", None, *CODEBOOK_TOL)
+    with pytest.raises(RuntimeError, match="outside 1..min"):
+        _lookup(x, torch.randn(40, 3), 33)
+    with pytest.raises(RuntimeError, match="metric"):
+        _lookup(x, e, 1, "manhattan")
+    assert _lookup(x[:0], e, 2)[0].shape == (0, 2)
