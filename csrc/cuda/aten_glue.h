@@ -12,7 +12,7 @@
 #include "simt.cuh"
 
 #if defined(FB_SIMT_DEVICE)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #define FASTBIND_CUDA_IMPL(m) TORCH_LIBRARY_IMPL(fastbind, CUDA, m)
 #else
@@ -42,7 +42,7 @@ struct DeviceGuard {
 
 inline simt::stream_t current_stream() {
 #if defined(FB_SIMT_DEVICE)
-  return at::cuda::getCurrentCUDAStream();
+  return c10::cuda::getCurrentCUDAStream();  // c10, not ATen/cuda: no cuBLAS/cuSPARSE headers needed
 #else
   return nullptr;
 #endif
