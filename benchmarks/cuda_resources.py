@@ -157,6 +157,13 @@ def _count_mma(sass: str) -> dict[str, dict]:
     return out
 
 
+def _write_atomic(path: Path, data) -> None:
+    # Several worktrees / sessions share the cache: readers never see a half-written file.
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def compile_entry(entry: Entry) -> dict:
     """nvcc + cuobjdump for one entry (cached): {arch: {registers, stack, spills, hmma, hgmma, entries}}."""
     nvcc, cuobjdump = nvcc_path(), cuobjdump_path()
@@ -179,7 +186,7 @@ def compile_entry(entry: Entry) -> dict:
         sass = subprocess.run([cuobjdump, "-sass", fatbin], capture_output=True, text=True, check=True).stdout
     for arch, counts in _count_mma(sass).items():
         result.setdefault(arch, {}).update(counts)
-    cached.write_text(json.dumps(result))
+    _write_atomic(cached, result)
     return result
 
 
@@ -201,7 +208,7 @@ def smem_bytes(all_entries: list[Entry]) -> dict[str, int]:
         subprocess.run(["g++", *flags, os.path.join(tmp, "smem.cpp"), "-o", exe], check=True)
         out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout
     result = {name: int(v) for name, v in (line.split() for line in out.splitlines())}
-    cached.write_text(json.dumps(result))
+    _write_atomic(cached, result)
     return result
 
 
