@@ -9,7 +9,7 @@ BSTAMP  := $(VENV)/.fastbind-bench-deps
 # Forcing it here would turn a GPU machine's suite back into the CPU suite.
 TEST_ENV := OMP_NUM_THREADS=2
 
-.PHONY: venv bench-deps build demo test bench lint format clean gpu-wheels gpu-check
+.PHONY: venv bench-deps build demo test bench lint format clean gpu-wheels gpu-check cuda-build cuda-ext
 
 venv: $(STAMP)
 bench-deps: $(BSTAMP)
@@ -55,6 +55,31 @@ gpu-wheels: venv
 
 gpu-check:
 	$(PY_SYS) -m benchmarks.gpu_check --out $(GPU_OUT) --wheels $(GPU_WHEELS)
+
+# `make cuda-build` (opt-in, not part of `make test`: the CUDA torch wheel and its nvidia libraries
+# are ~4.7 GB): a separate venv with the CUDA build of torch that matches the GPU image, fastbind._C
+# built with the CUDA kernels of csrc/cuda (FASTBIND_BUILD_CUDA=1) into build/cuda/ (the in-place
+# CPU extension stays as it is), then loaded on this GPU-less machine and every fastbind op checked
+# for a CUDA kernel. CUDA_TORCH_PIP: the pip options that select the cu130 wheel (e.g. the index of
+# PyTorch's cu130 wheels).
+CUDA_VENV      ?= $(HOME)/.cache/fastbind/cu130-venv
+CUDA_HOME      ?= /usr/local/cuda-13.0
+CUDA_TORCH     ?= torch==2.11.0
+CUDA_TORCH_PIP ?=
+CUDA_OPS       ?= codebook_lookup_fwd
+cuda-build:
+	test -x $(CUDA_VENV)/bin/python || $(PY_SYS) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
+	  $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_PIP) $(CUDA_TORCH) setuptools wheel ninja numpy
+	CUDA_HOME=$(CUDA_HOME) FASTBIND_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0a" \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/tmp
+	$(CUDA_VENV)/bin/python -c "import glob, torch; \
+	  torch.ops.load_library(glob.glob('build/cuda/lib/fastbind/_C*.so')[0]); \
+	  print('fastbind._C:', torch.ops.fastbind.build_info(), '| torch', torch.__version__); \
+	  missing = [op for op in '$(CUDA_OPS)'.split() \
+	             if not torch._C._dispatch_has_kernel_for_dispatch_key('fastbind::' + op, 'CUDA')]; \
+	  assert not missing, f'no CUDA kernel registered for {missing}'; print('CUDA ops registered: $(CUDA_OPS)')"
+cuda-ext: cuda-build
 
 lint: venv
 	$(VENV)/bin/ruff check fastbind benchmarks tests setup.py
