@@ -306,3 +306,246 @@ def test_codebook_k_equals_num_codes_and_errors(emu):
     with pytest.raises(RuntimeError, match="metric"):
         _lookup(x, e, 1, "manhattan")
     assert _lookup(x[:0], e, 2)[0].shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRAM (csrc/cuda/gram.cu) and the multi-pair InfoNCE (csrc/cuda/infonce.cu) against the float64
+# reference, forward and every gradient, with the operands prepared as fastbind/ops/gram.py does
+
+import torch.nn.functional as F  # noqa: E402
+
+from fastbind.ops import gram as gram_ops  # noqa: E402
+from fastbind.reference import gram as ref_gram  # noqa: E402
+from fastbind.reference import infonce as ref_infonce  # noqa: E402
+
+F64 = torch.float64
+# relative to the largest reference value / gradient, as tests/test_gram.py (16-bit: compared on the
+# rounded inputs, so only the kernels' own precision counts) and tests/test_infonce.py
+GRAM_REL = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+INFONCE_TOL = {torch.float32: (2e-5, 2e-5, 2e-5), torch.float16: (2e-3, 2e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2, 3e-2)}
+
+
+def _emu_ops():
+    return torch.ops.fastbind_emu
+
+
+class _EmuVolume(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, basis, span_vol, anchor_sq):
+        ctx.save_for_backward(anchor, basis, span_vol, anchor_sq)
+        return _emu_ops().gram_volume_fwd(anchor, basis, span_vol, anchor_sq)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, q, r, a_sq = ctx.saved_tensors
+        d_a, d_q, d_r, d_asq = _emu_ops().gram_volume_bwd(grad.contiguous(), a, q, r, a_sq)
+        return d_a.to(a.dtype), d_q.to(q.dtype), d_r, d_asq
+
+
+class _EmuGramLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, basis, span_vol, anchor_sq, tau, eps, offset, rows, cols):
+        out = _emu_ops().gram_loss_fwd(anchor, basis, span_vol, anchor_sq, tau, eps, offset, rows, cols)
+        ctx.save_for_backward(anchor, basis, span_vol, anchor_sq, tau, out[2], out[3])
+        ctx.flags = (eps, offset, rows, cols)
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        a, q, r, a_sq, tau, row_lse, col_lse = ctx.saved_tensors
+        grads = (g_row.contiguous(), g_col.contiguous())
+        d = _emu_ops().gram_loss_bwd(*grads, a, q, r, a_sq, tau, row_lse, col_lse, *ctx.flags)
+        return (d[0].to(a.dtype), d[1].to(q.dtype), d[2], d[3], d[4]) + (None,) * 4
+
+
+class _EmuInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, tau, eps, offset):
+        out = _emu_ops().infonce_fwd(q, k, tau, eps, offset)
+        ctx.save_for_backward(q, k, tau, out[2], out[3])
+        ctx.flags = (eps, offset)
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, tau, row_lse, col_lse = ctx.saved_tensors
+        gq, gk = _emu_ops().infonce_bwd(g_row.contiguous(), g_col.contiguous(), q, k, tau, row_lse, col_lse, *ctx.flags)
+        return gq.to(q.dtype), gk.to(k.dtype), None, None, None
+
+
+def _gram_operands(anchor, modalities):
+    """(anchor, basis, span_vol, anchor_sq) as fastbind/ops/gram.py prepares them for a 16-bit GEMM
+    backend: the per-sample Gram-Schmidt in float32 (differentiable), GEMM operands in the input dtype."""
+    basis, span_vol = gram_ops.span_basis([m.float() for m in modalities])
+    a32 = anchor.float()
+    return anchor.contiguous(), basis.to(anchor.dtype).contiguous(), span_vol.contiguous(), (a32 * a32).sum(-1)
+
+
+def _gram_close(got, want, rel, what):
+    got, want = got.detach().to(F64), want.detach().to(F64)
+    assert got.shape == want.shape, what
+    err, scale = (got - want).abs().max(), want.abs().max()
+    assert err <= rel * scale + 1e-6, f"{what}: max error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def _gram_inputs(b1, b2, d, k, dtype, seed, normalize=False):
+    """Anchor [b1, d] and k-1 modalities [b2, d] with non-unit norms (unit norms for the losses, as
+    the GRAM release feeds them), drawn in float64 and rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(b):
+        x = torch.randn(b, d, generator=g, dtype=F64) * (0.5 + torch.rand(b, 1, generator=g, dtype=F64))
+        return (F.normalize(x, dim=-1) if normalize else x / d**0.5).to(dtype)
+
+    return rnd(b1), [rnd(b2) for _ in range(k - 1)]
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def _grad_rel(dtype):
+    # 16-bit gradients are returned in 16 bits: 2 ulp more (as tests/test_gram.py)
+    rel = GRAM_REL[dtype]
+    return 5e-4 if dtype == torch.float32 else max(5 * rel, 2 * torch.finfo(dtype).eps)
+
+
+# (B1, B2, D) off every tile (64 lines, 32/64-wide D chunks): one partial tile, and B1 > 64 (two row
+# blocks) with B1 != B2. k = 8 stays at one tile per side (the emulator runs one OS thread per lane).
+GRAM_SHAPES = {2: [(5, 9, 17), (70, 37, 33)], 3: [(70, 37, 33)], 8: [(9, 37, 20)]}
+GRAM_LOSS_SHAPES = [(2, 70, 20), (3, 37, 33), (8, 20, 17)]  # (k, B, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [2, 3, 8])
+def test_gram_volume_fwd_bwd(emu, dtype, k):
+    for b1, b2, d in GRAM_SHAPES[k]:
+        anchor, mods = _gram_inputs(b1, b2, d, k, dtype, seed=k * 100 + b1)
+        a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
+        want = ref_gram.gram_volume(a64, *m64)
+        a, ms = _leaf(anchor), [_leaf(m) for m in mods]
+        got = _EmuVolume.apply(*_gram_operands(a, ms))
+        tag = f"k={k} {b1}x{b2}x{d} {dtype}"
+        _gram_close(got, want, GRAM_REL[dtype], f"volume {tag}")
+        w = torch.randn(b1, b2, dtype=F64)
+        g_want = torch.autograd.grad((want * w).sum(), [a64, *m64])
+        g_got = torch.autograd.grad((got.double() * w).sum(), [a, *ms])
+        for i, (x, y) in enumerate(zip(g_got, g_want)):
+            assert x.dtype == dtype
+            _gram_close(x, y, _grad_rel(dtype), f"volume grad {i} {tag}")
+
+
+@pytest.mark.parametrize(
+    "dtype, k, b, d, direction",
+    [(dt, k, b, d, "both") for dt in (torch.float32, torch.bfloat16, torch.float16) for k, b, d in GRAM_LOSS_SHAPES]
+    + [(torch.float32, 3, 37, 9, "a2d"), (torch.float32, 3, 37, 9, "d2a")],  # the flags: dtype-independent
+)
+def test_gram_loss_fwd_bwd(emu, dtype, k, b, d, direction):
+    """Per-row loss (row and column CEs, label smoothing 0.1) and the gradients of the anchor, every
+    modality and the temperature."""
+    anchor, mods = _gram_inputs(b, b, d, k, dtype, seed=k + b, normalize=True)
+    a64, m64 = _leaf(anchor, F64), [_leaf(m, F64) for m in mods]
+    t64 = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    want = ref_gram.gram_loss(a64, *m64, temperature=t64, label_smoothing=0.1, direction=direction, reduction="none")
+    a, ms = _leaf(anchor), [_leaf(m) for m in mods]
+    t = torch.tensor(0.1, requires_grad=True)
+    rows, cols = direction in ("both", "a2d"), direction in ("both", "d2a")
+    row, col = _EmuGramLoss.apply(*_gram_operands(a, ms), t, 0.1, 0, rows, cols)
+    got = (row + col) / 2 if rows and cols else (row if rows else col)
+    tag = f"gram loss k={k} b={b} d={d} {direction} {dtype}"
+    _gram_close(got, want, GRAM_REL[dtype], tag)
+    w = torch.rand(b, dtype=F64) + 0.5
+    g_want = torch.autograd.grad((want * w).sum(), [a64, *m64, t64])
+    g_got = torch.autograd.grad((got.double() * w).sum(), [a, *ms, t])
+    for i, (x, y) in enumerate(zip(g_got, g_want)):
+        _gram_close(x, y, _grad_rel(dtype), f"grad {i} {tag}")
+
+
+def _infonce_reference(q64, k64, tau, eps, offset):
+    rows, cols = [], []
+    for p in range(q64.shape[0]):
+        r, c = ref_infonce.infonce_rows_cols(q64[p], k64[0 if k64.shape[0] == 1 else p], tau, eps, offset)
+        rows.append(r)
+        cols.append(c)
+    return torch.cat([torch.stack(rows).flatten(), torch.stack(cols).flatten()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "p, pk, b1, b2, d, offset", [(2, 1, 70, 37, 33, 0), (2, 2, 37, 70, 40, 5), (1, 1, 5, 9, 17, -2)]
+)
+def test_infonce_fwd_bwd(emu, dtype, p, pk, b1, b2, d, offset):
+    """P pairs with one shared key matrix (CentroBind) or one per pair, B1 != B2 off the tiles,
+    positives at i + offset (rows / columns without one keep the smoothing term)."""
+    g = torch.Generator().manual_seed(b1 * 7 + b2 + d + p)
+    q = (torch.randn(p, b1, d, generator=g) * (0.5 + torch.rand(p, b1, 1, generator=g))).to(dtype)
+    k = (torch.randn(pk, b2, d, generator=g) * (0.5 + torch.rand(pk, b2, 1, generator=g))).to(dtype)
+    q64, k64 = _leaf(q, F64), _leaf(k, F64)
+    want = _infonce_reference(q64, k64, 0.2, 0.1, offset)
+    ql, kl = _leaf(q), _leaf(k)
+    row, col = _EmuInfoNCE.apply(ql, kl, torch.tensor(0.2), 0.1, offset)
+    got = torch.cat([row.flatten(), col.flatten()])
+    atol, rtol, gtol = INFONCE_TOL[dtype]
+    torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, want.abs().max().item()), rtol=rtol)
+    up = torch.randn_like(want)
+    g_want = torch.autograd.grad((want * up).sum(), [q64, k64])
+    g_got = torch.autograd.grad((got.double() * up).sum(), [ql, kl])
+    for i, (x, y) in enumerate(zip(g_got, g_want)):
+        assert x.dtype == dtype
+        scale = max(y.abs().max().item(), 1e-3)
+        torch.testing.assert_close(x.double(), y, atol=gtol * scale, rtol=0, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+def test_gram_infonce_nan_propagation(emu):
+    """A NaN in one anchor row / query row: NaN exactly where the CPU kernels have it (its row, every
+    column CE), finite elsewhere."""
+    anchor, mods = _gram_inputs(20, 20, 12, 3, torch.float32, seed=1)
+    anchor[3, 5] = float("nan")
+    ops_ = _gram_operands(anchor, mods)
+    vol = _emu_ops().gram_volume_fwd(*ops_)
+    want = torch.ops.fastbind.gram_volume_fwd(*ops_)
+    assert torch.equal(vol.isnan(), want.isnan()) and bool(vol[3].isnan().all()) and bool(vol[:3].isfinite().all())
+    tau = torch.tensor(0.1)
+    got = _emu_ops().gram_loss_fwd(*ops_, tau, 0.1, 0, True, True)
+    want = torch.ops.fastbind.gram_loss_fwd(*ops_, tau, 0.1, 0, True, True)
+    for x, y in zip(got, want):
+        assert torch.equal(x.isnan(), y.isnan())
+    assert bool(got[0][3].isnan()) and bool(got[1].isnan().all())
+    q, k = torch.randn(1, 20, 12), torch.randn(1, 20, 12)
+    q[0, 7, 1] = float("nan")
+    got = _emu_ops().infonce_fwd(q, k, tau, 0.0, 0)
+    want = torch.ops.fastbind.infonce_fwd(q, k, tau, 0.0, 0)
+    for x, y in zip(got, want):
+        assert torch.equal(x.isnan(), y.isnan())
+    assert bool(got[0][0, 7].isnan()) and int(got[0].isnan().sum()) == 1 and bool(got[1].isnan().all())
+
+
+def test_gram_infonce_backward_is_deterministic(emu):
+    """No atomics: two runs of each backward are bitwise equal."""
+    anchor, mods = _gram_inputs(70, 37, 20, 3, torch.float32, seed=2)
+    ops_ = _gram_operands(anchor, mods)
+    tau = torch.tensor(0.1)
+    fwd = _emu_ops().gram_loss_fwd(*ops_, tau, 0.1, -3, False, True)  # B1 > B2: the column CEs
+    g_row, g_col = torch.zeros(70), torch.rand(37)
+    runs = [_emu_ops().gram_loss_bwd(g_row, g_col, *ops_, tau, fwd[2], fwd[3], 0.1, -3, False, True) for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    q, k = torch.randn(2, 70, 20), torch.randn(1, 37, 20)
+    out = _emu_ops().infonce_fwd(q, k, tau, 0.0, 0)
+    g_row, g_col = torch.rand(2, 70), torch.rand(2, 37)
+    runs = [_emu_ops().infonce_bwd(g_row, g_col, q, k, tau, out[2], out[3], 0.0, 0) for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+def test_gram_infonce_errors(emu):
+    anchor, mods = _gram_inputs(5, 6, 4, 3, torch.float32, seed=3)
+    a, q, r, a_sq = _gram_operands(anchor, mods)
+    with pytest.raises(RuntimeError, match="basis has 8 vectors"):
+        _emu_ops().gram_volume_fwd(a, q.repeat(4, 1, 1), r, a_sq)
+    with pytest.raises(RuntimeError, match="anchor's dtype"):
+        _emu_ops().gram_volume_fwd(a, q.to(torch.bfloat16), r, a_sq)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        _emu_ops().gram_volume_fwd(a.double(), q.double(), r, a_sq)
+    with pytest.raises(RuntimeError, match="rows need positives"):
+        _emu_ops().gram_loss_fwd(a, q, r, a_sq, torch.tensor(0.1), 0.0, 2, True, False)
+    with pytest.raises(RuntimeError, match="1 or P"):
+        _emu_ops().infonce_fwd(torch.randn(3, 4, 5), torch.randn(2, 4, 5), torch.tensor(0.1), 0.0, 0)
