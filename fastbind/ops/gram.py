@@ -40,10 +40,10 @@ from fastbind.ops._registry import (
     Kernels,
     OperandDtypes,
     OpTable,
+    _op,
     check_dtype,
     check_shape,
     declare,
-    _op,
     make_first_order_backward,
     register_built,
 )
