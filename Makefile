@@ -57,28 +57,33 @@ gpu-check:
 	$(PY_SYS) -m benchmarks.gpu_check --out $(GPU_OUT) --wheels $(GPU_WHEELS)
 
 # `make cuda-build` (opt-in, not part of `make test`: the CUDA torch wheel and its nvidia libraries
-# are ~4.7 GB): a separate venv with the CUDA build of torch that matches the GPU image, fastbind._C
-# built with the CUDA kernels of csrc/cuda (FASTBIND_BUILD_CUDA=1) into build/cuda/ (the in-place
-# CPU extension stays as it is), then loaded on this GPU-less machine and every fastbind op checked
-# for a CUDA kernel. CUDA_TORCH_PIP: the pip options that select the cu130 wheel (e.g. the index of
-# PyTorch's cu130 wheels).
+# are ~4.7 GB): a separate venv with the CUDA build of torch that matches the GPU image (python 3.12,
+# torch 2.11.0+cu130, nvcc 13.0), fastbind._C built with the CUDA kernels of csrc/cuda
+# (FASTBIND_BUILD_CUDA=1) into build/cuda/lib (git-ignored; the in-place CPU extension stays as it
+# is; the .so can be carried to the GPU machine), then loaded on this GPU-less machine by
+# benchmarks/cuda_link_check.py, which checks that every op of every `cuda` row of the op tables
+# (forward and backward) has a CUDA kernel. A plain `pip install torch==2.11.0` takes the cu130
+# build; CUDA_TORCH_PIP: extra pip options (e.g. another index) where the registry offers another.
+CUDA_PY_VERSION ?= 3.12
+CUDA_PY        ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/$(CUDA_PY_VERSION).*/bin/python$(CUDA_PY_VERSION)) python$(CUDA_PY_VERSION))
 CUDA_VENV      ?= $(HOME)/.cache/fastbind/cu130-venv
 CUDA_HOME      ?= /usr/local/cuda-13.0
-CUDA_TORCH     ?= torch==2.11.0
+CUDA_TORCH     ?= 2.11.0
+CUDA_VERSION   ?= 13.0
 CUDA_TORCH_PIP ?=
-CUDA_OPS       ?= codebook_lookup_fwd
+CUDA_ARCHS     ?= 8.0;9.0a
+CUDA_JOBS      ?= 2
+CUDA_VPY       := $(CUDA_VENV)/bin/python
 cuda-build:
-	test -x $(CUDA_VENV)/bin/python || $(PY_SYS) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -c "import torch; assert torch.version.cuda" 2>/dev/null || \
-	  $(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH_PIP) $(CUDA_TORCH) setuptools wheel ninja numpy
-	CUDA_HOME=$(CUDA_HOME) FASTBIND_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0a" \
-	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/tmp
-	$(CUDA_VENV)/bin/python -c "import glob, torch; \
-	  torch.ops.load_library(glob.glob('build/cuda/lib/fastbind/_C*.so')[0]); \
-	  print('fastbind._C:', torch.ops.fastbind.build_info(), '| torch', torch.__version__); \
-	  missing = [op for op in '$(CUDA_OPS)'.split() \
-	             if not torch._C._dispatch_has_kernel_for_dispatch_key('fastbind::' + op, 'CUDA')]; \
-	  assert not missing, f'no CUDA kernel registered for {missing}'; print('CUDA ops registered: $(CUDA_OPS)')"
+	$(CUDA_VPY) -c "import sys; assert '%d.%d' % sys.version_info[:2] == '$(CUDA_PY_VERSION)'" 2>/dev/null || \
+	  { if [ -e $(CUDA_VENV)/pyvenv.cfg ]; then rm -rf $(CUDA_VENV); fi; $(CUDA_PY) -m venv $(CUDA_VENV); }
+	$(CUDA_VPY) -c "import torch; assert torch.__version__ == '$(CUDA_TORCH)+cu' + '$(CUDA_VERSION)'.replace('.', '')" \
+	  2>/dev/null || $(CUDA_VPY) -m pip install -q $(CUDA_TORCH_PIP) torch==$(CUDA_TORCH) numpy tqdm setuptools wheel ninja
+	$(CUDA_VPY) -c "import sys, torch; v = torch.version.cuda; print('python', sys.version.split()[0], '| torch', \
+	  torch.__version__, '| CUDA', v); assert v == '$(CUDA_VERSION)', f'torch built for CUDA {v}: set CUDA_TORCH_PIP'"
+	CUDA_HOME=$(CUDA_HOME) FASTBIND_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(CUDA_JOBS) \
+	  nice -n 10 $(CUDA_VPY) setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/tmp
+	$(CUDA_VPY) -m benchmarks.cuda_link_check
 cuda-ext: cuda-build
 
 lint: venv

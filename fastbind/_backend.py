@@ -42,14 +42,28 @@ def _has_rows(name: str) -> bool:
 
 
 @functools.cache
-def _extension_status() -> tuple[bool, bool, str]:
-    """(cpu ops built, cuda ops built, reason if not)."""
+def _extension_status() -> tuple[bool, str]:
+    """(fastbind._C imported, reason if not)."""
     try:
         from fastbind import _C  # noqa: F401
     except ImportError as exc:  # not built, or built against another torch
-        return False, False, f"C++ extension fastbind._C not importable ({exc}); run `make build`"
-    info = torch.ops.fastbind.build_info()
-    return True, "cuda" in info.split(), "" if "cuda" in info.split() else "fastbind._C built without CUDA"
+        return False, f"C++ extension fastbind._C not importable ({exc}); run `make build`"
+    return True, ""
+
+
+def _cuda_build_status() -> tuple[bool, str]:
+    """(every cuda row has its CUDA kernels, reason if not). Read from the op tables, not from the
+    build flags: a cuda row is built only where its ops have kernels for the CUDA dispatch key."""
+    ok, reason = _extension_status()
+    if not ok:
+        return False, reason
+    missing = [table.name for table in TABLES.values() if "cuda" in table.rows and not table.built("cuda")]
+    if missing:
+        return False, (
+            f"fastbind._C built without CUDA kernels (no CUDA kernel for {', '.join(missing)}; "
+            "build with FASTBIND_BUILD_CUDA=1, e.g. `make cuda-build`)"
+        )
+    return True, ""
 
 
 @functools.cache
@@ -67,13 +81,13 @@ def triton_installed() -> bool:
 
 def availability() -> dict[str, tuple[bool, str]]:
     """Map each backend name to (available on this machine, reason when not)."""
-    cpu_ok, cuda_built, ext_reason = _extension_status()
+    cuda_built, cuda_reason = _cuda_build_status()
     triton_ok, triton_reason = _triton_status()
     gpu = torch.cuda.is_available()
     status = {"torch": (True, "")}
-    status["cpu"] = (cpu_ok, ext_reason)
+    status["cpu"] = _extension_status()
     if not cuda_built:
-        status["cuda"] = (False, ext_reason or "fastbind._C built without CUDA")
+        status["cuda"] = (False, cuda_reason)
     elif not gpu:
         status["cuda"] = (False, "no CUDA GPU visible to torch")
     else:

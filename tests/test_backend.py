@@ -6,6 +6,8 @@ import torch
 import fastbind
 from fastbind import _backend
 from fastbind.cli import main as cli_main
+from fastbind.ops import gram as gram_ops
+from fastbind.ops._registry import TABLES
 
 
 def test_torch_always_available_and_listed_last():
@@ -31,6 +33,48 @@ def test_no_gpu_reasons():
     status = _backend.availability()
     assert not status["cuda"][0]
     assert "cuda" not in fastbind.backends()
+
+
+def _cuda_rows_built(monkeypatch, built: bool) -> None:
+    """Set every cuda row's state as a CUDA build (built=True) or a CPU-only build would have it."""
+    for table in TABLES.values():
+        if built:
+            monkeypatch.setitem(table._forward_ops, "cuda", table.forward_op("cpu"))
+        else:
+            monkeypatch.delitem(table._forward_ops, "cuda", raising=False)
+
+
+def test_without_cuda_kernels_cuda_is_unavailable_even_with_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _cuda_rows_built(monkeypatch, False)
+    ok, reason = _backend.availability()["cuda"]
+    assert not ok and "built without CUDA kernels" in reason and "FASTBIND_BUILD_CUDA=1" in reason
+    after_cuda = "triton" if _backend.triton_installed() else "torch"
+    for table in TABLES.values():
+        got = _backend.resolve("op", None, torch.device("cuda"), torch.float32, supported=table.supported)
+        assert got == after_cuda, table.name
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this call: fastbind._C built without CUDA"):
+        _backend.resolve("op", "cuda", torch.device("cuda"), torch.float32, supported=gram_ops.LOSS.supported)
+
+
+def test_auto_selection_picks_cuda_first_for_cuda_tensors_when_built(monkeypatch):
+    """backend=None: cuda -> triton -> torch for CUDA tensors once the cuda rows are built and a GPU
+    is visible (both simulated: the row state as a CUDA build of fastbind._C registers it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _cuda_rows_built(monkeypatch, True)
+    assert _backend.availability()["cuda"] == (True, "")
+    assert fastbind.backends()[0] == "cuda"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for table in TABLES.values():
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert _backend.resolve("op", None, cuda, dtype, supported=table.supported) == "cuda", (table.name, dtype)
+        assert _backend.resolve("op", None, cuda, torch.float64, supported=table.supported) == "torch"
+        assert _backend.resolve("op", None, cpu, torch.float32, supported=table.supported) == "cpu"
+    with pytest.raises(RuntimeError, match="tensors are on cpu, the cuda backend takes CUDA tensors"):
+        _backend.resolve("op", "cuda", cpu, torch.float32, supported=gram_ops.LOSS.supported)
+    # a GPU-less machine never picks it, built or not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _backend.availability()["cuda"] == (False, "no CUDA GPU visible to torch")
 
 
 def test_auto_selection_cpu_tensors():

@@ -42,6 +42,8 @@ def test_one_table_per_op_with_the_naming_scheme():
             suffix = "_triton" if backend == "triton" else ""
             assert row.forward == f"fastbind::{name}_fwd{suffix}"
             assert row.backward == (None if name == "codebook_lookup" else f"fastbind::{name}_bwd{suffix}")
+        # the C++ kernels of both devices: one schema, two dispatch keys
+        assert table.op_names("cuda") == table.op_names("cpu")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -52,17 +54,60 @@ def test_every_built_row_is_registered(backend):
 
 
 def test_a_backend_without_a_row_raises_instead_of_running_another_row():
-    for table in TABLES.values():
-        with pytest.raises(RuntimeError, match=rf"{table.name}: no 'cuda' kernel"):
-            table.forward_op("cuda")
+    src = infonce_ops.INFONCE
+    table = _registry.OpTable("cpu_only", src.fake_forward, src.fake_backward, src.setup_context, src.make_backward)
+    table.add("cpu", src.rows["cpu"])
+    with pytest.raises(RuntimeError, match=r"cpu_only: no 'cuda' kernel \(rows: cpu\)"):
+        table.forward_op("cuda")
     with pytest.raises(ValueError, match="not a fused backend"):
         gram_ops.VOLUME.add("torch", gram_ops.VOLUME.rows["cpu"])
 
 
+def _has_cuda_kernels(table) -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA") for n in table.op_names("cuda"))
+
+
+def test_a_cuda_row_is_built_exactly_when_its_ops_have_cuda_kernels():
+    """The cuda rows name the cpu rows' ops, which exist in every build of fastbind._C: without CUDA
+    kernels (a CPU-only build, as in `make test`) the row must raise, not run the CPU kernel."""
+    for table in TABLES.values():
+        assert table.built("cuda") == _has_cuda_kernels(table), table.name
+        if table.built("cuda"):
+            assert table.forward_op("cuda").name() == table.rows["cuda"].forward
+        else:
+            with pytest.raises(RuntimeError, match=rf"{table.name}: the 'cuda' ops \(.*\) are not built here"):
+                table.forward_op("cuda")
+
+
+def test_registering_a_cuda_kernel_makes_the_shared_row_dispatchable():
+    """One schema with a CPU kernel: the cpu row is built, the cuda row naming the same op is not
+    until the op gets a CUDA kernel; then both rows dispatch to the one op, registered once."""
+    lib = torch.library.Library("fastbind_test_registry", "DEF")
+    try:
+        lib.define("twice(Tensor x) -> Tensor")
+        lib.impl("twice", lambda x: 2 * x, "CPU")
+        table = _registry.OpTable("twice", lambda x: torch.empty_like(x))
+        row = _registry.Kernels("fastbind_test_registry::twice", None)
+        table.add("cuda", row)
+        table.add("cpu", row)
+        _registry.register_built(table)
+        assert table.built("cpu") and not table.built("cuda")
+        with pytest.raises(RuntimeError, match="not built here"):
+            table.forward_op("cuda")
+        lib.impl("twice", lambda x: 3 * x, "CUDA")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a second register_fake of the op would warn
+            _registry.register_built(table)
+        assert table.forward_op("cuda") is table.forward_op("cpu")
+        assert table.forward_op("cpu")(torch.ones(2)).tolist() == [2.0, 2.0]  # CPU tensors: the CPU kernel
+    finally:
+        lib._destroy()
+
+
 @pytest.mark.skipif("cpu" not in FUSED, reason="C++ extension not built")
 def test_rows_of_two_backends_may_share_ops():
-    """The future cuda row names the cpu row's ops (one schema, two dispatch keys): registering the
-    table registers each op once and makes both rows dispatchable."""
+    """The cuda row names the cpu row's ops (one schema, two dispatch keys): registering the table
+    registers each op once; the cpu row is dispatchable, the cuda row where the build has CUDA kernels."""
     src = infonce_ops.INFONCE
     table = _registry.OpTable("shared", src.fake_forward, src.fake_backward, src.setup_context, src.make_backward)
     table.add("cpu", src.rows["cpu"])
@@ -70,7 +115,8 @@ def test_rows_of_two_backends_may_share_ops():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second register_fake / register_autograd of an op warns
         _registry.register_built(table)
-    assert table.forward_op("cuda") is table.forward_op("cpu") is src.forward_op("cpu")
+    assert table.forward_op("cpu") is src.forward_op("cpu")
+    assert table.built("cuda") == src.built("cuda") == _has_cuda_kernels(src)
     assert "shared" not in _registry.TABLES  # not declared: backends() does not see it
 
 
@@ -89,6 +135,31 @@ def test_operand_dtypes_come_from_the_row():
     assert cpu.lhs_dtype(torch.float16) == torch.float32
     triton = gram_ops.LOSS.rows["triton"].operands
     assert triton.lhs_dtype(torch.float16) == torch.float16 and triton.rhs_dtype(torch.bfloat16) == torch.bfloat16
+    # the CUDA launchers take every fused dtype as given (GRAM: anchor and basis in the anchor's)
+    for table in TABLES.values():
+        cuda = table.rows["cuda"].operands
+        for dtype in _registry.FUSED_DTYPES:
+            assert cuda.lhs_dtype(dtype) == cuda.rhs_dtype(dtype) == dtype, (table.name, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gram_cuda_operands_share_the_anchor_dtype_and_use_the_torch_basis(monkeypatch, dtype):
+    """csrc/cuda/gram.cu takes anchor and basis in one dtype; the per-sample basis of the cuda row is
+    span_basis (differentiable torch code): the C++ gram_basis op has CPU kernels only."""
+    assert "cuda" not in gram_ops._BASIS_OPS
+    calls, span_basis = [], gram_ops.span_basis
+
+    def spy(modalities):
+        calls.append(len(modalities))
+        return span_basis(modalities)
+
+    monkeypatch.setattr(gram_ops, "span_basis", spy)
+    anchor, m1, m2 = (torch.randn(5, 7).to(dtype) for _ in range(3))
+    a_op, q_op, span_vol, anchor_sq = gram_ops._prepare(anchor, [m1, m2], gram_ops.LOSS.rows["cuda"], "cuda")
+    assert calls == [2]
+    assert a_op.dtype == q_op.dtype == dtype and q_op.shape == (2, 5, 7)
+    assert span_vol.dtype == anchor_sq.dtype == torch.float32
+    assert a_op.is_contiguous() and q_op.is_contiguous()
 
 
 # ---------------------------------------------------------------------------- fake kernels validate

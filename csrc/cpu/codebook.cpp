@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "fastbind/codebook_operands.h"
 #include "fastbind/simd.h"
 #include "fastbind/tiled.h"
 #include "fastbind/topk.h"
@@ -173,25 +174,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_cpu(const at::Tensor& x, cons
   const Metric metric = parse_metric(metric_name);
 
   // Codebook side, O(K·D): fp32 codes, weighted and scaled GEMM operand, bias.
-  const at::Tensor E = codebook.to(at::kFloat).contiguous();
-  at::Tensor w;
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == D, "codebook_lookup: weight must be [", D, "]");
-    w = weight->to(at::kFloat).contiguous();
-  }
-  const at::Tensor Ew = w.defined() ? E * w : E;
-  at::Tensor B, bias;
-  if (metric == Metric::kL2) {
-    B = (Ew * -2.0).contiguous();
-    bias = (Ew * E).sum(1).contiguous();
-  } else if (metric == Metric::kDot) {
-    B = (-Ew).contiguous();
-    bias = at::zeros({K}, E.options());
-  } else {
-    const at::Tensor norm = (Ew * E).sum(1).sqrt().clamp_min(kNormEps);
-    B = (-Ew / norm.unsqueeze(1)).contiguous();
-    bias = at::zeros({K}, E.options());
-  }
+  const CodebookOperands ops = codebook_operands("codebook_lookup", codebook, weight, metric_name, kNormEps);
+  const at::Tensor &E = ops.codes, &w = ops.weight, &B = ops.b, &bias = ops.bias;
 
   at::Tensor dist = at::empty({N, k}, x.options().dtype(at::kFloat));
   at::Tensor index = at::empty({N, k}, x.options().dtype(at::kLong));

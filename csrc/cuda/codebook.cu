@@ -1,8 +1,5 @@
 // fastbind::codebook_lookup_fwd for CUDA tensors (the kernel: codebook.cuh). The operand
-// preparation is the CPU kernel's (csrc/cpu/codebook.cpp), O(K·D) ATen ops on the device:
-//   l2:     b_j = −2·w⊙e_j,          bias_j = ‖e_j‖²_w
-//   dot:    b_j = −w⊙e_j,            bias_j = 0
-//   cosine: b_j = −w⊙e_j / ‖e_j‖_w,  bias_j = 0
+// preparation is the CPU kernel's (fastbind/codebook_operands.h), O(K·D) ATen ops on the device.
 // The product runs on the tensor cores when x is 16-bit, the codebook has x's dtype and b is exact
 // in it (−2·e and −e are, unless −2·e overflows float16; w⊙e and e/‖e‖ are not): the scores then
 // differ from the fp32 product only in the order of the fp32 accumulation. Otherwise the fp32
@@ -12,6 +9,7 @@
 #include <tuple>
 
 #include "aten_glue.h"
+#include "fastbind/codebook_operands.h"
 #include "codebook.cuh"
 
 namespace fastbind {
@@ -40,26 +38,8 @@ std::tuple<at::Tensor, at::Tensor> codebook_lookup_fwd(const at::Tensor& x_in, c
   }
   DeviceGuard guard(x_in.device());
 
-  const at::Tensor E = codebook.to(at::kFloat).contiguous();
-  at::Tensor w;
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == D, op, ": weight must be [", D, "]");
-    TORCH_CHECK(weight->device() == x_in.device(), op, ": weight on another device than x");
-    w = weight->to(at::kFloat).contiguous();
-  }
-  const at::Tensor Ew = w.defined() ? E * w : E;
-  at::Tensor B, bias;
-  if (metric == cuda_codebook::kL2) {
-    B = (Ew * -2.0).contiguous();
-    bias = (Ew * E).sum(1).contiguous();
-  } else if (metric == cuda_codebook::kDot) {
-    B = (-Ew).contiguous();
-    bias = at::zeros({K}, E.options());
-  } else {
-    const at::Tensor norm = (Ew * E).sum(1).sqrt().clamp_min(cuda_codebook::kNormEps);
-    B = (-Ew / norm.unsqueeze(1)).contiguous();
-    bias = at::zeros({K}, E.options());
-  }
+  const CodebookOperands ops = codebook_operands(op, codebook, weight, metric_name, cuda_codebook::kNormEps);
+  const at::Tensor &E = ops.codes, &w = ops.weight, &B = ops.b, &bias = ops.bias;
 
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   at::Tensor dist = at::empty({N, k}, x.options().dtype(at::kFloat));

@@ -10,8 +10,9 @@ Adding a backend to an op is one ``table.add(...)`` per table (docs/adding-an-op
 whose ops exist in this process (the C++ ops once ``fastbind._C`` is loaded, the Triton ops once
 their ``fastbind.triton.<family>`` module is imported). Rows of different backends may share ops
 (the C++ ``cpu`` and ``cuda`` kernels are two dispatch keys of one schema): each op is registered
-once. Dispatch reads the table (:meth:`OpTable.forward_op`), so a backend without a row, or with a
-row whose ops do not exist here, raises instead of running some other backend's ops.
+once, and a ``cuda`` row counts as built only where its ops have CUDA kernels (:data:`DISPATCH_KEYS`).
+Dispatch reads the table (:meth:`OpTable.forward_op`), so a backend without a row, or with a row
+whose ops or kernels do not exist here, raises instead of running some other backend's ops.
 
 The ``torch`` backend has no row: it is the plain-PyTorch reference (:mod:`fastbind.reference`),
 which every table supports.
@@ -71,6 +72,18 @@ def _exists(name: str) -> bool:
     return hasattr(getattr(torch.ops, namespace), op)
 
 
+# Backends whose rows name ops of another backend (one schema, several dispatch keys): such a row is
+# built only where every op has a kernel for its key. The cuda row names the cpu row's C++ ops, which
+# exist in every build of fastbind._C but have CUDA kernels only in a FASTBIND_BUILD_CUDA=1 build;
+# without this check a CPU-only build would "run" cuda by dispatching CPU tensors to the CPU kernels.
+DISPATCH_KEYS = {"cuda": "CUDA"}
+
+
+def _has_kernels(backend: str, names: list[str]) -> bool:
+    key = DISPATCH_KEYS.get(backend)
+    return all(_exists(n) and (key is None or torch._C._dispatch_has_kernel_for_dispatch_key(n, key)) for n in names)
+
+
 @dataclass
 class OpTable:
     """The registry of one fused op: its rows, fake kernels and autograd formula.
@@ -102,6 +115,15 @@ class OpTable:
     def supported(self) -> tuple[str, ...]:
         """Backends that can run this op where built: its rows and the reference."""
         return (*self.rows, "torch")
+
+    def op_names(self, backend: str) -> list[str]:
+        """The qualified names of `backend`'s row: the forward op, then the backward op if any."""
+        row = self.rows[backend]
+        return [row.forward] + ([row.backward] if row.backward else [])
+
+    def built(self, backend: str) -> bool:
+        """Whether `backend`'s row is dispatchable here (see :func:`register_built`)."""
+        return backend in self._forward_ops
 
     def forward_op(self, backend: str) -> torch._ops.OpOverload:
         """The forward custom op of `backend`'s row (a plain dict lookup: traceable by dynamo)."""
@@ -137,12 +159,12 @@ def _register_ops(table: OpTable, kernels: Kernels) -> None:
 
 
 def register_built(*tables: OpTable) -> None:
-    """Register fake kernels and autograd for every row whose ops exist in this process, and make
-    those rows dispatchable. Idempotent: call it again after more ops were loaded."""
+    """Register fake kernels and autograd for every row whose ops exist in this process (with a
+    kernel for the backend's dispatch key, :data:`DISPATCH_KEYS`), and make those rows dispatchable.
+    Idempotent: call it again after more ops or kernels were loaded."""
     for table in tables:
         for backend, kernels in table.rows.items():
-            names = [kernels.forward] + ([kernels.backward] if kernels.backward else [])
-            if backend in table._forward_ops or not all(_exists(n) for n in names):
+            if table.built(backend) or not _has_kernels(backend, table.op_names(backend)):
                 continue
             _register_ops(table, kernels)
             table._forward_ops[backend] = _op(kernels.forward)

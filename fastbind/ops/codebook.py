@@ -56,7 +56,8 @@ def _lookup_fake(x, codebook, k, metric, weight):
 
 
 LOOKUP = declare(OpTable("codebook_lookup", _lookup_fake))
-# Both backends take float32, float16 and bfloat16 rows and codebooks as they are.
+# Every backend takes float32, float16 and bfloat16 rows and codebooks as they are.
+LOOKUP.add("cuda", Kernels("fastbind::codebook_lookup_fwd", None, AS_GIVEN))
 LOOKUP.add("cpu", Kernels("fastbind::codebook_lookup_fwd", None, AS_GIVEN))
 LOOKUP.add("triton", Kernels("fastbind::codebook_lookup_fwd_triton", None, AS_GIVEN))
 

@@ -36,6 +36,7 @@ from fastbind.ops._checks import (
 )
 from fastbind.ops._loss import directions, per_row, reduce
 from fastbind.ops._registry import (
+    AS_GIVEN,
     FUSED_DTYPES,
     Kernels,
     OperandDtypes,
@@ -227,9 +228,12 @@ LOSS = declare(
 )
 # The C++ kernels take a float32 or bfloat16 anchor and a float32 basis (a bfloat16 anchor runs
 # bf16 GEMMs against hi + lo bf16 parts of the basis, csrc/cpu/gram.cpp); Triton takes both as given
-# (16-bit operands feed tensor cores, accumulation in float32).
+# (16-bit operands feed tensor cores, accumulation in float32). The CUDA kernels (csrc/cuda/gram.cu)
+# take anchor and basis in one dtype, the anchor's (AS_GIVEN: both in the input dtype); their basis
+# comes from span_basis (the C++ per-sample op of _BASIS_OPS has CPU kernels only).
 _CPU_OPERANDS = OperandDtypes(lhs=frozenset({torch.float32, torch.bfloat16}), rhs=frozenset({torch.float32}))
 for _table in (VOLUME, LOSS):
+    _table.add("cuda", Kernels(f"fastbind::{_table.name}_fwd", f"fastbind::{_table.name}_bwd", AS_GIVEN))
     _table.add("cpu", Kernels(f"fastbind::{_table.name}_fwd", f"fastbind::{_table.name}_bwd", _CPU_OPERANDS))
     _table.add("triton", Kernels(f"fastbind::{_table.name}_fwd_triton", f"fastbind::{_table.name}_bwd_triton"))
 

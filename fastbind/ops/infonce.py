@@ -119,7 +119,9 @@ def _backward(ctx, bwd_op, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_co
 
 
 INFONCE = declare(OpTable("infonce", _fwd_fake, _bwd_fake, _setup_context, make_first_order_backward(_backward)))
-# Both backends take float32, float16 and bfloat16 queries and keys as they are (16-bit GEMM operands).
+# Every backend takes float32, float16 and bfloat16 queries and keys as they are (16-bit GEMM
+# operands; the CUDA launcher converts k to q's dtype, which the public losses give both).
+INFONCE.add("cuda", Kernels("fastbind::infonce_fwd", "fastbind::infonce_bwd", AS_GIVEN))
 INFONCE.add("cpu", Kernels("fastbind::infonce_fwd", "fastbind::infonce_bwd", AS_GIVEN))
 INFONCE.add("triton", Kernels("fastbind::infonce_fwd_triton", "fastbind::infonce_bwd_triton", AS_GIVEN))
 
