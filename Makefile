@@ -44,14 +44,16 @@ bench: build bench-deps
 
 # `make gpu-check` on a machine with a CUDA GPU and no network (benchmarks/README.md, "GPU check"):
 # the system python with its CUDA torch and triton; pytest & co. come from gpu-wheels/, which
-# `make gpu-wheels` fills here beforehand (python 3.12 wheels, ~19 MB; carry the folder along).
+# `make gpu-wheels` fills here beforehand (python 3.12 wheels, ~19 MB; carry the folder along), and
+# fastbind._C with the CUDA kernels from build/cuda/lib (`make cuda-build`; carried along too, else
+# the check builds it there). The device tool carries at most 64 MiB: gpu-wheels prints the total.
 GPU_WHEELS ?= gpu-wheels
 GPU_OUT    ?= $(if $(OUT),$(OUT),gpu-check-out)
 gpu-wheels: venv
 	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d $(GPU_WHEELS) pytest==9.2.0 pytest-xdist==3.8.0 setuptools ninja==1.13.2 numpy==2.4.6
-	du -sh $(GPU_WHEELS)
+	du -shc $(GPU_WHEELS) $(wildcard build/cuda/lib)
 
 gpu-check:
 	$(PY_SYS) -m benchmarks.gpu_check --out $(GPU_OUT) --wheels $(GPU_WHEELS)
