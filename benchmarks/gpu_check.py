@@ -433,7 +433,7 @@ def start_build(check: Check):
     for path in carried + in_place:
         found = probe_extension(check, path)
         probes.append(found)
-        if found["cuda"]:
+        if found["cuda"] and not check.dry_run:  # the dry run's CPU tensors have no use for it
             dest = path if path in in_place else install_extension(check, path)
             source = "in place" if path in in_place else "carried (make cuda-build)"
             _installed(check, t0, "cuda", source, dest, build_info=found["build_info"])
