@@ -48,7 +48,7 @@ def test_dry_run_every_step_runs_or_says_why(dry_run):
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
     assert summary["mode"] == "dry-run"
-    for step in ("environment", "benchmarks", "benchmarks_cpu", "tests", "kernels_without_sanitizer"):
+    for step in ("environment", "benchmarks", "benchmarks_cpu", "tests", "tests_cpu_only", "kernels_without_sanitizer"):
         assert steps[step]["status"] == "ok", (step, steps[step])
     # the GPU-only steps are skipped, each with its reason, never silently
     for step in ("sanitizer_memcheck", "sanitizer_racecheck", "sass_benchmarks", "build_ext", "sass_cuda_ext"):
@@ -64,6 +64,7 @@ def test_dry_run_every_step_runs_or_says_why(dry_run):
     assert env["torch"] == torch.__version__ and set(env["tools"]) == set(gpu_check.TOOLS)
     assert any(line.startswith("backends") for line in env["fastbind_info"])
     assert "passed" in (out / "tests.log").read_text() and (out / "tests.xml").exists()
+    assert (out / "tests-cpu-only.xml").exists() and steps["tests_cpu_only"]["passed"] > 0
 
 
 def test_dry_run_benchmarks_every_provider_with_ratios(dry_run):
@@ -550,3 +551,9 @@ def test_op_tests_take_the_cuda_backend(tmp_path):
     for name in files:
         ids = [line for line in proc.stdout.splitlines() if line.startswith(name)]
         assert any("[cuda" in i or "-cuda" in i for i in ids), (name, ids[:5])
+
+
+def test_cpu_only_test_files_exist():
+    """The files the GPU run puts last are this suite's (a renamed file would silently move up)."""
+    for name in gpu_check.CPU_ONLY_TESTS:
+        assert os.path.exists(os.path.join(ROOT, "tests", name)), name
