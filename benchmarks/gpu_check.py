@@ -23,7 +23,7 @@ as it finishes, and a step that fails or runs out of time never stops the next o
    own pass, ``benchmarks_cuda``);
 5. ``kernels`` under ``compute-sanitizer`` memcheck and racecheck: every Triton and CUDA kernel once,
    forward and backward, on small awkward shapes, fp32/bf16 (and fp16 on cuda) -> ``sanitizer-*.log``,
-   ``kernels.json``;
+   ``kernels-*.json``;
 6. ``tests``: the whole test suite on CUDA (tests/conftest.py picks the device; its fused backends
    include cuda once the CUDA build is in place), under a time cap -> ``tests.log``, ``tests.xml``;
 7. ``sass``: ``cuobjdump -sass`` of every cubin this run compiled (Triton's cache, a fresh folder)
@@ -845,32 +845,39 @@ def benchmarks(check: Check, cap: float, fused: list[str], baselines: bool = Tru
 # --------------------------------------------------------------------------------------------
 # 5. kernels under compute-sanitizer (child process: --step kernels)
 # --------------------------------------------------------------------------------------------
-def payload_backends(dry_run: bool) -> tuple[list[str], dict[str, str]]:
-    """The fused backends the sanitizer payload drives, and why any of triton / cuda is left out.
-    The dry run has no cuda: the cpu backend stands in for it (the same C++ op schemas under another
-    dispatch key), so the second backend's pass through the payload runs on the CPU too."""
+def payload_backends(dry_run: bool, cuda_first: bool = False) -> tuple[list[str], dict[str, str]]:
+    """The fused backends the sanitizer payload drives, in order, and why any of triton / cuda is
+    left out. The dry run has no cuda: the cpu backend stands in for it (the same C++ op schemas
+    under another dispatch key), so the second backend's pass through the payload runs on the CPU
+    too."""
     from fastbind._backend import availability
 
     status = availability()
     wanted = ("triton", "cpu") if dry_run else ("triton", "cuda")
+    wanted = wanted[::-1] if cuda_first else wanted
     skipped = {b: status[b][1] for b in wanted if not status[b][0]}
     if dry_run:
         skipped["cuda"] = "dry run: no CUDA GPU (the cpu backend stands in for it)"
     return [b for b in wanted if b not in skipped], skipped
 
 
-def kernels_step(out: str, dry_run: bool) -> int:
+def kernels_step(out: str, dry_run: bool, cuda_first: bool = False, name: str = "kernels.json") -> int:
     """Every Triton and CUDA kernel once, forward and backward, on small awkward shapes (no dimension
     a multiple of a tile; fewer rows than one tile), against the torch backend in float64. Writes
-    kernels.json: the backends, why any was left out, and the largest relative error of each call."""
+    `name` (kernels.json): the backends, why any was left out, and the largest relative error of
+    each call."""
     import torch
     import torch.nn.functional as F
 
     import fastbind as fb
 
     device = torch.device("cpu" if dry_run else "cuda")
-    backends, skipped = payload_backends(dry_run)
+    backends, skipped = payload_backends(dry_run, cuda_first)
     results = []
+
+    def save():  # after every call: a run cut by its time cap keeps what it checked
+        with open(os.path.join(out, name), "w") as f:
+            json.dump({"backends": backends, "skipped": skipped, "calls": results}, f, indent=1)
 
     def compare(backend, name, dtype_name, fn, inputs):
         try:
@@ -879,6 +886,7 @@ def kernels_step(out: str, dry_run: bool) -> int:
             error = f"{type(exc).__name__}: {exc}"[:300]
             results.append({"backend": backend, "call": name, "dtype": dtype_name, "error": error})
             traceback.print_exc()
+        save()
 
     def _compare(backend, name, dtype_name, fn, inputs):
         leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
@@ -946,14 +954,13 @@ def kernels_step(out: str, dry_run: bool) -> int:
                     lambda ts, be, k=k, m=metric: fb.codebook_lookup(*ts, k, m, backend=be)[0],
                     [xq, codes],
                 )
-    with open(os.path.join(out, "kernels.json"), "w") as f:
-        json.dump({"backends": backends, "skipped": skipped, "calls": results}, f, indent=1)
+    save()
     return sum("error" in r for r in results)
 
 
-def payload_summary(out: str) -> dict:
-    """Per backend: calls, failed calls, the largest error (kernels.json of the last payload run)."""
-    path = os.path.join(out, "kernels.json")
+def payload_summary(out: str, name: str = "kernels.json") -> dict:
+    """Per backend: calls, failed calls, the largest error (from the payload run's `name`)."""
+    path = os.path.join(out, name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
@@ -987,6 +994,10 @@ def sanitizer(check: Check, tool: str, cap: float) -> None:
     step = f"sanitizer_{tool}"
     sanitizer_bin = _which("compute-sanitizer")
     args = ["--step", "kernels"] + (["--dry-run"] if check.dry_run else [])
+    # Each tool runs both backends, under its own time cap: racecheck starts with cuda, whose kernels
+    # manage shared memory themselves (Triton's compiler places its barriers), memcheck with triton,
+    # so a cut run still leaves each backend a full pass under one of the tools.
+    args += ["--cuda-first"] if tool == "racecheck" else []
     if check.dry_run or sanitizer_bin is None:
         reason = "dry run (no CUDA GPU)" if check.dry_run else "compute-sanitizer not found"
         if tool == "memcheck":  # still run the payload, so the kernel-driving code is exercised
@@ -1003,13 +1014,14 @@ def sanitizer(check: Check, tool: str, cap: float) -> None:
     # past a tensor's end (inside torch's pool it would land in valid memory and go unnoticed).
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
     cmd = [sanitizer_bin, "--tool", tool, "--print-limit", "50", "--log-file", log]
-    cmd += [sys.executable, "-m", "benchmarks.gpu_check", "--out", check.out, *args]
+    payload = f"kernels-{tool}.json"
+    cmd += [sys.executable, "-m", "benchmarks.gpu_check", "--out", check.out, *args, "--payload", payload]
     res = _run(cmd, cap, env=env, log_path=check.path(f"sanitizer-{tool}.stdout"))
     text = open(log, errors="replace").read() if os.path.exists(log) else ""
     found = parse_sanitizer(text)
     clean = found["errors"] == 0 and found["hazards"] == 0 and res["rc"] == 0
     status = "timeout" if res["timed_out"] else ("ok" if clean else "failed")
-    check.record(step, status, res["seconds"], rc=res["rc"], **found, **payload_summary(check.out))
+    check.record(step, status, res["seconds"], rc=res["rc"], **found, **payload_summary(check.out, payload))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1274,13 +1286,15 @@ def main(argv=None) -> int:
     parser.add_argument("--step", choices=("bench", "kernels"), help=argparse.SUPPRESS)
     parser.add_argument("--fused", default="triton", help=argparse.SUPPRESS)
     parser.add_argument("--no-baselines", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cuda-first", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--payload", default="kernels.json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
         if args.dry_run:
             os.environ["TRITON_INTERPRET"] = "1"
         if args.step == "bench":
             return 1 if bench_step(args.out, args.dry_run, args.fused.split(","), not args.no_baselines) else 0
-        return 1 if kernels_step(args.out, args.dry_run) else 0
+        return 1 if kernels_step(args.out, args.dry_run, args.cuda_first, args.payload) else 0
 
     import torch
 

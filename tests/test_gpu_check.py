@@ -305,7 +305,10 @@ def test_gpu_only_steps_with_stand_in_tools(tmp_path, monkeypatch):
     gpu_check.sanitizer(check, "memcheck", cap=60)
     log = (tmp_path / "out" / "sanitizer-memcheck.log").read_text()
     assert "--tool memcheck" in log and "-m benchmarks.gpu_check" in log and "--step kernels" in log
-    assert "--dry-run" not in log and "caching off: 1" in log
+    assert "--dry-run" not in log and "caching off: 1" in log and "--payload kernels-memcheck.json" in log
+    assert "--cuda-first" not in log  # memcheck starts with triton, racecheck with cuda
+    gpu_check.sanitizer(check, "racecheck", cap=60)
+    assert "--cuda-first --payload kernels-racecheck.json" in (tmp_path / "out" / "sanitizer-racecheck.log").read_text()
     step = steps["sanitizer_memcheck"]
     assert step["status"] == "failed" and step["errors"] == 1
     assert step["kernels_reported"] == ["_gram_loss_bwd_kernel"]
@@ -557,3 +560,10 @@ def test_cpu_only_test_files_exist():
     """The files the GPU run puts last are this suite's (a renamed file would silently move up)."""
     for name in gpu_check.CPU_ONLY_TESTS:
         assert os.path.exists(os.path.join(ROOT, "tests", name)), name
+
+
+def test_payload_order():
+    """The payload's backends in order (the dry run: cpu standing in for cuda, cuda's reason kept)."""
+    assert gpu_check.payload_backends(True)[0] == ["triton", "cpu"]
+    backends, skipped = gpu_check.payload_backends(True, cuda_first=True)
+    assert backends == ["cpu", "triton"] and "dry run" in skipped["cuda"]
