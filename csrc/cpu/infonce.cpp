@@ -40,6 +40,9 @@ using cpu::split_rows;
 // region are idle (more threads than slabs); ~3e-9 on the gradients then. tests/test_cpu_gemm.py.
 constexpr int64_t kRowBlock = 256;
 constexpr int64_t kColBlock = 1024;
+// The backward's column blocks are narrower: each slab keeps a key-gradient part of D × block floats
+// per key matrix (8 MB over the 8 slabs of B = 4096 at D = 512 and 1024 columns; peak memory, issue 14).
+constexpr int64_t kBwdColBlock = 512;
 constexpr int64_t kChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -329,23 +332,21 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   const std::vector<int64_t> bounds = row_slabs(B1);
   const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
   // dKᵀ of one column block, per slab (rows of different slabs meet in the same key rows), summed
-  // into dKᵀ [PK, D, B2] (transposed once at the end), and the queries transposed once (the A
-  // operand of the dKᵀ product)
-  const int64_t ncb = std::min(kColBlock, B2);
+  // in slab order and written into dK [PK, B2, D]. Peak memory (issue 14): no transposed copy of the
+  // queries (gemm_f32_tn reads them as they are) and no dKᵀ of the whole batch transposed at the end.
+  const int64_t ncb = std::min(kBwdColBlock, B2);
   at::Tensor grad_k_part = at::empty({slabs, PK, D, ncb}, f32);
-  at::Tensor grad_kt = at::empty({PK, D, B2}, f32);
-  float* gk_t = grad_kt.data_ptr<float>();
-  std::vector<at::Tensor> queries_t;
-  std::vector<const float*> qt_p, key_p;
+  at::Tensor grad_k = at::empty({PK, B2, D}, f32);
+  float* gk = grad_k.data_ptr<float>();
+  std::vector<const float*> query_p, key_p;
   for (int64_t p = 0; p < P; ++p) {
-    queries_t.push_back(pr.queries[p].t().contiguous());
-    qt_p.push_back(queries_t.back().data_ptr<float>());
+    query_p.push_back(pr.queries[p].data_ptr<float>());
     key_p.push_back(pr.keys[p].data_ptr<float>());
   }
   float* gq = grad_q.data_ptr<float>();
 
-  for (int64_t c0 = 0; c0 < B2; c0 += kColBlock) {
-    const int64_t nc = std::min(kColBlock, B2 - c0);
+  for (int64_t c0 = 0; c0 < B2; c0 += kBwdColBlock) {
+    const int64_t nc = std::min(kBwdColBlock, B2 - c0);
     // [slabs, PK, D, nc] contiguous for this block, each slab's part zeroed by its own thread
     float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
@@ -366,31 +367,36 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
               }
               const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
               // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
-              // form of the brgemm microkernel)
+              // form of the brgemm microkernel; Qᵀ read from Q [rows, D])
               fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
                                       true);
-              fastbind::cpu::gemm_f32(D, nc, tile.nr, qt_p[p] + r0, B1, G, nc,
-                                      gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
+              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc,
+                                         gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
             }
           },
-          kRowBlock, kColBlock);
+          kRowBlock, kBwdColBlock);
     });
-    // dKᵀ[:, :, block] = Σ_t part_t, in slab order, element by element (parallel over the D rows:
-    // contiguous reads, and the same sums for any thread count)
-    at::parallel_for(0, PK * D, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        float* dst = gk_t + r * B2 + c0;
-        const float* src = gkt + r * nc;
-        std::copy(src, src + nc, dst);
+    // dK[:, block] = Σ_t part_tᵀ, in slab order, element by element, into slab 0's part (the same sums
+    // for any thread count), then written transposed kMergeRows D-rows at a time (kMergeRows
+    // contiguous floats per key row). Parallel over the groups of D rows: contiguous reads.
+    constexpr int64_t kMergeRows = 16;
+    const int64_t groups = (D + kMergeRows - 1) / kMergeRows;
+    at::parallel_for(0, PK * groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t p = g / groups, d0 = (g % groups) * kMergeRows, nd = std::min(kMergeRows, D - d0);
+        float* sum = gkt + (p * D + d0) * nc;  // [nd, nc] of slab 0
         for (int64_t t = 1; t < slabs; ++t) {
-          const float* part = gkt + (t * PK * D + r) * nc;
+          const float* part = gkt + (t * PK * D + p * D + d0) * nc;
 #pragma omp simd
-          for (int64_t j = 0; j < nc; ++j) dst[j] += part[j];
+          for (int64_t e = 0; e < nd * nc; ++e) sum[e] += part[e];
+        }
+        for (int64_t j = 0; j < nc; ++j) {
+          float* dst = gk + (p * B2 + c0 + j) * D + d0;
+          for (int64_t d = 0; d < nd; ++d) dst[d] = sum[d * nc + j];
         }
       }
     });
   }
-  const at::Tensor grad_k = grad_kt.transpose(1, 2).contiguous();
   return {grad_q, grad_k};
 }
 

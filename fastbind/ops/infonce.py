@@ -113,8 +113,10 @@ def _backward(ctx, bwd_op, grad_row_loss, grad_col_loss, _grad_row_lse, _grad_co
     grad_t = None
     if ctx.needs_input_grad[2]:
         # logits = S/τ, so dL/dτ = -(1/τ)·Σ_ij dL/dlogit_ij·logit_ij = -(1/τ)·<q, dL/dq>
-        # (summed in float64: the terms cancel, and the sum runs over P·B·D products)
-        grad_t = (-(q.double() * grad_q.double()).sum() / temperature.double()).to(temperature.dtype)
+        # (summed in float64: the terms cancel, and the sum runs over P·B·D products), one pair at a
+        # time: float64 copies of all of q and dL/dq would be 4x the float32 gradient (peak memory)
+        dot = sum(torch.dot(qp.reshape(-1).double(), gp.reshape(-1).double()) for qp, gp in zip(q, grad_q))
+        grad_t = (-dot / temperature.double()).to(temperature.dtype)
     return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_t, None, None
 
 
@@ -156,15 +158,19 @@ def _gather(x: torch.Tensor, group):
     return gather_with_grad(x, group=group)
 
 
-def _directional_losses(backend, queries, keys, temperature, label_smoothing, gather, group):
-    """(row_loss [P, b], col_loss [P, b], global batch size, DDP scale) for the pairs (queries[p], keys[p or 0]).
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[n, B, D] from n tensors [B, D]: a view for n = 1 (a copy would be kept for the backward)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+
+
+def _directional_losses(backend, q, k, temperature, label_smoothing, gather, group):
+    """(row_loss [P, b], col_loss [P, b], global batch size, DDP scale) for the pairs (q[p], k[p or 0]),
+    q [P, b, D] and k [1 or P, b, D].
 
     Without gather b = B and the scale is 1. With gather, rows are this process's queries against all
     processes' keys and columns this process's keys against all processes' queries, and the scale is
     the world size W (the DDP convention: W·sum_local/B averages over ranks to the global mean).
     """
-    q = torch.stack(list(queries))  # [P, b, D]
-    k = torch.stack(list(keys))  # [PK, b, D]
     if not gather:
         row_loss, col_loss = _rows_cols(backend, q, k, temperature, label_smoothing, 0)
         return row_loss, col_loss, q.shape[1], 1
@@ -239,17 +245,18 @@ def centroids(
 ) -> list[torch.Tensor]:
     """The CentroBind anchors (DESIGN §2.3): one [B, D] tensor per modality, the same one M times
     unless ``leave_one_out``. c = Σ_m w_m z^m with w = ``weights`` [M] as given (1/M when None);
-    leave-one-out: c^(m) = Σ_{n≠m} w_n z^n / Σ_{n≠m} w_n. Computed in the modalities' dtype."""
-    z = torch.stack(list(modalities))  # [M, B, D]
+    leave-one-out: c^(m) = Σ_{n≠m} w_n z^n / Σ_{n≠m} w_n. Computed in the modalities' dtype.
+    ``modalities``: M tensors [B, D], or them stacked [M, B, D]."""
+    z = modalities if isinstance(modalities, torch.Tensor) else torch.stack(list(modalities))  # [M, B, D]
     m = z.shape[0]
     if weights is None:
         w = torch.full((m,), 1.0 / m, dtype=z.dtype, device=z.device)
     else:
         w = weights.to(dtype=z.dtype, device=z.device)
-    weighted = z * w[:, None, None]
-    total = weighted.sum(0)
+    # one [M] x [M, B·D] product: no weighted [M, B, D] copy (peak memory)
+    total = torch.tensordot(w, z, dims=1)
     if leave_one_out:
-        anchors = [(total - weighted[i]) / (w.sum() - w[i]) for i in range(m)]
+        anchors = [(total - w[i] * z[i]) / (w.sum() - w[i]) for i in range(m)]
     else:
         anchors = [total] * m
     if normalize_anchor:
@@ -299,7 +306,7 @@ def infonce(
     check_no_functorch(fn, name, [x, y, temperature])
     x, y = _operands([x, y])
     row_loss, col_loss, batch, scale = _directional_losses(
-        name, [x], [y], temperature, label_smoothing, gather, process_group
+        name, _stack([x]), _stack([y]), temperature, label_smoothing, gather, process_group
     )
     return reduce(per_row(row_loss[0], col_loss[0], direction), reduction, batch, scale)
 
@@ -332,7 +339,7 @@ def anchor_loss(
     check_no_functorch(fn, name, [*tensors, temperature])
     anchor, *modalities = _operands(tensors)
     row_loss, col_loss, batch, scale = _directional_losses(
-        name, modalities, [anchor], temperature, label_smoothing, gather, process_group
+        name, _stack(modalities), _stack([anchor]), temperature, label_smoothing, gather, process_group
     )
     return _symmetric_sum(row_loss, col_loss, batch, scale)
 
@@ -407,14 +414,14 @@ def centroid_loss(
     w = _check_weights(fn, weights, m, modalities[0].device, leave_one_out)
     name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=INFONCE.supported)
     check_no_functorch(fn, name, [*modalities, temperature, weights])
-    zs = _operands(modalities)
+    # the queries, stacked once: the centroid is computed from them (peak memory: one [M, B, D] copy)
+    q = torch.stack(list(modalities))
     # the centroid in float32 for half inputs (a sum of M bf16 rows loses digits), then back to the
     # GEMM operand dtype
-    work = [z.float() for z in zs] if zs[0].dtype in _HALF else zs
-    anchors = centroids(work, w, normalize_anchor, detach_anchor, leave_one_out)
-    keys = [a.to(zs[0].dtype) for a in (anchors if leave_one_out else anchors[:1])]
+    anchors = centroids(q.float() if q.dtype in _HALF else q, w, normalize_anchor, detach_anchor, leave_one_out)
+    keys = [a.to(q.dtype) for a in (anchors if leave_one_out else anchors[:1])]
     row_loss, col_loss, batch, scale = _directional_losses(
-        name, zs, keys, temperature, label_smoothing, gather, process_group
+        name, q, _stack(keys), temperature, label_smoothing, gather, process_group
     )
     return _symmetric_sum(row_loss, col_loss, batch, scale)
 

@@ -145,6 +145,21 @@ inline const char* gemm_path_name() { return gemm_path() == GemmPath::kBrgemm ? 
 // in L1/L2); wider products are cut into calls of this width.
 constexpr int64_t kMicroN = 256;
 
+// C[M, N] (ldc) = A · B (or +=) through at::mm_out, A [M, K] with element (m, k) at A[m·sa + k·sk]
+// (a transposed A is BLAS's own case), B [K, N] row-major (ldb).
+inline void mm_strided(int64_t M, int64_t N, int64_t K, const float* A, int64_t sa, int64_t sk, const float* B,
+                       int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {sa, sk}, f32);
+  const at::Tensor b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, f32);
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
 // C[M, N] (row stride ldc) = A[M, K] (lda) · B[K, N] (ldb), or += with `accumulate`. Row-major,
 // float32, single-threaded (callers parallelise over tiles).
 inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
@@ -161,15 +176,26 @@ inline void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
                                   /*is_vnni=*/false);
     return;
   }
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, f32);
-  const at::Tensor b = at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, f32);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, f32);
-  if (accumulate) {
-    c.addmm_(a, b);
-  } else {
-    at::mm_out(c, a, b);
-  }
+  mm_strided(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+}
+
+// C[M, N] (ldc) = A · B (or +=) with A [M, K] given as its transpose At [K, M] (row stride lda): the
+// gradient GEMM Xᵀ·G of an input X [rows, D] stored row-major, without a transposed copy of all of X
+// (P·B·D floats alive through a whole backward). at::mm_out takes the transposed view as it is (BLAS
+// transposes while it packs A anyway); the brgemm microkernel wants A row-major, so the M × K block
+// is transposed into a per-thread buffer first: M·K copies against the GEMM's 2·M·N·K flops.
+inline void gemm_f32_tn(int64_t M, int64_t N, int64_t K, const float* At, int64_t lda, const float* B, int64_t ldb,
+                        float* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0 || K == 0) return gemm_f32(M, N, K, At, lda, B, ldb, C, ldc, accumulate);
+  if (!use_brgemm()) return mm_strided(M, N, K, At, 1, lda, B, ldb, C, ldc, accumulate);
+  thread_local std::vector<float> a_rows;
+  a_rows.resize(M * K);
+  constexpr int64_t kBlock = 16;  // 16 × 16 blocks: both sides of the copy stay in L1
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock)
+    for (int64_t m0 = 0; m0 < M; m0 += kBlock)
+      for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k)
+        for (int64_t m = m0; m < std::min(M, m0 + kBlock); ++m) a_rows[m * K + k] = At[k * lda + m];
+  gemm_f32(M, N, K, a_rows.data(), K, B, ldb, C, ldc, accumulate);
 }
 
 // The B operand of the microkernel, packed once per call: B [C, D] (row stride ldb_in) cut into
