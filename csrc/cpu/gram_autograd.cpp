@@ -153,7 +153,8 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
 at::Tensor gram_loss_fused_autograd(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature,
                                     double label_smoothing, int64_t diag_offset, bool rows, bool cols, double weight,
                                     bool reduce) {
-  return GramLossFused::apply(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, weight, reduce);
+  return GramLossFused::apply(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, weight,
+                              reduce);
 }
 
 // Below autograd (inference mode, or a caller that already excluded the autograd keys): the same
