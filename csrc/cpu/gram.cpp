@@ -28,6 +28,7 @@
 #include "fastbind/saturated_ce.h"
 #include "fastbind/simd.h"
 #include "fastbind/tiled.h"
+#include "fastbind/transpose.h"
 
 
 namespace fastbind {
@@ -324,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     d_span.add_(d_span_part[c]);
     dtau += dtau_part[c];
   }
-  return {d_anchor, d_basis_t.transpose(1, 2).contiguous(), d_span, d_asq, dtau};
+  return {d_anchor, transposed_copy(d_basis_t), d_span, d_asq, dtau};
 }
 
 }  // namespace
