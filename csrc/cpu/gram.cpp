@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
   // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = o.anchor.t().contiguous();
+  const at::Tensor anchor_t = transposed_copy(o.anchor);
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();

@@ -1,5 +1,5 @@
-// Batched 2-D transpose of float32 matrices into a new contiguous tensor: src [n, rows, cols]
-// (contiguous) -> [n, cols, rows]. ATen's strided copy (`x.transpose(1, 2).contiguous()`) walks
+// Transpose of float32 matrices into a new contiguous tensor: src [rows, cols] -> [cols, rows], or
+// batched, [n, rows, cols] -> [n, cols, rows] (src contiguous). ATen's strided copy (`x.transpose(1, 2).contiguous()`) walks
 // the source with a large stride per element, ~28 µs for 2 × 256 × 64 floats on one EPYC core;
 // 16 × 16 blocks keep both sides in cache lines (a few µs), which matters in the small-batch
 // GRAM backward (csrc/cpu/gram.cpp), whose whole fixed cost is ~0.5 ms.
@@ -13,10 +13,11 @@
 namespace fastbind {
 
 inline at::Tensor transposed_copy(const at::Tensor& src) {
-  TORCH_CHECK(src.dim() == 3 && src.is_contiguous() && src.scalar_type() == at::kFloat,
-              "transposed_copy: expected a contiguous float32 [n, rows, cols] tensor");
-  const int64_t n = src.size(0), rows = src.size(1), cols = src.size(2);
-  at::Tensor dst = at::empty({n, cols, rows}, src.options());
+  TORCH_CHECK((src.dim() == 2 || src.dim() == 3) && src.is_contiguous() && src.scalar_type() == at::kFloat,
+              "transposed_copy: expected a contiguous float32 [rows, cols] or [n, rows, cols] tensor");
+  const bool batched = src.dim() == 3;
+  const int64_t n = batched ? src.size(0) : 1, rows = src.size(-2), cols = src.size(-1);
+  at::Tensor dst = batched ? at::empty({n, cols, rows}, src.options()) : at::empty({cols, rows}, src.options());
   constexpr int64_t kBlock = 16;
   const float* s = src.data_ptr<float>();
   float* d = dst.data_ptr<float>();
