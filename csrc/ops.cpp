@@ -57,6 +57,13 @@ TORCH_LIBRARY(fastbind, m) {
   // coefficients [B, 2, n, n] of the backward, which returns the n modality gradients; float32.
   m.def("gram_basis_fwd(Tensor[] modalities) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("gram_basis_bwd(Tensor? grad_basis, Tensor? grad_volume, Tensor basis, Tensor norms, Tensor coefs) -> Tensor[]");
+  // The whole GRAM loss of the cpu backend (csrc/cpu/gram_autograd.cpp): anchor [B1, D], k-1
+  // modalities [B2, D] -> weight · (row_loss + col_loss) of the enabled directions, summed ([]) when
+  // `reduce`, else per row ([B1], B1 = B2 when both). gram_basis_fwd + gram_loss_fwd, with its
+  // autograd in C++ (gram_loss_bwd + gram_basis_bwd); no backward op of its own.
+  m.def(
+      "gram_loss_fused_fwd(Tensor anchor, Tensor[] modalities, Tensor temperature, float label_smoothing,"
+      " int diag_offset, bool rows, bool cols, float weight, bool reduce) -> Tensor");
 
   // ---- anchored InfoNCE (csrc/cpu/infonce.cpp) ----
   // Σ over P (query, key) pairs q [P, B1, D], k [1 or P, B2, D] of the per-row / per-column

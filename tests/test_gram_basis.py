@@ -185,10 +185,11 @@ def test_opcheck():
 
 
 def test_losses_use_the_op(monkeypatch):
-    """gram_loss, gram_volume and gram_volume_paired on the cpu backend call the C++ op, once a call."""
+    """gram_volume and gram_volume_paired on the cpu backend call the C++ op (the BASIS table's
+    native-autograd row), once a call; gram_loss runs it inside its own C++ op (test_gram_fused.py)."""
     calls = []
-    op = gram_ops._BASIS_OPS["cpu"]
-    monkeypatch.setitem(gram_ops._BASIS_OPS, "cpu", lambda ms: calls.append(len(ms)) or op(ms))
+    op = gram_ops.BASIS.built_op("cpu")
+    monkeypatch.setitem(gram_ops.BASIS._forward_ops, "cpu", lambda ms: calls.append(len(ms)) or op(ms))
     a, m1, m2 = (t.detach() for t in _modalities(3, 6, 9, seed=3))
     torch.testing.assert_close(
         fb.gram_loss(a, m1, m2, backend="cpu"),
@@ -196,7 +197,9 @@ def test_losses_use_the_op(monkeypatch):
     )
     fb.gram_volume(a, m1, m2, backend="cpu")
     fb.gram_volume_paired(a, m1, m2, backend="cpu")
-    assert calls == [2, 2, 3]
+    assert calls == [2, 3]
+    basis, volume, _, _ = op([m.requires_grad_() for m in (m1, m2)])
+    assert "GramBasis" in volume.grad_fn.name()  # its autograd is C++, not a Python wrapper
 
 
 def test_torch_compile_gram_loss():

@@ -28,6 +28,7 @@
 #include "fastbind/saturated_ce.h"
 #include "fastbind/simd.h"
 #include "fastbind/tiled.h"
+#include "fastbind/transpose.h"
 
 
 namespace fastbind {
@@ -277,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
   // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = o.anchor.t().contiguous();
+  const at::Tensor anchor_t = transposed_copy(o.anchor);
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
@@ -324,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     d_span.add_(d_span_part[c]);
     dtau += dtau_part[c];
   }
-  return {d_anchor, d_basis_t.transpose(1, 2).contiguous(), d_span, d_asq, dtau};
+  return {d_anchor, transposed_copy(d_basis_t), d_span, d_asq, dtau};
 }
 
 }  // namespace

@@ -24,6 +24,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "fastbind/gram_dispatch.h"
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -247,24 +249,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Both ops through the dispatcher (below autograd: CPU kernel, or the fake kernel under tracing).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_fwd(at::TensorList modalities) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastbind::gram_basis_fwd", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(at::TensorList)>();
-  return op.call(modalities);
-}
-
-std::vector<at::Tensor> call_bwd(const std::optional<at::Tensor>& grad_basis, const std::optional<at::Tensor>& grad_volume,
-                                 const at::Tensor& basis, const at::Tensor& norms, const at::Tensor& coefs) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastbind::gram_basis_bwd", "")
-          .typed<std::vector<at::Tensor>(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                         const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad_basis, grad_volume, basis, norms, coefs);
-}
-
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
@@ -273,7 +257,7 @@ class GramBasis : public torch::autograd::Function<GramBasis> {
  public:
   static variable_list forward(AutogradContext* ctx, at::TensorList modalities) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [basis, volume, norms, coefs] = call_fwd(modalities);
+    auto [basis, volume, norms, coefs] = dispatch::gram_basis_fwd(modalities);
     ctx->save_for_backward({basis, norms, coefs});
     c10::List<int64_t> dtypes;
     for (const at::Tensor& m : modalities) dtypes.push_back(static_cast<int64_t>(m.scalar_type()));
@@ -291,7 +275,7 @@ class GramBasis : public torch::autograd::Function<GramBasis> {
                 "gradient) are not supported by the fused kernels; use backend='torch' for double backward");
     const variable_list saved = ctx->get_saved_variables();
     std::vector<at::Tensor> out =
-        call_bwd(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1], saved[2]);
+        dispatch::gram_basis_bwd(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1], saved[2]);
     const c10::List<int64_t> dtypes = ctx->saved_data["dtypes"].toIntList();
     for (size_t i = 0; i < out.size(); ++i) out[i] = out[i].to(static_cast<at::ScalarType>(dtypes.get(i)));
     return out;

@@ -6,6 +6,13 @@ formula. A table maps a fused backend name (:data:`FUSED_BACKENDS`) to a :class:
 qualified names of the forward and backward custom ops and the dtypes their GEMM operands take.
 Adding a backend to an op is one ``table.add(...)`` per table (docs/adding-an-op.md).
 
+A row may be *native autograd* (``Kernels(..., native_autograd=True)``): its forward op
+differentiates itself, with a C++ ``torch::autograd::Function`` registered for the Autograd
+dispatch key that calls the backward ops through the dispatcher (no Python in the backward, which
+at small batches cost more than the kernels). Such a row gets its fake kernels registered and no
+``register_autograd``; its table has no Python autograd formula. The GRAM per-sample basis and the
+cpu backend's whole GRAM loss are such rows (``fastbind/ops/gram.py``).
+
 :func:`register_built` is the one place that registers fake kernels and autograd, for every row
 whose ops exist in this process (the C++ ops once ``fastbind._C`` is loaded, the Triton ops once
 their ``fastbind.triton.<family>`` module is imported). Rows of different backends may share ops
@@ -55,11 +62,13 @@ AS_GIVEN = OperandDtypes()  # float32 and both 16-bit dtypes go to the kernels a
 class Kernels:
     """One backend's row of an :class:`OpTable`: qualified custom-op names ("fastbind::<op>_fwd")
     and the operand dtype policy. ``backward`` is None for an op that is not differentiable itself
-    (the codebook lookup)."""
+    (the codebook lookup), or, with ``native_autograd``, for one whose C++ autograd calls other
+    rows' backward ops (the fused cpu GRAM loss)."""
 
     forward: str
     backward: str | None
     operands: OperandDtypes = AS_GIVEN
+    native_autograd: bool = False  # the forward op's own C++ autograd kernel differentiates it
 
 
 def _op(name: str) -> torch._ops.OpOverload:
@@ -107,7 +116,12 @@ class OpTable:
         """Declare the row of `backend` (its ops need not exist yet: see :func:`register_built`)."""
         if backend not in FUSED_BACKENDS:
             raise ValueError(f"{self.name}: {backend!r} is not a fused backend ({', '.join(FUSED_BACKENDS)})")
-        if (kernels.backward is None) != (self.make_backward is None):
+        if kernels.native_autograd:
+            if self.make_backward is not None:
+                raise ValueError(
+                    f"{self.name}: a native-autograd {backend!r} row in a table with a Python autograd formula"
+                )
+        elif (kernels.backward is None) != (self.make_backward is None):
             raise ValueError(f"{self.name}: the {backend!r} row and the table disagree on having a backward op")
         self.rows[backend] = kernels
 
@@ -134,8 +148,16 @@ class OpTable:
             raise RuntimeError(f"{self.name}: the {backend!r} ops ({self.rows[backend].forward}) are not built here")
         return op
 
+    def built_op(self, backend: str) -> torch._ops.OpOverload | None:
+        """The forward op of `backend`'s row where built here, else None (for ops a backend may or
+        may not have, e.g. the per-sample GRAM basis; a plain dict lookup: traceable by dynamo)."""
+        return self._forward_ops.get(backend)
 
-TABLES: dict[str, OpTable] = {}  # op name -> table, for backends() and the tests
+
+# op name -> table of each public fused op, for backends() and the tests. Internal tables that serve
+# one of them on some backends (gram.BASIS, gram.LOSS_FUSED) are registered by register_built but
+# not declared: a backend with only such rows runs no public op.
+TABLES: dict[str, OpTable] = {}
 _REGISTERED: set[str] = set()  # forward op names with fake + autograd registered
 
 
@@ -153,6 +175,7 @@ def _register_ops(table: OpTable, kernels: Kernels) -> None:
     torch.library.register_fake(forward)(table.fake_forward)
     if kernels.backward is not None:
         torch.library.register_fake(kernels.backward)(table.fake_backward)
+    if kernels.backward is not None and not kernels.native_autograd:
         backward = table.make_backward(_op(kernels.backward), forward)
         torch.library.register_autograd(forward, backward, setup_context=table.setup_context)
     _REGISTERED.add(forward)

@@ -11,7 +11,9 @@ of sample j's own modalities. The per-sample part (q, r, ||a||^2: O((B1 + B2) k^
 torch code that autograd differentiates (:func:`span_basis`), on the cpu backend one C++ op pair
 (``fastbind::gram_basis_fwd/_bwd``, csrc/cpu/span_basis.cpp, the same computation); the B1 x B2 part is the
 fused op: k-1 GEMM tiles A . Q_r^T with the volume / log-sum-exp epilogue, and a backward that
-recomputes the tiles. Nothing of size B1 x B2 is kept by the loss.
+recomputes the tiles. Nothing of size B1 x B2 is kept by the loss. On the cpu backend the whole loss
+is one op with its autograd in C++ (``fastbind::gram_loss_fused_fwd``, csrc/cpu/gram_autograd.cpp:
+basis, loss statistics, the reduction, and their backward), so a call runs no Python autograd.
 
 Degenerate inputs: a sample whose modalities are dependent has r_j = 0 (its basis vector for the
 dependent direction is 0 or an arbitrary unit vector; both give r_j ~ 0 and finite gradients);
@@ -41,7 +43,6 @@ from fastbind.ops._registry import (
     Kernels,
     OperandDtypes,
     OpTable,
-    _op,
     check_dtype,
     check_shape,
     declare,
@@ -87,42 +88,31 @@ def span_basis(modalities: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(basis), volume
 
 
-def _register_span_basis() -> None:
-    """Fake kernels of the C++ op pair fastbind::gram_basis_fwd/_bwd: span_basis in one call per
-    direction, the same computation as the torch version. Its autograd is registered in C++
-    (csrc/cpu/span_basis.cpp): the Python autograd wrapper cost more than the kernels at small B."""
-    fwd, bwd = "fastbind::gram_basis_fwd", "fastbind::gram_basis_bwd"
-
-    @torch.library.register_fake(fwd)
-    def _fwd_fake(modalities):
-        n = len(modalities)
-        torch._check(1 <= n <= K_RANGE[1], lambda: f"gram_basis_fwd: expected 1..{K_RANGE[1]} modalities, got {n}")
-        first = modalities[0]
-        torch._check(first.dim() == 2, lambda: "gram_basis_fwd: modalities must be [B, D]")
-        for m in modalities:
-            torch._check(m.shape == first.shape, lambda: "gram_basis_fwd: modalities must share [B, D]")
-        b, d = first.shape
-        f32 = dict(dtype=torch.float32)
-        return (
-            first.new_empty(n, b, d, **f32),
-            first.new_empty(b, **f32),
-            first.new_empty(n, b, **f32),
-            first.new_empty(b, 2, n, n, **f32),
-        )
-
-    @torch.library.register_fake(bwd)
-    def _bwd_fake(grad_basis, grad_volume, basis, norms, coefs):
-        n, b, d = basis.shape
-        torch._check(norms.shape == (n, b), lambda: "gram_basis_bwd: norms must be [n, B]")
-        torch._check(coefs.shape == (b, 2, n, n), lambda: "gram_basis_bwd: coefs must be [B, 2, n, n]")
-        return [basis.new_empty(b, d) for _ in range(n)]
-
-    _BASIS_OPS["cpu"] = _op(fwd)
+# Fake kernels of the C++ op pair fastbind::gram_basis_fwd/_bwd (span_basis in one call per
+# direction, the same computation as the torch version). Its autograd is C++ (a native-autograd row,
+# csrc/cpu/span_basis.cpp): the Python autograd wrapper cost more than the kernels at small B.
+def _basis_fake(modalities):
+    n = len(modalities)
+    torch._check(1 <= n <= K_RANGE[1], lambda: f"gram_basis_fwd: expected 1..{K_RANGE[1]} modalities, got {n}")
+    first = modalities[0]
+    torch._check(first.dim() == 2, lambda: "gram_basis_fwd: modalities must be [B, D]")
+    for m in modalities:
+        torch._check(m.shape == first.shape, lambda: "gram_basis_fwd: modalities must share [B, D]")
+    b, d = first.shape
+    f32 = dict(dtype=torch.float32)
+    return (
+        first.new_empty(n, b, d, **f32),
+        first.new_empty(b, **f32),
+        first.new_empty(n, b, **f32),
+        first.new_empty(b, 2, n, n, **f32),
+    )
 
 
-# backend -> its per-sample op (fastbind::gram_basis_fwd); backends without one use span_basis.
-# A plain dict: traceable by dynamo.
-_BASIS_OPS: dict = {}
+def _basis_backward_fake(grad_basis, grad_volume, basis, norms, coefs):
+    n, b, d = basis.shape
+    torch._check(norms.shape == (n, b), lambda: "gram_basis_bwd: norms must be [n, B]")
+    torch._check(coefs.shape == (b, 2, n, n), lambda: "gram_basis_bwd: coefs must be [B, 2, n, n]")
+    return [basis.new_empty(b, d) for _ in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +160,10 @@ def _volume_grad(ctx, backward_op, grad):
 def _check_loss_args(op: str, anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols) -> None:
     _check_operands(op, anchor, basis, span_vol, anchor_sq)
     check_shape(op, "temperature", temperature, ())
-    b1, b2 = anchor.shape[0], basis.shape[1]
+    _check_positives(op, anchor.shape[0], basis.shape[1], diag_offset, rows, cols)
+
+
+def _check_positives(op: str, b1, b2, diag_offset, rows, cols) -> None:
     # every loss row (column) needs its positive column i + diag_offset (row j - diag_offset)
     torch._check(
         not rows or (diag_offset >= 0 and b1 + diag_offset <= b2),
@@ -226,6 +219,37 @@ VOLUME = declare(
 LOSS = declare(
     OpTable("gram_loss", _loss_fake, _loss_backward_fake, _loss_setup, make_first_order_backward(_loss_grad))
 )
+
+
+def _fused_loss_fake(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, weight, reduce):
+    op = "gram_loss_fused_fwd"
+    n = len(modalities)
+    torch._check(1 <= n < K_RANGE[1], lambda: f"{op}: expected 1..{K_RANGE[1] - 1} modalities, got {n}")
+    check_shape(op, "anchor", anchor, (None, None))
+    check_dtype(op, "anchor", anchor, FUSED_DTYPES)
+    b2 = modalities[0].shape[0] if modalities[0].dim() == 2 else -1
+    for i, m in enumerate(modalities):
+        check_shape(op, f"modality {i}", m, (b2, anchor.shape[1]))
+        check_dtype(op, f"modality {i}", m, FUSED_DTYPES)
+    check_shape(op, "temperature", temperature, ())
+    b1 = anchor.shape[0]
+    torch._check(rows or cols, lambda: f"{op}: neither rows nor columns asked for")
+    torch._check(
+        reduce or not (rows and cols) or b1 == b2,
+        lambda: f"{op}: per-row losses of both directions need B1 == B2, got {b1} and {b2}",
+    )
+    _check_positives(op, b1, b2, diag_offset, rows, cols)
+    return anchor.new_empty(() if reduce else (b1 if rows else b2,), dtype=torch.float32)
+
+
+# Native-autograd tables (fastbind/ops/_registry.py), internal to this module, cpu rows only: the
+# per-sample basis (gram_volume's and gram_volume_paired's on the cpu backend) and the whole cpu
+# GRAM loss, whose C++ autograd runs gram_basis_fwd/_bwd and the LOSS row's gram_loss_fwd/_bwd.
+BASIS = OpTable("gram_basis", _basis_fake, _basis_backward_fake)
+BASIS.add("cpu", Kernels("fastbind::gram_basis_fwd", "fastbind::gram_basis_bwd", native_autograd=True))
+LOSS_FUSED = OpTable("gram_loss_fused", _fused_loss_fake)
+LOSS_FUSED.add("cpu", Kernels("fastbind::gram_loss_fused_fwd", None, native_autograd=True))
+
 # The C++ kernels take a float32 or bfloat16 anchor and a float32 basis (a bfloat16 anchor runs
 # bf16 GEMMs against hi + lo bf16 parts of the basis, csrc/cpu/gram.cpp); Triton takes both as given
 # (16-bit operands feed tensor cores, accumulation in float32). The CUDA kernels (csrc/cuda/gram.cu)
@@ -240,9 +264,7 @@ for _table in (VOLUME, LOSS):
 extension_loaded()  # imports fastbind._C, which defines the C++ ops (when built)
 if triton_installed():
     import fastbind.triton.gram  # noqa: F401  (defines the fastbind::gram_*_triton ops)
-register_built(VOLUME, LOSS)
-if extension_loaded():
-    _register_span_basis()
+register_built(VOLUME, LOSS, BASIS, LOSS_FUSED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +285,7 @@ def _prepare(anchor: torch.Tensor, modalities, kernels: Kernels, backend: str):
     policy (the input dtype where the kernels take it, else float32).
     """
     a32 = anchor.float()
-    basis_op = _BASIS_OPS.get(backend)
+    basis_op = BASIS.built_op(backend)
     if basis_op is not None:  # one C++ op for the per-sample part (it upcasts 16-bit modalities itself)
         basis, span_vol, _, _ = basis_op(modalities)
         a_op = anchor if anchor.dtype == torch.bfloat16 else a32
@@ -304,7 +326,7 @@ def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) ->
     name = resolve(fn, backend, modalities[0].device, modalities[0].dtype, supported=VOLUME.supported)
     if name == "torch":
         return torch_backend.gram_volume_paired(*modalities)
-    basis_op = _BASIS_OPS.get(name)
+    basis_op = BASIS.built_op(name)
     if basis_op is not None:
         return basis_op(list(modalities))[1].to(modalities[0].dtype)
     return span_basis([m.float() for m in modalities])[1].to(modalities[0].dtype)
@@ -377,6 +399,21 @@ def gram_loss(
         return reduce(per_row(row_ce, col_ce, direction), reduction, total, scale)
 
     check_no_functorch(fn, name, [anchor, *modalities, temperature])
+    fused = LOSS_FUSED.built_op(name)
+    if fused is not None:  # one C++ op, autograd included: no per-call Python tensor work
+        reduced = reduction != "none"
+        # weight · Σ(row_loss + col_loss) = reduce(per_row(...)): "both" is the mean of the directions
+        weight = (0.5 if rows and cols else 1.0) * (scale if reduced else 1) / (total if reduction == "mean" else 1)
+        if not gather:
+            return fused(anchor, list(modalities), tau, eps, 0, rows, cols, weight, reduced)
+        # local rows against the gathered columns (row i's positive: column i + offset), and the
+        # gathered rows against the local columns
+        parts = []
+        if rows:
+            parts.append(fused(anchor, modalities_g, tau, eps, offset, True, False, weight, reduced))
+        if cols:
+            parts.append(fused(anchor_g, list(modalities), tau, eps, -offset, False, True, weight, reduced))
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
     loss_op, kernels = LOSS.forward_op(name), LOSS.rows[name]
     local = _prepare(anchor, modalities, kernels, name)
     if not gather:

@@ -1,0 +1,176 @@
+// The GRAM loss of the cpu backend as one C++ autograd function (DESIGN §2.2): from the raw
+// inputs (anchor, the k-1 modalities, the temperature) to the weighted row/column cross-entropies,
+// summed or per row, with a backward that runs no Python.
+//
+//   forward:  basis, span_vol, norms, coefs = gram_basis_fwd(modalities)
+//             a_op = anchor (bfloat16 stays bfloat16: GEMM operand) or anchor.float(); ‖a‖² in float32
+//             row_loss, col_loss, row_lse, col_lse = gram_loss_fwd(a_op, basis, span_vol, ‖a‖², τ, …)
+//             out = weight · (row_loss + col_loss)   (the disabled direction left out), summed if `reduce`
+//   backward: gram_loss_bwd, the chain through ‖a‖² into the anchor, gram_basis_bwd.
+//
+// Why: at small batches the per-call cost of the Python path (a register_autograd wrapper per op,
+// the small torch ops around them and their autograd nodes) was several times the kernels' time
+// (issue 14: B = 64, k = 3, D = 256). Every step goes through the dispatcher (below autograd), so
+// under FakeTensorMode / torch.compile the same function runs on the fake kernels of the three ops
+// (registered in fastbind/ops/gram.py) and the traced graph holds those ops, not this one.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "fastbind/gram_dispatch.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace fastbind {
+namespace cpu {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const char* const kOp = "fastbind::gram_loss_fused_fwd";
+
+// t as float32 / contiguous, the tensor itself when it already is: below autograd an op must not
+// return its input (aten::to and aten::contiguous would), so such calls are kept out of the forward.
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+at::Tensor as_contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
+// The argument contract that the kernels below do not check themselves (they see the basis, not
+// the modalities); the same checks as the fake kernel in fastbind/ops/gram.py.
+void check_args(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature, bool rows,
+                bool cols, bool reduce) {
+  TORCH_CHECK(anchor.dim() == 2, kOp, ": anchor must be [B1, D], got ", anchor.sizes());
+  TORCH_CHECK(!modalities.empty(), kOp, ": expected 1..7 modalities, got 0");
+  TORCH_CHECK(modalities[0].dim() == 2 && modalities[0].size(1) == anchor.size(1), kOp, ": modality 0 has shape ",
+              modalities[0].sizes(), ", expected [B2, ", anchor.size(1), "] like the anchor");
+  for (size_t i = 1; i < modalities.size(); ++i) {
+    TORCH_CHECK(modalities[i].sizes() == modalities[0].sizes(), kOp, ": modality ", i, " has shape ",
+                modalities[i].sizes(), ", expected ", modalities[0].sizes(), " like modality 0");
+  }
+  TORCH_CHECK(temperature.dim() == 0, kOp, ": temperature must be a 0-d tensor, got ", temperature.sizes());
+  TORCH_CHECK(rows || cols, kOp, ": neither rows nor columns asked for");
+  TORCH_CHECK(reduce || !(rows && cols) || anchor.size(0) == modalities[0].size(0), kOp,
+              ": per-row losses of both directions need B1 == B2, got ", anchor.size(0), " and ",
+              modalities[0].size(0));
+}
+
+// weight · (row_loss + col_loss) over the enabled directions, summed when `reduce`.
+at::Tensor combine(const at::Tensor& row_loss, const at::Tensor& col_loss, bool rows, bool cols, double weight,
+                   bool reduce) {
+  const at::Tensor per_row = rows && cols ? at::add(row_loss, col_loss) : (rows ? row_loss : col_loss);
+  return at::mul(reduce ? at::sum(per_row) : per_row, weight);
+}
+
+// The forward's operands and results (everything the backward needs).
+struct Forward {
+  at::Tensor a_op, basis, span_vol, norms, coefs, anchor_sq, tau, row_loss, col_loss, row_lse, col_lse;
+};
+
+Forward run_forward(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature,
+                    double label_smoothing, int64_t diag_offset, bool rows, bool cols, bool reduce) {
+  check_args(anchor, modalities, temperature, rows, cols, reduce);
+  Forward f;
+  std::tie(f.basis, f.span_vol, f.norms, f.coefs) = dispatch::gram_basis_fwd(modalities);
+  const at::Tensor a32 = as_float(anchor);
+  // A bfloat16 anchor is a GEMM operand as it is (the kernels run bf16 GEMMs); float16 is upcast.
+  f.a_op = as_contiguous(anchor.scalar_type() == at::kBFloat16 ? anchor : a32);
+  f.anchor_sq = at::sum(at::mul(a32, a32), -1);
+  f.tau = as_float(temperature);
+  std::tie(f.row_loss, f.col_loss, f.row_lse, f.col_lse) = dispatch::gram_loss_fwd(
+      f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, label_smoothing, diag_offset, rows, cols);
+  return f;
+}
+
+class GramLossFused : public torch::autograd::Function<GramLossFused> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& anchor, at::TensorList modalities,
+                            const at::Tensor& temperature, double label_smoothing, int64_t diag_offset, bool rows,
+                            bool cols, double weight, bool reduce) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Forward f = run_forward(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, reduce);
+    ctx->save_for_backward({f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, f.row_lse, f.col_lse, f.norms, f.coefs});
+    c10::List<int64_t> dtypes;
+    for (const at::Tensor& m : modalities) dtypes.push_back(static_cast<int64_t>(m.scalar_type()));
+    ctx->saved_data["modality_dtypes"] = dtypes;
+    ctx->saved_data["anchor_dtype"] = static_cast<int64_t>(anchor.scalar_type());
+    ctx->saved_data["temperature_dtype"] = static_cast<int64_t>(temperature.scalar_type());
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["diag_offset"] = diag_offset;
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["weight"] = weight;
+    ctx->saved_data["reduce"] = reduce;
+    return combine(f.row_loss, f.col_loss, rows, cols, weight, reduce);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Autograd runs a backward with grad mode on exactly when create_graph=True was asked for; the
+    // backward kernels are not differentiable themselves (same message as check_first_order).
+    TORCH_CHECK(!at::GradMode::is_enabled(), kOp,
+                ": second-order gradients (create_graph=True, torch.func.grad of a gradient) are not supported by "
+                "the fused kernels; use backend='torch' for double backward");
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &a_op = s[0], &basis = s[1], &span_vol = s[2], &anchor_sq = s[3], &tau = s[4];
+    const at::Tensor &row_lse = s[5], &col_lse = s[6], &norms = s[7], &coefs = s[8];
+    const bool rows = ctx->saved_data["rows"].toBool(), cols = ctx->saved_data["cols"].toBool();
+    const double weight = ctx->saved_data["weight"].toDouble();
+    const int64_t b1 = a_op.size(0), b2 = basis.size(1);
+    // d out / d row_loss_i = weight·grad (grad: the scalar of a summed loss or the row's entry);
+    // a disabled direction's upstream is ignored by the kernel but must have its shape.
+    const at::Tensor g = at::mul(grads[0].to(at::kFloat), weight);
+    const bool reduce = ctx->saved_data["reduce"].toBool();
+    const at::Tensor grad_row = rows ? (reduce ? g.expand({b1}) : g) : at::zeros({b1}, row_lse.options());
+    const at::Tensor grad_col = cols ? (reduce ? g.expand({b2}) : g) : at::zeros({b2}, col_lse.options());
+    auto [d_a, d_basis, d_span, d_asq, d_tau] =
+        dispatch::gram_loss_bwd(grad_row.contiguous(), grad_col.contiguous(), a_op, basis, span_vol, anchor_sq, tau,
+                                row_lse, col_lse, ctx->saved_data["label_smoothing"].toDouble(),
+                                ctx->saved_data["diag_offset"].toInt(), rows, cols);
+
+    const auto anchor_dtype = static_cast<at::ScalarType>(ctx->saved_data["anchor_dtype"].toInt());
+    // ‖a‖² = Σ a²: d_anchor += 2·a·d‖a‖², summed in float32 before the one rounding to the input dtype.
+    const at::Tensor d_anchor = at::addcmul(d_a, a_op.to(at::kFloat), d_asq.unsqueeze(1), 2.0).to(anchor_dtype);
+
+    const c10::List<int64_t> dtypes = ctx->saved_data["modality_dtypes"].toIntList();
+    const int64_t n = static_cast<int64_t>(dtypes.size());
+    variable_list out;
+    out.reserve(n + 6);
+    out.push_back(d_anchor);
+    bool any_modality = false;
+    for (int64_t i = 0; i < n; ++i) any_modality = any_modality || ctx->needs_input_grad(1 + i);
+    if (any_modality) {
+      std::vector<at::Tensor> d_mods = dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
+      for (int64_t i = 0; i < n; ++i) out.push_back(d_mods[i].to(static_cast<at::ScalarType>(dtypes.get(i))));
+    } else {
+      for (int64_t i = 0; i < n; ++i) out.emplace_back();
+    }
+    out.push_back(d_tau.to(static_cast<at::ScalarType>(ctx->saved_data["temperature_dtype"].toInt())));
+    for (int i = 0; i < 6; ++i) out.emplace_back();  // label_smoothing … reduce: not differentiable
+    return out;
+  }
+};
+
+at::Tensor gram_loss_fused_autograd(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature,
+                                    double label_smoothing, int64_t diag_offset, bool rows, bool cols, double weight,
+                                    bool reduce) {
+  return GramLossFused::apply(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, weight,
+                              reduce);
+}
+
+// Below autograd (inference mode, or a caller that already excluded the autograd keys): the same
+// composition without saving anything.
+at::Tensor gram_loss_fused_plain(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature,
+                                 double label_smoothing, int64_t diag_offset, bool rows, bool cols, double weight,
+                                 bool reduce) {
+  const Forward f = run_forward(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, reduce);
+  return combine(f.row_loss, f.col_loss, rows, cols, weight, reduce);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbind, CompositeExplicitAutograd, m) { m.impl("gram_loss_fused_fwd", &gram_loss_fused_plain); }
+
+TORCH_LIBRARY_IMPL(fastbind, Autograd, m) { m.impl("gram_loss_fused_fwd", &gram_loss_fused_autograd); }
+
+}  // namespace cpu
+}  // namespace fastbind

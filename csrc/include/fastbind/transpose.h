@@ -1,0 +1,40 @@
+// Transpose of float32 matrices into a new contiguous tensor: src [rows, cols] -> [cols, rows], or
+// batched, [n, rows, cols] -> [n, cols, rows] (src contiguous). ATen's strided copy (`x.transpose(1, 2).contiguous()`) walks
+// the source with a large stride per element, ~28 µs for 2 × 256 × 64 floats on one EPYC core;
+// 16 × 16 blocks keep both sides in cache lines (a few µs), which matters in the small-batch
+// GRAM backward (csrc/cpu/gram.cpp), whose whole fixed cost is ~0.5 ms.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastbind {
+
+inline at::Tensor transposed_copy(const at::Tensor& src) {
+  TORCH_CHECK((src.dim() == 2 || src.dim() == 3) && src.is_contiguous() && src.scalar_type() == at::kFloat,
+              "transposed_copy: expected a contiguous float32 [rows, cols] or [n, rows, cols] tensor");
+  const bool batched = src.dim() == 3;
+  const int64_t n = batched ? src.size(0) : 1, rows = src.size(-2), cols = src.size(-1);
+  at::Tensor dst = batched ? at::empty({n, cols, rows}, src.options()) : at::empty({cols, rows}, src.options());
+  constexpr int64_t kBlock = 16;
+  const float* s = src.data_ptr<float>();
+  float* d = dst.data_ptr<float>();
+  for (int64_t b = 0; b < n; ++b) {
+    const float* sb = s + b * rows * cols;
+    float* db = d + b * rows * cols;
+    for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+      const int64_t i1 = std::min(rows, i0 + kBlock);
+      for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+        const int64_t j1 = std::min(cols, j0 + kBlock);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t j = j0; j < j1; ++j) db[j * rows + i] = sb[i * cols + j];
+        }
+      }
+    }
+  }
+  return dst;
+}
+
+}  // namespace fastbind
