@@ -146,7 +146,7 @@ def test_operand_dtypes_come_from_the_row():
 def test_gram_cuda_operands_share_the_anchor_dtype_and_use_the_torch_basis(monkeypatch, dtype):
     """csrc/cuda/gram.cu takes anchor and basis in one dtype; the per-sample basis of the cuda row is
     span_basis (differentiable torch code): the C++ gram_basis op has CPU kernels only."""
-    assert "cuda" not in gram_ops._BASIS_OPS
+    assert "cuda" not in gram_ops.BASIS.rows
     calls, span_basis = [], gram_ops.span_basis
 
     def spy(modalities):

@@ -173,6 +173,30 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
   *dtau += dt;
 }
 
+// float32 -> bfloat16 bits, rounded to nearest even (c10::BFloat16's rounding; NaN stays NaN), in a
+// form the vectoriser takes.
+FB_HD uint16_t bf16_bits(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+}
+
+// dst[0, nc) = bf16(src[0, nc)); dst[nc, ncp) = 0 (the pad column of an odd tile width: the
+// gradient GEMMs' depth must be even, their other operand has a zero row there).
+FB_MULTIVERSION void bf16_row(const float* __restrict src, int64_t nc, int64_t ncp, uint16_t* __restrict dst) {
+#pragma omp simd
+  for (int64_t j = 0; j < nc; ++j) dst[j] = bf16_bits(src[j]);
+  for (int64_t j = nc; j < ncp; ++j) dst[j] = 0;
+}
+
+// Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
+// microkernel: element j of the pair is (even[j], odd[j]) at out[2j], out[2j + 1] (little endian).
+FB_MULTIVERSION void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc,
+                               uint32_t* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < nc; ++j) out[j] = static_cast<uint32_t>(even[j]) | (static_cast<uint32_t>(odd[j]) << 16);
+}
+
 void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
                   const at::Tensor& anchor_sq) {
   TORCH_CHECK(anchor.dim() == 2 && basis.dim() == 3, op, ": expected anchor [B1, D] and basis [k-1, B2, D]");
@@ -204,39 +228,28 @@ void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vecto
 // order (deterministic for a given thread count).
 std::vector<int64_t> row_chunks(int64_t rows) { return split_rows(rows, at::get_num_threads()); }
 
-// Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ. With `gemm_basis` holding 2R
-// matrices (bfloat16 hi and lo parts of Q, see operands()) each product is the sum of two bf16
-// GEMMs, added before the epilogue sees the first R.
+// Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ (operands() gives the GEMM operands).
 template <class Epilogue>
-void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t R, int64_t r0, int64_t nr,
-                  Epilogue&& epilogue) {
+void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t r0, int64_t nr, Epilogue&& epilogue) {
   std::vector<at::Tensor> A, B;
   product_pairs(anchor.narrow(0, r0, nr), basis, A, B);
-  if (basis.size(0) == R) {
-    stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
-    return;
-  }
-  stream_tiles(
-      A, B,
-      [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-        std::vector<at::Tensor> sums(prods.begin(), prods.begin() + R);
-        for (int64_t r = 0; r < R; ++r) sums[r].add_(prods[R + r]);
-        epilogue(t, sums);
-      },
-      kRowBlock, kColBlock);
+  stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
 }
 
 struct Operands {
   at::Tensor anchor, basis, span_vol, anchor_sq;  // float32
   // The operands of the product GEMMs A·Q_rᵀ. For a bfloat16 anchor (fastbind/ops/gram.py passes
-  // bf16 inputs as they are) where the bf16 microkernel runs: the anchor as it is, and the float32
-  // basis split into bfloat16 hi + lo parts ([2R, B2, D]: Q ≈ Q_hi + Q_lo to ~2^-17), so that
-  // A·Q_rᵀ = A·Q_hiᵀ + A·Q_loᵀ is two bf16 GEMMs (2-4x faster than one fp32 GEMM here) accurate to
-  // float32 level: rounding Q itself to bf16 put 2^-9 relative errors into ‖a‖² − ΣP² and near-flat
-  // volumes off by 50%. Else = anchor / basis (float32). The backward's gradient GEMMs take the
-  // float32 copies (their other operand, dL/dP, is float32).
+  // bf16 inputs as they are) where the bf16 microkernel runs: the float32 basis split into bfloat16
+  // hi + lo parts (Q ≈ Q_hi + Q_lo to ~2^-17) so that A·Q_rᵀ = [A, A]·[Q_hi, Q_lo]ᵀ is one bf16 GEMM
+  // of depth 2D ([B1, 2D] against [R, B2, 2D]; one call accumulates both halves in fp32, no pass
+  // adding two products), accurate to float32 level: rounding Q itself to bf16 put 2^-9 relative
+  // errors into ‖a‖² − ΣP² and near-flat volumes off by 50%. Else = anchor / basis (float32).
   at::Tensor gemm_anchor, gemm_basis;
+  // bf16 only: the operands of the backward's gradient GEMMs, the anchor as it is and Q_hi
+  // [R, B2, D] (dL/dP is rounded to bf16 there, see backward_tiles).
+  at::Tensor anchor_bf16, basis_hi;
   int64_t B1, B2, R;
+  bool bf16;
 };
 
 Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
@@ -250,18 +263,60 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
              anchor_sq.contiguous().detach(),
              {},
              {},
+             {},
+             {},
              anchor.size(0),
              basis.size(1),
-             basis.size(0)};
-  const bool bf16 = anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(anchor.size(1));
-  o.gemm_anchor = bf16 ? anchor.detach().contiguous() : o.anchor;
-  if (bf16) {
-    const at::Tensor hi = o.basis.to(at::kBFloat16);
-    o.gemm_basis = at::cat({hi, (o.basis - hi.to(at::kFloat)).to(at::kBFloat16)}).contiguous();
+             basis.size(0),
+             anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(anchor.size(1))};
+  if (o.bf16) {
+    o.anchor_bf16 = anchor.detach().contiguous();
+    o.basis_hi = o.basis.to(at::kBFloat16);
+    o.gemm_anchor = at::cat({o.anchor_bf16, o.anchor_bf16}, 1);
+    o.gemm_basis = at::cat({o.basis_hi, (o.basis - o.basis_hi.to(at::kFloat)).to(at::kBFloat16)}, 2);
   } else {
+    o.gemm_anchor = o.anchor;
     o.gemm_basis = o.basis;
   }
   return o;
+}
+
+// The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
+// into d_anchor [B1, D] and dQᵀ [R, D, B2]. `row` is the tile's first global row.
+void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, const at::Tensor& t_rows,
+                         const at::Tensor& t_pairs, const std::vector<at::Tensor>& q_vnni,
+                         const at::Tensor& anchor_t16, int64_t B2p, float* da, float* dqt) {
+  const int64_t D = o.anchor.size(1), B2 = o.B2;
+  const int64_t nr_even = t.nr & ~int64_t{1};
+  for (int64_t r = 0; r < o.R; ++r) {
+    const at::BFloat16* rows16 = t_rows[r].const_data_ptr<at::BFloat16>();
+    const at::BFloat16* pairs16 = t_pairs[r].const_data_ptr<at::BFloat16>();
+    const at::BFloat16* qv = q_vnni[r].const_data_ptr<at::BFloat16>();
+    float* dq = dqt + r * D * B2 + t.c0;
+    // dA[rows] += T_r · Q_hi,r[cols]: depth ncp from column c0 of the packed panels (c0 even)
+    for (int64_t j0 = 0; j0 < D; j0 += kMicroN) {
+      const int64_t w = std::min(kMicroN, D - j0);
+      at::native::cpublas::brgemm(t.nr, w, ncp, ncp, w, D, true, rows16, qv + j0 * B2p + t.c0 * w,
+                                  da + row * D + j0, /*is_vnni=*/true);
+    }
+    // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r over the even part of the rows ...
+    if (nr_even > 0) {
+      for (int64_t j0 = 0; j0 < t.nc; j0 += kMicroN)
+        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, t.nc, B2, true,
+                                    anchor_t16.const_data_ptr<at::BFloat16>() + row, pairs16 + 2 * j0, dq + j0,
+                                    /*is_vnni=*/true);
+    }
+    // ... and the odd last row of a tile (no VNNI pair) as a rank-1 update
+    if (t.nr & 1) {
+      const float* a = o.anchor.const_data_ptr<float>() + (row + t.nr - 1) * D;
+      const at::BFloat16* last = rows16 + (t.nr - 1) * ncp;
+      for (int64_t d = 0; d < D; ++d) {
+        const float ad = a[d];
+        float* out = dq + d * B2;
+        for (int64_t j = 0; j < t.nc; ++j) out[j] += ad * static_cast<float>(last[j]);
+      }
+    }
+  }
 }
 
 // Backward over all tiles shared by the volume and the loss: `row_grad(global row) -> RowGrad`,
@@ -278,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
   // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = transposed_copy(o.anchor);
+  const at::Tensor anchor_t = o.bf16 ? o.anchor : transposed_copy(o.anchor);  // (bf16: unused)
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
@@ -291,13 +346,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     d_basis_part[c] = at::zeros({o.R, D, o.B2}, opts);
     d_span_part[c] = at::zeros({o.B2}, opts);
   }
+  // bf16 inputs: the gradient GEMMs in bf16 too (fp32 accumulation), with T_r = dL/dP_r rounded to
+  // bf16 per tile (the Triton kernels' dS in 16 bits, issue 9 point 4) and Q_r as Q_hi: each is a
+  // 2^-9 relative rounding of one factor of a product summed over a tile, far inside the bf16
+  // gradient tolerances (the forward values stay float32-level: the products keep hi + lo). Operands
+  // of the microkernel: dA[rows] += T_r · Q_hi,r[cols] takes Q_hi,rᵀ packed once per call (VNNI
+  // panels over D, depth B2 padded to even), dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r the anchor
+  // transposed (bf16) and T_r in VNNI pairs of rows, written by the epilogue.
+  const int64_t B2p = o.B2 + (o.B2 & 1);
+  std::vector<at::Tensor> q_vnni(o.bf16 ? o.R : 0);
+  for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {
+    at::Tensor qt = at::zeros({D, B2p}, o.basis_hi.options());
+    qt.narrow(1, 0, o.B2).copy_(o.basis_hi[r].t());
+    q_vnni[r] = pack_panels<at::BFloat16>(qt);
+  }
+  const at::Tensor anchor_t16 = o.bf16 ? o.anchor_bf16.t().contiguous() : at::Tensor();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> buf(kColBlock);
+    // bf16 T_r of one tile: row-major [nr, kColBlock] and VNNI [nr/2, nc, 2] per product
+    at::Tensor t_rows, t_pairs;
+    if (o.bf16) {
+      t_rows = at::empty({o.R, kRowBlock * kColBlock}, o.basis_hi.options());
+      t_pairs = at::empty({o.R, kRowBlock * kColBlock}, o.basis_hi.options());
+    }
     float* dr = d_span_part[c].data_ptr<float>();
     float* dqt = d_basis_part[c].data_ptr<float>();
     double dtau = 0.0;
-    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
+      const int64_t ncp = t.nc + (t.nc & 1);  // even depth of the bf16 dA GEMM
       float dt = 0.f;
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
@@ -305,9 +382,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
                      dasq + gi, &dt);
+        if (o.bf16) {  // this row of T_r in bf16 while it is in L1; pairs of rows into VNNI
+          for (int64_t r = 0; r < o.R; ++r) {
+            uint16_t* rows16 = reinterpret_cast<uint16_t*>(t_rows[r].data_ptr<at::BFloat16>());
+            bf16_row(P.p[r] + i * t.nc, t.nc, ncp, rows16 + i * ncp);
+            if (i & 1)
+              vnni_pair(rows16 + (i - 1) * ncp, rows16 + i * ncp, t.nc,
+                        reinterpret_cast<uint32_t*>(t_pairs[r].data_ptr<at::BFloat16>()) + (i / 2) * t.nc);
+          }
+        }
       }
       dtau += dt;
       const int64_t row = r0 + t.r0;
+      if (o.bf16) {
+        bf16_gradient_gemms(o, t, row, ncp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
+        return;
+      }
       for (int64_t r = 0; r < o.R; ++r) {
         const float* T = P.p[r];  // [nr, nc]
         // dA[rows] += T_r · Q_r[cols]
@@ -340,7 +430,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   const float* asq = o.anchor_sq.data_ptr<float>();
   for_each_slab(row_chunks(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
-    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
@@ -409,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     float* cmax = col_max[c].data_ptr<float>();
     float* cexp = col_exp[c].data_ptr<float>();
     float* csum = col_sum[c].data_ptr<float>();
-    stream_chunk(o.gemm_anchor, o.gemm_basis, o.R, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       if (cols) {
         std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);

@@ -254,7 +254,7 @@ LOSS_FUSED.add("cpu", Kernels("fastbind::gram_loss_fused_fwd", None, native_auto
 # bf16 GEMMs against hi + lo bf16 parts of the basis, csrc/cpu/gram.cpp); Triton takes both as given
 # (16-bit operands feed tensor cores, accumulation in float32). The CUDA kernels (csrc/cuda/gram.cu)
 # take anchor and basis in one dtype, the anchor's (AS_GIVEN: both in the input dtype); their basis
-# comes from span_basis (the C++ per-sample op of _BASIS_OPS has CPU kernels only).
+# comes from span_basis (the C++ per-sample op of gram.BASIS has CPU kernels only).
 _CPU_OPERANDS = OperandDtypes(lhs=frozenset({torch.float32, torch.bfloat16}), rhs=frozenset({torch.float32}))
 for _table in (VOLUME, LOSS):
     _table.add("cuda", Kernels(f"fastbind::{_table.name}_fwd", f"fastbind::{_table.name}_bwd", AS_GIVEN))
