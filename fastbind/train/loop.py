@@ -351,7 +351,17 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
         raise RunFileError(f"resume: checkpoint {path} is empty")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (
+        RuntimeError,
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights only" in reason.lower():  # torch's advice to load unsafely is not ours to give
             reason = "it holds objects other than tensors and plain containers, which weights_only=True refuses"
