@@ -31,6 +31,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastbind/transpose.h"
+
 namespace fastbind {
 namespace cpu {
 
@@ -190,11 +192,7 @@ inline void gemm_f32_tn(int64_t M, int64_t N, int64_t K, const float* At, int64_
   if (!use_brgemm()) return mm_strided(M, N, K, At, 1, lda, B, ldb, C, ldc, accumulate);
   thread_local std::vector<float> a_rows;
   a_rows.resize(M * K);
-  constexpr int64_t kBlock = 16;  // 16 × 16 blocks: both sides of the copy stay in L1
-  for (int64_t k0 = 0; k0 < K; k0 += kBlock)
-    for (int64_t m0 = 0; m0 < M; m0 += kBlock)
-      for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k)
-        for (int64_t m = m0; m < std::min(M, m0 + kBlock); ++m) a_rows[m * K + k] = At[k * lda + m];
+  transpose_into(At, lda, K, M, a_rows.data(), K);  // blocked: both sides of the copy stay in L1
   gemm_f32(M, N, K, a_rows.data(), K, B, ldb, C, ldc, accumulate);
 }
 
