@@ -297,25 +297,21 @@ def wheels(check: Check) -> None:
 # fastbind._C here; carried along with the working tree, it saves the check the build.
 CUDA_PREBUILT = os.path.join(ROOT, "build", "cuda", "lib", "fastbind")
 CUDA_ARCH = "9.0a"  # the H200 alone (sm_90a): half the device code of make cuda-build's "8.0;9.0a"
-# Loads a library in a child and prints its build info and the ops csrc/cuda should have
-# registered for the CUDA dispatch key but did not (argv: library, op names).
+# Loads a library in a child as fastbind._C (as an installed build is loaded; argv: the library, the
+# repository root) and prints its build info and the ops of the op tables' cuda rows that have no
+# kernel for the CUDA dispatch key. The op list is cuda_link_check's (the tables), the one list the
+# link check of `make cuda-build` checks too.
 _PROBE = """
-import sys, torch
-torch.ops.load_library(sys.argv[1])
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from benchmarks import cuda_link_check as check
+check.load_as_fastbind_c(Path(sys.argv[1]))
+import torch
 print("build_info:", torch.ops.fastbind.build_info())
-has = torch._C._dispatch_has_kernel_for_dispatch_key
-print("missing:", " ".join(op for op in sys.argv[2:] if not has("fastbind::" + op, "CUDA")))
+print("missing:", " ".join(name.removeprefix("fastbind::") for name in check.missing_cuda_kernels()))
 """
 _BACKENDS = "import fastbind, fastbind._backend as b; print(fastbind.backends(), b.availability()['cuda'])"
-
-
-def cuda_op_names() -> list[str]:
-    """The ops csrc/cuda registers for the CUDA dispatch key (the m.impl lines of its .cu files)."""
-    names = set()
-    for path in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
-        with open(path) as f:
-            names.update(re.findall(r'\bm\.impl\(\s*"(\w+)"', f.read()))
-    return sorted(names)
 
 
 def probe_extension(check: Check, path: str) -> dict:
@@ -325,7 +321,7 @@ def probe_extension(check: Check, path: str) -> dict:
     name = os.path.basename(path)
     if name[len("_C") :] not in importlib.machinery.EXTENSION_SUFFIXES:
         return found | {"reason": f"not importable by python {platform.python_version()} (built for another one)"}
-    res = _run([sys.executable, "-c", _PROBE, path, *cuda_op_names()], 120, env=check.env)
+    res = _run([sys.executable, "-c", _PROBE, path, ROOT], 120, env=check.env)
     fields = dict(
         line.split(": ", 1) for line in res["output"].splitlines() if line.startswith(("build_info: ", "missing: "))
     )
@@ -333,7 +329,7 @@ def probe_extension(check: Check, path: str) -> dict:
         last = (res["output"].strip().splitlines() or [f"exit code {res['rc']}"])[-1]
         return found | {"reason": f"does not load: {last}"[:300]}
     info, missing = fields["build_info"].strip(), fields.get("missing", "").split()
-    found["build_info"] = info
+    found["build_info"], found["missing"] = info, missing
     if "cuda" not in info.split():  # the test fastbind._backend makes
         return found | {"reason": "built without CUDA"}
     if missing:
