@@ -165,11 +165,12 @@ def _case(spec: Spec, case: str):
     return bases, lambda bs: [f(bs) for f in build]
 
 
-def _run(spec: Spec, bases, make, backend: str, dtype: torch.dtype):
-    """(outputs, leaves) or the ValueError / TypeError raised; any other exception fails the test."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in bases]
+def _run(spec: Spec, bases, make, backend: str, dtype: torch.dtype, device=None):
+    """(outputs, leaves) or the ValueError / TypeError raised; any other exception fails the test.
+    The leaves go to `device` (the backend's), the outputs come back to CPU (differentiably)."""
+    leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in bases]
     try:
-        return spec.call(make(leaves), backend), leaves
+        return tuple(out.cpu() for out in spec.call(make(leaves), backend)), leaves
     except (ValueError, TypeError) as exc:
         return exc, leaves
 
@@ -226,10 +227,10 @@ def _grads(outs, leaves):
     return torch.autograd.grad(total, leaves, allow_unused=True)
 
 
-def _check(name: str, backend: str, bases, make, compare_grads: bool):
+def _check(name: str, backend: str, device, bases, make, compare_grads: bool):
     """compare_grads=None: the backward must only run (inputs with NaN / inf)."""
     spec = SPECS[name]
-    got, leaves = _run(spec, bases, make, backend, torch.float32)
+    got, leaves = _run(spec, bases, make, backend, torch.float32, device)
     ref, leaves64 = _run(spec, bases, make, "torch", torch.float64)
     if isinstance(got, Exception) or isinstance(ref, Exception):
         # a clear error on one side only would mean the backends disagree about what is valid
@@ -253,31 +254,31 @@ def _check(name: str, backend: str, bases, make, compare_grads: bool):
         if compare_grads:
             scale = max(1.0, r.abs().max().item())
             torch.testing.assert_close(
-                g.double(), r, atol=1e-3 * scale, rtol=1e-3, msg=lambda m, i=i: f"{name} {backend} grad {i}: {m}"
+                g.double().cpu(), r, atol=1e-3 * scale, rtol=1e-3, msg=lambda m, i=i: f"{name} {backend} grad {i}: {m}"
             )
 
 
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", SPECS)
-def test_non_finite_value_in_every_argument_position(name, backend):
+def test_non_finite_value_in_every_argument_position(name, backend, device):
     spec = SPECS[name]
     for position in range(len(spec.shapes(4, 4))):
         for value in BAD_VALUES.values():
             bases, make = _case(spec, "plain")
             bases[position].view(-1)[min(5, bases[position].numel() - 1)] = value
-            _check(name, backend, bases, make, compare_grads=None)
+            _check(name, backend, device, bases, make, compare_grads=None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", SPECS)
-def test_degenerate_inputs(name, backend):
+def test_degenerate_inputs(name, backend, device):
     spec = SPECS[name]
     for case in DEGENERATE:
         bases, make = _case(spec, case)
         # GRAM volumes of dependent vectors (D = 1, aliased or shifted rows) have no unique derivative
         singular = spec.gram and case in ("D=1", "aliased", "overlapping")
-        _check(name, backend, bases, make, compare_grads=not singular)
+        _check(name, backend, device, bases, make, compare_grads=not singular)
 
 
 def test_grid_has_every_public_function():

@@ -276,9 +276,9 @@ def test_gram_loss_module(backend, device):
     anchor, mods = _inputs(12, 12, 16, 3, seed=11, normalize=True, device=device)
     module = fb.nn.GramLoss(label_smoothing=0.1).to(device)
     module.backend = backend
-    assert isinstance(module.temperature, torch.nn.Parameter) and module.temperature.item() == pytest.approx(0.07)
     loss = module(anchor, *mods)
     loss.backward()
+    assert isinstance(module.temperature, torch.nn.Parameter) and module.temperature.item() == pytest.approx(0.07)
     want = ref.gram_loss(anchor.double(), *(m.double() for m in mods), temperature=0.07, label_smoothing=0.1)
     _close(loss, want, 2e-4, "GramLoss")
     assert module.temperature.grad is not None and module.temperature.grad.isfinite()

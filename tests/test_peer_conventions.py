@@ -90,21 +90,22 @@ def test_gram_release_loss_value_and_direction_names():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gram_release_training_step_snippet(backend):
+def test_gram_release_training_step_snippet(backend, device):
     """The snippet reproduces the release's training step: same loss and same gradients for the
     anchor, every modality and τ (on every backend)."""
     dtype = F64 if backend == "torch" else torch.float32
     fb.set_backend(backend)
     t, v, a, tau = _gram_inputs(dtype=dtype)
     ref_inputs = [_leaf(x.double()) for x in (t, v, a, tau)]
+    t, v, a, tau = (_leaf(x.to(device)) for x in (t, v, a, tau))
     want, _, _ = release_step_loss(*ref_inputs)
     want_grads = _grads(want, ref_inputs)
     got = release_training_step_with_fastbind(t, v, a, tau)
     got_grads = _grads(got, [t, v, a, tau])
     tol = 1e-9 if dtype == F64 else 2e-4
-    _close(got.double(), want, tol)
+    _close(got.double().cpu(), want, tol)
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
+        torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * w.abs().max().item())
 
 
 def test_gram_exact_gradient_is_the_default():
@@ -146,22 +147,23 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_open_clip_logit_scale(backend):
+def test_open_clip_logit_scale(backend, device):
     """fb.infonce(image, text, logit_scale=model.logit_scale.exp()) is ClipLoss()(image, text,
     logit_scale): same loss, same gradients (the learnable log-scale included)."""
     dtype = F64 if backend == "torch" else torch.float32
     image, text = _leaf(_unit(10, 8, seed=1, dtype=dtype)), _leaf(_unit(10, 8, seed=2, dtype=dtype))
     log_scale = torch.tensor(math.log(1 / 0.07), dtype=dtype, requires_grad=True)  # open_clip's init
     ref_inputs = [_leaf(x.double()) for x in (image, text, log_scale)]
+    image, text, log_scale = (_leaf(x.to(device)) for x in (image, text, log_scale))
     want = clip_loss(ref_inputs[0], ref_inputs[1], ref_inputs[2].exp())
     want_grads = _grads(want, ref_inputs)
     got = fb.infonce(image, text, logit_scale=log_scale.exp(), backend=backend)
     module = fb.nn.InfoNCELoss(backend=backend)(image, text, log_scale.exp())  # ClipLoss's call order
     tol = 1e-9 if dtype == F64 else 2e-5
-    _close(got.double(), want, tol)
-    _close(module.double(), want, tol)
+    _close(got.double().cpu(), want, tol)
+    _close(module.double().cpu(), want, tol)
     for g, w in zip(_grads(got, [image, text, log_scale]), want_grads):
-        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * w.abs().max().item())
+        torch.testing.assert_close(g.double().cpu(), w, rtol=tol, atol=tol * w.abs().max().item())
 
 
 def test_open_clip_positional_scale_is_a_temperature():
@@ -200,7 +202,7 @@ def imagebind_loss(anchor: torch.Tensor, modalities, logit_scales) -> torch.Tens
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_imagebind_anchor_loss(backend):
+def test_imagebind_anchor_loss(backend, device):
     """One temperature: imagebind_loss = 2 · anchor_loss(anchor, *modalities, logit_scale=s). Per-
     modality scales: 2 · anchor_loss(anchor, *scaled_embeddings, temperature=1.0) with the embeddings
     as ImageBind's postprocessors return them (unit vector · scale)."""
@@ -209,11 +211,12 @@ def test_imagebind_anchor_loss(backend):
     anchor = _unit(9, 8, seed=7, dtype=dtype)
     mods = [_unit(9, 8, seed=8 + i, dtype=dtype) for i in range(3)]
     same = imagebind_loss(anchor.double(), [m.double() for m in mods], [14.0] * 3)
-    _close(2 * fb.anchor_loss(anchor, *mods, logit_scale=14.0, backend=backend).double(), same, tol)
+    on = [z.to(device) for z in (anchor, *mods)]
+    _close(2 * fb.anchor_loss(*on, logit_scale=14.0, backend=backend).double().cpu(), same, tol)
     scales = [20.0, 5.0, 10.0]
     per_modality = imagebind_loss(anchor.double(), [m.double() for m in mods], scales)
-    scaled = [s * m for s, m in zip(scales, mods)]
-    _close(2 * fb.anchor_loss(anchor, *scaled, temperature=1.0, backend=backend).double(), per_modality, tol)
+    scaled = [s * m for s, m in zip(scales, on[1:])]
+    _close(2 * fb.anchor_loss(on[0], *scaled, temperature=1.0, backend=backend).double().cpu(), per_modality, tol)
 
 
 # =============================================================================================
@@ -496,23 +499,27 @@ def _faiss_flat_search(x, codebook, k, inner_product):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_faiss_l2_ip_and_cosine(backend):
+def test_faiss_l2_ip_and_cosine(backend, device):
     """IndexFlatL2 returns squared L2 (as fastbind's "l2"); IndexFlatIP returns +x·e sorted descending
     (fastbind's "dot" returns −x·e ascending: same order, negated values); normalize_L2 + IndexFlatIP
     returns cos (fastbind's "cosine" returns 1 − cos)."""
     torch.manual_seed(8)
     x, codebook, k = torch.randn(37, 16), torch.randn(50, 16), 5
-    dist, index = fb.codebook_lookup(x, codebook, k, "l2", backend=backend)
+
+    def lookup(metric):  # on the backend's device, the results back on CPU beside faiss's
+        return (t.cpu() for t in fb.codebook_lookup(x.to(device), codebook.to(device), k, metric, backend=backend))
+
+    dist, index = lookup("l2")
     d_ref, i_ref = _faiss_flat_search(x, codebook, k, inner_product=False)
     assert torch.equal(index, i_ref)
     torch.testing.assert_close(dist.double(), d_ref, rtol=1e-5, atol=1e-4)
 
-    dist, index = fb.codebook_lookup(x, codebook, k, "dot", backend=backend)
+    dist, index = lookup("dot")
     s_ref, i_ref = _faiss_flat_search(x, codebook, k, inner_product=True)
     assert torch.equal(index, i_ref)
     torch.testing.assert_close(-dist.double(), s_ref, rtol=1e-5, atol=1e-4)
 
-    dist, index = fb.codebook_lookup(x, codebook, k, "cosine", backend=backend)
+    dist, index = lookup("cosine")
     s_ref, i_ref = _faiss_flat_search(F.normalize(x, dim=1), F.normalize(codebook, dim=1), k, inner_product=True)
     assert torch.equal(index, i_ref)
     torch.testing.assert_close(1 - dist.double(), s_ref, rtol=1e-5, atol=1e-5)

@@ -187,9 +187,11 @@ def _bad_calls(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_fake_kernels_reject_bad_calls(backend):
+def test_fake_kernels_reject_bad_calls(backend, device):
     """Under FakeTensorMode (what torch.compile traces with) the fake kernel itself raises."""
-    for table, args, message in _bad_calls(backend):
+    with torch.device(device):  # the backend's device, as where torch.compile traces its calls
+        calls = _bad_calls(backend)
+    for table, args, message in calls:
         op = table.forward_op(backend)
         with FakeTensorMode() as mode:
             fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
@@ -198,9 +200,10 @@ def test_fake_kernels_reject_bad_calls(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_fake_kernels_accept_good_calls(backend):
-    anchor, basis, vol, asq = torch.randn(5, 7), torch.randn(2, 6, 7), torch.rand(6), torch.rand(5)
-    tau = torch.tensor(0.1)
+def test_fake_kernels_accept_good_calls(backend, device):
+    with torch.device(device):
+        anchor, basis, vol, asq = torch.randn(5, 7), torch.randn(2, 6, 7), torch.rand(6), torch.rand(5)
+        tau = torch.tensor(0.1)
     with FakeTensorMode() as mode:
         a, b, v, s, t = (mode.from_tensor(x) for x in (anchor, basis, vol, asq, tau))
         assert gram_ops.VOLUME.forward_op(backend)(a, b, v, s).shape == (5, 6)
@@ -208,9 +211,10 @@ def test_fake_kernels_accept_good_calls(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_torch_compile_of_a_bad_op_call_raises(backend):
+def test_torch_compile_of_a_bad_op_call_raises(backend, device):
     op = infonce_ops.INFONCE.forward_op(backend)
-    q, k, tau = torch.randn(2, 5, 7), torch.randn(2, 6, 8), torch.tensor(0.1)
+    with torch.device(device):
+        q, k, tau = torch.randn(2, 5, 7), torch.randn(2, 6, 8), torch.tensor(0.1)
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(q, k, tau):

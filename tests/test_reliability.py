@@ -25,8 +25,8 @@ FUSED_AUTOGRAD = {
 }
 
 
-def _three(b=6, d=8):
-    return [torch.randn(b, d) for _ in range(3)]
+def _three(b=6, d=8, device=None):
+    return [torch.randn(b, d, device=device) for _ in range(3)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -35,8 +35,8 @@ def _three(b=6, d=8):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the Triton interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [NAN, float("inf")])
-def test_non_finite_anchor_row_gives_nan_volume_and_loss(backend, bad):
-    anchor, m1, m2 = _three()
+def test_non_finite_anchor_row_gives_nan_volume_and_loss(backend, bad, device):
+    anchor, m1, m2 = _three(device=device)
     anchor[1, 3] = bad
     vol = fb.gram_volume(anchor, m1, m2, backend=backend)
     expected = gram_ref.gram_volume(anchor.double(), m1.double(), m2.double())
@@ -51,8 +51,8 @@ def test_non_finite_anchor_row_gives_nan_volume_and_loss(backend, bad):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_in_a_data_modality_gives_nan_column(backend):
-    anchor, m1, m2 = _three()
+def test_nan_in_a_data_modality_gives_nan_column(backend, device):
+    anchor, m1, m2 = _three(device=device)
     m2[4, 0] = NAN
     vol = fb.gram_volume(anchor, m1, m2, backend=backend)
     assert vol[:, 4].isnan().all() and vol[:, [0, 1, 2, 3, 5]].isfinite().all()
@@ -64,8 +64,8 @@ def test_nan_in_a_data_modality_gives_nan_column(backend):
 #    the torch backend differentiates twice.
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", FUSED_AUTOGRAD)
-def test_double_backward_raises_on_fused_backends(backend, name):
-    a, b, c = (t.requires_grad_() for t in _three())
+def test_double_backward_raises_on_fused_backends(backend, name, device):
+    a, b, c = (t.requires_grad_() for t in _three(device=device))
     out = FUSED_AUTOGRAD[name](a, b, c, backend=backend)
     with pytest.raises(RuntimeError, match="second-order gradients .* backend='torch'"):
         torch.autograd.grad(out, [a, b, c], create_graph=True)
@@ -77,8 +77,8 @@ def test_double_backward_raises_on_fused_backends(backend, name):
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", FUSED_AUTOGRAD)
-def test_torch_func_grad_raises_clear_error_on_fused_backends(backend, name):
-    a, b, c = _three()
+def test_torch_func_grad_raises_clear_error_on_fused_backends(backend, name, device):
+    a, b, c = _three(device=device)
     with pytest.raises(RuntimeError, match=rf"{name}: backend '{backend}' cannot run this call: torch.func"):
         torch.func.grad(lambda x: FUSED_AUTOGRAD[name](x, b, c, backend=backend))(a)
 
@@ -102,20 +102,20 @@ def test_torch_backend_second_order_gradients(name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lookup_and_quantize_differentiate_twice_on_every_backend(backend):
+def test_lookup_and_quantize_differentiate_twice_on_every_backend(backend, device):
     """dist / sqdist are torch ops around the (non-differentiable) index: Hessian-vector products
     equal the float64 reference's."""
     x, e = torch.randn(7, 5), torch.randn(9, 5)
     v = torch.randn(7, 5)
     hvps = []
-    for be, dtype in ((backend, torch.float32), ("torch", torch.float64)):
-        xx = x.to(dtype).requires_grad_()
-        ee = e.to(dtype)
+    for be, dtype, dev in ((backend, torch.float32, device), ("torch", torch.float64, "cpu")):
+        xx = x.to(dev, dtype).requires_grad_()
+        ee = e.to(dev, dtype)
         dist, _ = fb.codebook_lookup(xx, ee, 2, "cosine", backend=be)
         _, _, sqdist = fb.quantize(xx, ee, backend=be)
         (g,) = torch.autograd.grad(dist.square().sum() + sqdist.square().sum(), xx, create_graph=True)
-        (hvp,) = torch.autograd.grad((g * v.to(dtype)).sum(), xx)
-        hvps.append(hvp)
+        (hvp,) = torch.autograd.grad((g * v.to(dev, dtype)).sum(), xx)
+        hvps.append(hvp.cpu())
     torch.testing.assert_close(hvps[0].double(), hvps[1], atol=1e-4, rtol=1e-4)
 
 
@@ -175,8 +175,8 @@ def test_reference_pairwise_distance_blocks_match_direct_formula():
 #    denormal Gram matrices.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [2, 3, 5])
-def test_tiny_inputs_give_underflowed_volumes_not_nan(backend, k):
-    ts = [torch.randn(5, 8) * 1e-20 for _ in range(k)]
+def test_tiny_inputs_give_underflowed_volumes_not_nan(backend, k, device):
+    ts = [torch.randn(5, 8, device=device) * 1e-20 for _ in range(k)]
     vol = fb.gram_volume(*ts, backend=backend)
     paired = fb.gram_volume_paired(*ts, backend=backend)
     loss = fb.gram_loss(*ts, backend=backend)
@@ -184,7 +184,7 @@ def test_tiny_inputs_give_underflowed_volumes_not_nan(backend, k):
     # float64 volumes are ~1e-20k: below float32's smallest denormal (1.4e-45) for k >= 3
     assert vol.abs().max() <= 1e-38 and paired.abs().max() <= 1e-38
     # every volume ~0, so every logit ~0 and the loss is log(B)
-    torch.testing.assert_close(loss, torch.tensor(5.0).log(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss.cpu(), torch.tensor(5.0).log(), atol=1e-6, rtol=0)
 
 
 def test_reference_volume_is_scale_covariant():
@@ -248,8 +248,8 @@ def test_temperature_whose_reciprocal_overflows_float32_is_rejected(name, temper
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_smallest_accepted_temperature_gives_finite_loss(backend):
-    x, y, _ = (torch.nn.functional.normalize(t, dim=-1) for t in _three())
+def test_smallest_accepted_temperature_gives_finite_loss(backend, device):
+    x, y, _ = (torch.nn.functional.normalize(t, dim=-1) for t in _three(device=device))
     loss = fb.infonce(x, y, temperature=1e-30, backend=backend)
     assert loss.isfinite()
 

@@ -45,12 +45,12 @@ def hand_ema_step(codebook, count, total, zs, gamma, eps, w_self, w_cross):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("modalities", [1, 2, 3])
-def test_ema_matches_hand_computation(backend, modalities):
+def test_ema_matches_hand_computation(backend, modalities, device):
     num_codes, dim, tokens = 7, 5, 13
     gamma, eps, beta = 0.9, 1e-3, 0.25
     vq = VectorQuantizer(
         num_codes, dim, decay=gamma, eps=eps, commitment=beta, dead_code_steps=0, modalities=modalities, init="none"
-    )
+    ).to(device)
     vq.backend = backend
     e0 = torch.randn(num_codes, dim)
     vq.initialize(e0)
@@ -63,13 +63,14 @@ def test_ema_matches_hand_computation(backend, modalities):
         codebook, count, total, assign = hand_ema_step(
             codebook, count, total, [z.double() for z in zs], gamma, eps, w_self, w_cross
         )
-        quantized, indices, loss = vq(zs if modalities > 1 else zs[0])
+        on_device = [z.to(device) for z in zs]
+        quantized, indices, loss = vq(on_device if modalities > 1 else on_device[0])
         got_idx = indices if modalities > 1 else [indices]
         for m in range(modalities):
             assert got_idx[m].tolist() == assign[m]
-        torch.testing.assert_close(vq.codebook.double(), codebook, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(vq.ema_count.double(), count, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(vq.ema_sum.double(), total, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vq.codebook.double().cpu(), codebook, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vq.ema_count.double().cpu(), count, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vq.ema_sum.double().cpu(), total, atol=1e-5, rtol=1e-5)
         # loss: β·MSE for one modality; CMG's 2β self term + c·β cross terms (c = 1/(M−1)) otherwise
         mse = [
             [float(((zs[m].double() - before[assign[n]]) ** 2).mean()) for n in range(modalities)]
@@ -86,7 +87,7 @@ def test_ema_matches_hand_computation(backend, modalities):
         assert math.isclose(float(loss), expected, rel_tol=1e-5)
         outs = quantized if modalities > 1 else [quantized]
         for m in range(modalities):
-            torch.testing.assert_close(outs[m].double(), before[assign[m]], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(outs[m].double().cpu(), before[assign[m]], atol=1e-6, rtol=1e-6)
 
 
 def test_straight_through_and_commitment_gradient():
