@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton.runtime.interpreter as interpreter
-from conftest import FUSED, GPU
+from conftest import FUSED
 
 import fastbind as fb
 from fastbind.reference import codebook as ref_codebook
@@ -20,7 +20,7 @@ if "triton" in FUSED:  # registers the fastbind::*_triton ops used directly belo
 needs_triton = pytest.mark.skipif("triton" not in FUSED, reason="triton backend unavailable")
 # These tests patch or emulate the interpreter (its tl.dot, its 16-bit rounding) on CPU tensors; on a
 # machine with a GPU the op tests of test_gram/test_infonce/test_codebook run the compiled kernels.
-pytestmark = pytest.mark.skipif(GPU, reason="interpreter-only test (CPU tensors under TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.interpreter_only  # skipped on a GPU, left out of the device audit (conftest.py)
 
 
 @pytest.fixture
