@@ -1058,8 +1058,9 @@ def parse_pytest_backends(text: str) -> dict:
 
 
 # Test files that exercise no GPU code path (our SIMT emulator, nvcc and Triton compiles that need no
-# GPU, the CPU kernels' internals, packaging, this script's dry run): on the GPU they run after the
-# rest of the suite, so that a cut by the time cap falls on them. make test runs them everywhere.
+# GPU, the CPU kernels' internals, packaging, this script's dry run, the device audit): on the GPU
+# they run after the rest of the suite, so that a cut by the time cap falls on them. make test runs
+# them everywhere.
 CPU_ONLY_TESTS = (
     "test_cuda_emulated.py",
     "test_cuda_compile.py",
@@ -1069,6 +1070,7 @@ CPU_ONLY_TESTS = (
     "test_packaging.py",
     "test_typing.py",
     "test_gpu_check.py",
+    "test_device_axis.py",
 )
 
 
