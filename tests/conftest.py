@@ -20,11 +20,14 @@ built without the test's device lands on CPU. Each test runs until its first cal
 (fastbind's backend selection, or a ``fastbind::`` custom op called directly, e.g. by opcheck):
 
 * inputs on the stand-in device: the test built them right; it stops there and passes (nothing
-  runs on meta tensors, so the audit is cheap);
+  runs on meta tensors, so the audit is cheap). The same where fastbind's own code first reads a
+  value of a stand-in tensor (e.g. the finiteness check of ``VectorQuantizer``'s input);
 * a triton or cuda kernel asked to run on CPU tensors: the test fails with "device audit: ...",
   as it would on a GPU, where CPU tensors cannot go to a compiled kernel;
 * CPU tensors to the cpu backend or the float64 reference run as usual (CPU-side by design).
 
+A test must therefore take the values it compares against from CPU data before moving it to the
+device (meta tensors hold none), as it would anyway to keep its float64 reference on CPU.
 ``make test`` runs the audit over the whole suite (tests/test_device_axis.py); by hand:
 ``FASTBIND_DEVICE_AUDIT=1 .venv/bin/python -m pytest -q tests``. Not covered: a CPU generator
 passed with ``device=`` (accepted by meta, refused by CUDA), and calls after the first fused one.
