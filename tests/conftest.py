@@ -29,8 +29,9 @@ built without the test's device lands on CPU. Each test runs until its first cal
 A test must therefore take the values it compares against from CPU data before moving it to the
 device (meta tensors hold none), as it would anyway to keep its float64 reference on CPU.
 ``make test`` runs the audit over the whole suite (tests/test_device_axis.py); by hand:
-``FASTBIND_DEVICE_AUDIT=1 .venv/bin/python -m pytest -q tests``. Not covered: a CPU generator
-passed with ``device=`` (accepted by meta, refused by CUDA), and calls after the first fused one.
+``FASTBIND_DEVICE_AUDIT=1 .venv/bin/python -m pytest -q tests``. Meta accepts a CPU generator
+where CUDA refuses it: the audit fails such draws itself. Not covered: calls after the first
+fused one.
 """
 
 import os
@@ -156,13 +157,19 @@ def _audit_dispatch_mode(nodeid: str):
     gpu_ops = _gpu_row_ops()
 
     class AuditMode(TorchDispatchMode):
-        """Direct calls of fastbind's custom ops (opcheck, tests of one kernel)."""
+        """Direct calls of fastbind's custom ops (opcheck, tests of one kernel), and random draws."""
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            devices = {t.device for t in flat if isinstance(t, torch.Tensor)}
+            if any(isinstance(a, torch.Generator) for a in flat) and STAND_IN in {kwargs.get("device"), *devices}:
+                # meta takes a CPU generator; CUDA refuses it (a gap of the stand-in, closed here)
+                raise DeviceAuditError(
+                    f"device audit: {func.name()} draws on the test's device with a CPU generator in "
+                    f"{nodeid}; CUDA refuses that: draw on CPU, then .to(device)"
+                )
             if func.namespace == "fastbind":
-                flat = torch.utils._pytree.tree_leaves((args, kwargs))
-                devices = {t.device for t in flat if isinstance(t, torch.Tensor)}
                 if STAND_IN in devices:
                     raise DeviceAuditStop(func.name())
                 if func.name().split(".")[0] in gpu_ops:
@@ -175,8 +182,7 @@ def _audit_dispatch_mode(nodeid: str):
             except (RuntimeError, NotImplementedError):
                 # fastbind itself reading the values of a stand-in tensor (a module's input checks,
                 # .item() / .tolist()): the inputs reached fastbind on the test's device
-                flat = torch.utils._pytree.tree_leaves((args, kwargs))
-                if any(isinstance(t, torch.Tensor) and t.device == STAND_IN for t in flat) and _in_fastbind():
+                if STAND_IN in devices and _in_fastbind():
                     raise DeviceAuditStop(func.name()) from None
                 raise
 

@@ -80,6 +80,12 @@ def test_op_called_directly_on_cpu(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+def test_cpu_generator_on_device(backend, device):
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), device=device)
+    fb.infonce(x, x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
 def test_built_on_device(backend, device):
     x = torch.randn(5, 4, device=device)
     want = fb.infonce(torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64))
@@ -105,20 +111,27 @@ def test_interpreter_only(backend):
 @pytest.mark.skipif(GPU, reason="the scratch tests of the CPU build are CPU tests")
 def test_the_audit_fails_tests_that_build_cpu_inputs(tmp_path):
     """A scratch module beside a copy of conftest.py: the plain run passes every test (CPU tensors
-    under the interpreter run fine); the audit fails exactly the three that would hand a triton
-    kernel CPU tensors on a GPU, even under `pytest.raises(Exception)`, and passes the others."""
+    under the interpreter run fine); the audit fails exactly the four that would fail on a GPU
+    (three hand a triton kernel CPU tensors, one even under `pytest.raises(Exception)`; one draws
+    with a CPU generator on the device), and passes the others."""
     shutil.copy(os.path.join(TESTS, "conftest.py"), tmp_path / "conftest.py")
     (tmp_path / "test_scratch.py").write_text(SCRATCH)
     rc, out = _pytest(["test_scratch.py"], tmp_path, audit=False)
     assert rc == 0 and "failed" not in out, out[-3000:]
     rc, out = _pytest(["test_scratch.py"], tmp_path, audit=True)
     failed = sorted(re.findall(r"^FAILED test_scratch.py::(\w+)\[triton\]", out, re.M))
-    assert failed == ["test_built_on_cpu", "test_error_swallowed_by_a_broad_raises", "test_op_called_directly_on_cpu"]
+    assert failed == [
+        "test_built_on_cpu",
+        "test_cpu_generator_on_device",
+        "test_error_swallowed_by_a_broad_raises",
+        "test_op_called_directly_on_cpu",
+    ], out[-3000:]
     assert rc == 1 and "device audit: infonce runs the triton backend on tensors on cpu" in out, out[-3000:]
     assert "device audit: fastbind::infonce_fwd_triton called on tensors on ['cpu']" in out, out[-3000:]
+    assert "with a CPU generator" in out, out[-3000:]
     counts, stopped = _counts(out)
-    # audited: the five tests of triton (the interpreter-only one and the cpu backend's are left out)
-    assert (counts["passed"], counts["failed"], stopped) == (2, 3, 2), out[-3000:]
+    # audited: the six tests of triton (the interpreter-only one and the cpu backend's are left out)
+    assert (counts["passed"], counts["failed"], stopped) == (2, 4, 2), out[-3000:]
 
 
 @pytest.mark.skipif(GPU, reason="simulates a GPU machine")
