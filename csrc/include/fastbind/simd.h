@@ -3,7 +3,9 @@
 // flags (one binary for every x86-64 CPU), so a hot epilogue loop marked with it is compiled three
 // times — AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline — and the loader picks the
 // best clone this CPU runs (an ifunc, resolved once). no-math-errno / no-trapping-math let gcc
-// vectorise sqrt and the conditional selects (`j != skip ? e : 0`) inside `omp simd` loops.
+// vectorise sqrt and the conditional selects (`j != skip ? e : 0`) inside `omp simd` loops. The
+// attribute does not reach the always_inline FB_HD helpers (their sqrt kept errno semantics: a scalar
+// loop), so setup.py also builds with -fno-math-errno.
 //
 // target_clones with "arch=" levels needs gcc >= 11 on x86-64 (clang spells the levels
 // differently, other architectures have other targets): everywhere else the macro is empty and
