@@ -203,12 +203,13 @@ def _clone_disassembly(symbol_part, clone):
 
 @pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("nm") is None, reason="no binutils")
 def test_distance_epilogue_vectorised():
-    """The distance loop's sqrt is a vector sqrt in the AVX-512 clone: with errno semantics gcc kept
+    """The distance loops' sqrt is a vector sqrt in the AVX-512 clone: with errno semantics gcc kept
     a scalar sqrtss loop with a libm call for negative inputs (the extension is built with
     -fno-math-errno for this). A scalar sqrt is left in the loop's remainder only."""
     nm = subprocess.run(["nm", fb._C.__file__], capture_output=True, text=True, check=True).stdout
     if "arch_x86_64_v4" not in nm:
         pytest.skip("the extension has no x86-64-v4 clones (not gcc >= 11 on x86-64)")
-    asm = _clone_disassembly("row_distances", "arch_x86_64_v4")
-    assert re.search(r"vsqrtps\s+%zmm", asm), asm[-2000:]
-    assert not re.search(r"call.*sqrtf", asm), asm[-2000:]  # no libm fallback for errno
+    for loop in ("row_distances", "row_scaled_volumes"):
+        asm = _clone_disassembly(loop, "arch_x86_64_v4")
+        assert re.search(r"vsqrtps\s+%zmm", asm), (loop, asm[-2000:])
+        assert not re.search(r"call.*sqrtf", asm), (loop, asm[-2000:])  # no libm fallback for errno

@@ -56,24 +56,33 @@ Products products_of(const std::vector<at::Tensor>& prods) {
   return out;
 }
 
-// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
-FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+// res_j = a_sq − Σ_r P_r[off + j]² for j < nc (FB_HD: inlined into each caller's clone).
+FB_HD void row_residuals(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict res) {
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = a_sq;
+  for (int64_t j = 0; j < nc; ++j) res[j] = a_sq;
   for (int r = 0; r < P.n; ++r) {
     const float* __restrict pr = P.p[r] + off;
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) dist[j] = gram_residual_sub(dist[j], pr[j]);
+    for (int64_t j = 0; j < nc; ++j) res[j] = gram_residual_sub(res[j], pr[j]);
   }
+}
+
+// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
+FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+  row_residuals(P, off, nc, a_sq, dist);
 #pragma omp simd
   for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(dist[j]);
 }
 
-// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ).
-FB_MULTIVERSION void scaled_volumes(const float* __restrict dist, const float* __restrict span_vol, float scale,
-                                  int64_t nc, float* __restrict out) {
+// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ), the
+// distances of row_distances in the same pass (res: scratch of nc floats; out may be P_0's row,
+// which row_residuals has read before the first write: not __restrict).
+FB_MULTIVERSION void row_scaled_volumes(const Products& P, int64_t off, int64_t nc, float a_sq,
+                                        const float* __restrict span_vol, float scale, float* __restrict res,
+                                        float* out) {
+  row_residuals(P, off, nc, a_sq, res);
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], dist[j]);
+  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], gram_distance_from_residual(res[j]));
 }
 
 FB_MULTIVERSION float row_max(const float* __restrict x, int64_t n) {
@@ -478,8 +487,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
       const Products P = products_of(prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
-        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
-        scaled_volumes(dist.data(), rv + t.c0, 1.0f, t.nc, out + gi * o.B2 + t.c0);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, dist.data(), out + gi * o.B2 + t.c0);
       }
     });
   });
@@ -553,8 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
-        scaled_volumes(dist.data(), rv + t.c0, neg_inv_tau, t.nc, logit);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist.data(), logit);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
           rpos[gi] = logit[pos];
