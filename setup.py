@@ -28,7 +28,10 @@ def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast"]
+    # -fno-math-errno: sqrt in the epilogue loops compiles to a vector sqrt (with errno, gcc keeps a
+    # scalar sqrt plus a libm call for negative inputs; the optimize attribute of FB_MULTIVERSION does
+    # not reach the always_inline helpers). Nothing here reads errno.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if _want_cuda():
         cu = sorted(glob.glob("csrc/cuda/*.cu"))

@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,24 +56,33 @@ Products products_of(const std::vector<at::Tensor>& prods) {
   return out;
 }
 
-// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
-FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+// res_j = a_sq − Σ_r P_r[off + j]² for j < nc (FB_HD: inlined into each caller's clone).
+FB_HD void row_residuals(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict res) {
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = a_sq;
+  for (int64_t j = 0; j < nc; ++j) res[j] = a_sq;
   for (int r = 0; r < P.n; ++r) {
     const float* __restrict pr = P.p[r] + off;
 #pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) dist[j] = gram_residual_sub(dist[j], pr[j]);
+    for (int64_t j = 0; j < nc; ++j) res[j] = gram_residual_sub(res[j], pr[j]);
   }
+}
+
+// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
+FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+  row_residuals(P, off, nc, a_sq, dist);
 #pragma omp simd
   for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(dist[j]);
 }
 
-// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ).
-FB_MULTIVERSION void scaled_volumes(const float* __restrict dist, const float* __restrict span_vol, float scale,
-                                  int64_t nc, float* __restrict out) {
+// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ), the
+// distances of row_distances in the same pass (res: scratch of nc floats; out may be P_0's row,
+// which row_residuals has read before the first write: not __restrict).
+FB_MULTIVERSION void row_scaled_volumes(const Products& P, int64_t off, int64_t nc, float a_sq,
+                                        const float* __restrict span_vol, float scale, float* __restrict res,
+                                        float* out) {
+  row_residuals(P, off, nc, a_sq, res);
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], dist[j]);
+  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], gram_distance_from_residual(res[j]));
 }
 
 FB_MULTIVERSION float row_max(const float* __restrict x, int64_t n) {
@@ -131,10 +139,15 @@ struct RowGrad {
   int64_t diag;  // tile-local positive column, or -1
 };
 
+//
+// With `t16` (the bf16 path), T_r is written rounded to bfloat16 into t16[r][0, nc) (zero pad up to
+// ncp) instead of over P_r: the gradient GEMMs read only that copy, so the float32 T_r would be one
+// more pass over the tile for nothing.
 FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, float a_sq,
                                 const float* __restrict span_vol, const float* __restrict g_col,
                                 const float* __restrict lse_col, const float* __restrict grad, const RowGrad& rg,
-                                float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau) {
+                                float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau,
+                                uint16_t* const* t16 = nullptr, int64_t ncp = 0) {
   row_distances(P, off, nc, a_sq, dist);
   const float g_row = rg.g_row, lse_row = rg.lse_row, row_smooth = rg.row_smooth, col_smooth = rg.col_smooth;
   const float one_minus_eps = rg.one_minus_eps, neg_inv_tau = rg.neg_inv_tau, eps_dist = rg.eps_dist;
@@ -166,6 +179,13 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
   }
   for (int r = 0; r < P.n; ++r) {
     float* __restrict pr = P.p[r] + off;
+    if (t16 != nullptr) {
+      uint16_t* __restrict out = t16[r];
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) out[j] = bf16_bits(pr[j] * dist[j]);
+      for (int64_t j = nc; j < ncp; ++j) out[j] = 0;
+      continue;
+    }
 #pragma omp simd
     for (int64_t j = 0; j < nc; ++j) pr[j] *= dist[j];
   }
@@ -173,20 +193,16 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
   *dtau += dt;
 }
 
-// float32 -> bfloat16 bits, rounded to nearest even (c10::BFloat16's rounding; NaN stays NaN), in a
-// form the vectoriser takes.
-FB_HD uint16_t bf16_bits(float x) {
-  const uint32_t u = std::bit_cast<uint32_t>(x);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
-
-// dst[0, nc) = bf16(src[0, nc)); dst[nc, ncp) = 0 (the pad column of an odd tile width: the
-// gradient GEMMs' depth must be even, their other operand has a zero row there).
-FB_MULTIVERSION void bf16_row(const float* __restrict src, int64_t nc, int64_t ncp, uint16_t* __restrict dst) {
+// hi[j] = bf16(q[j]), lo[j] = bf16(q[j] − hi[j]) for j < n: the two halves of a basis row of the
+// depth-2D product GEMM (see Operands), in one pass (no float32 copy of hi, no cat).
+FB_MULTIVERSION void split_hi_lo(const float* __restrict q, int64_t n, uint16_t* __restrict hi,
+                                 uint16_t* __restrict lo) {
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dst[j] = bf16_bits(src[j]);
-  for (int64_t j = nc; j < ncp; ++j) dst[j] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t h = bf16_bits(q[j]);
+    hi[j] = h;
+    lo[j] = bf16_bits(q[j] - float_from_bits(static_cast<int32_t>(static_cast<uint32_t>(h) << 16)));
+  }
 }
 
 // Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
@@ -237,7 +253,9 @@ void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t r0,
 }
 
 struct Operands {
-  at::Tensor anchor, basis, span_vol, anchor_sq;  // float32
+  // float32: the anchor of the float32 / float16 paths (undefined on the bf16 path, which never
+  // needs a float32 copy of it), the basis, span_vol and anchor_sq.
+  at::Tensor anchor, basis, span_vol, anchor_sq;
   // The operands of the product GEMMs A·Q_rᵀ. For a bfloat16 anchor (fastbind/ops/gram.py passes
   // bf16 inputs as they are) where the bf16 microkernel runs: the float32 basis split into bfloat16
   // hi + lo parts (Q ≈ Q_hi + Q_lo to ~2^-17) so that A·Q_rᵀ = [A, A]·[Q_hi, Q_lo]ᵀ is one bf16 GEMM
@@ -245,40 +263,73 @@ struct Operands {
   // adding two products), accurate to float32 level: rounding Q itself to bf16 put 2^-9 relative
   // errors into ‖a‖² − ΣP² and near-flat volumes off by 50%. Else = anchor / basis (float32).
   at::Tensor gemm_anchor, gemm_basis;
-  // bf16 only: the operands of the backward's gradient GEMMs, the anchor as it is and Q_hi
-  // [R, B2, D] (dL/dP is rounded to bf16 there, see backward_tiles).
-  at::Tensor anchor_bf16, basis_hi;
-  int64_t B1, B2, R;
+  // bf16 only: the anchor as it is (operand of the backward's dQ GEMM); Q_hi is the first D
+  // columns of each gemm_basis row (operand of the dA GEMM, dL/dP rounded to bf16 there, see
+  // backward_tiles).
+  at::Tensor anchor_bf16;
+  at::TensorOptions opts;  // float32 CPU tensors (outputs, gradients)
+  int64_t B1, B2, R, D;
   bool bf16;
 };
+
+// [A, A] [B1, 2D] and [Q_hi, Q_lo] [R, B2, 2D] of the bf16 path (see Operands).
+void bf16_gemm_operands(Operands& o) {
+  const int64_t D = o.D, rows = o.R * o.B2;
+  o.gemm_anchor = at::empty({o.B1, 2 * D}, o.anchor_bf16.options());
+  o.gemm_anchor.narrow(1, 0, D).copy_(o.anchor_bf16);
+  o.gemm_anchor.narrow(1, D, D).copy_(o.anchor_bf16);
+  o.gemm_basis = at::empty({o.R, o.B2, 2 * D}, o.anchor_bf16.options());
+  const float* q = o.basis.const_data_ptr<float>();
+  uint16_t* out = reinterpret_cast<uint16_t*>(o.gemm_basis.data_ptr<at::BFloat16>());
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) split_hi_lo(q + i * D, D, out + i * 2 * D, out + i * 2 * D + D);
+  });
+}
 
 Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
                   const at::Tensor& anchor_sq) {
   check_inputs(op, anchor, basis, span_vol, anchor_sq);
   // Detached: the tiles are computed on worker threads, which do not inherit the caller's
   // below-autograd dispatch state, and ATen refuses out= GEMMs on tensors that require grad.
-  Operands o{anchor.detach().to(at::kFloat).contiguous(),
-             basis.detach().to(at::kFloat).contiguous(),
-             span_vol.contiguous().detach(),
-             anchor_sq.contiguous().detach(),
-             {},
-             {},
-             {},
-             {},
-             anchor.size(0),
-             basis.size(1),
-             basis.size(0),
-             anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(anchor.size(1))};
+  Operands o;
+  o.B1 = anchor.size(0);
+  o.B2 = basis.size(1);
+  o.R = basis.size(0);
+  o.D = anchor.size(1);
+  o.bf16 = anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(o.D);
+  o.opts = span_vol.options().dtype(at::kFloat);
+  o.basis = basis.detach().to(at::kFloat).contiguous();
+  o.span_vol = span_vol.contiguous().detach();
+  o.anchor_sq = anchor_sq.contiguous().detach();
   if (o.bf16) {
     o.anchor_bf16 = anchor.detach().contiguous();
-    o.basis_hi = o.basis.to(at::kBFloat16);
-    o.gemm_anchor = at::cat({o.anchor_bf16, o.anchor_bf16}, 1);
-    o.gemm_basis = at::cat({o.basis_hi, (o.basis - o.basis_hi.to(at::kFloat)).to(at::kBFloat16)}, 2);
+    bf16_gemm_operands(o);
   } else {
+    o.anchor = anchor.detach().to(at::kFloat).contiguous();
     o.gemm_anchor = o.anchor;
     o.gemm_basis = o.basis;
   }
   return o;
+}
+
+// B [K, N] (bf16, row stride ld; K = `rows`, padded to even with a zero row) in the VNNI panels of
+// pack_panels<BFloat16> for a K × N operand: panel p (columns c0 = p·kMicroN, w wide) at c0·Kp,
+// element (d, j) at ((d/2)·w + j)·2 + d%2. Pairs of source rows go straight into place (vnni_pair),
+// no transposed copy of B first.
+at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
+  const int64_t Kp = rows + (rows & 1);
+  at::Tensor out = at::empty({Kp * N}, opts);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
+  const std::vector<uint16_t> zeros(N, 0);
+  for (int64_t c0 = 0; c0 < N; c0 += kMicroN) {
+    const int64_t w = std::min(kMicroN, N - c0);
+    uint32_t* panel = dst + c0 * Kp / 2;
+    for (int64_t d = 0; d < Kp; d += 2) {
+      const uint16_t* odd = d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data();
+      vnni_pair(src + d * ld + c0, odd, w, panel + (d / 2) * w);
+    }
+  }
+  return out;
 }
 
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
@@ -286,7 +337,7 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
 void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, const at::Tensor& t_rows,
                          const at::Tensor& t_pairs, const std::vector<at::Tensor>& q_vnni,
                          const at::Tensor& anchor_t16, int64_t B2p, float* da, float* dqt) {
-  const int64_t D = o.anchor.size(1), B2 = o.B2;
+  const int64_t D = o.D, B2 = o.B2;
   const int64_t nr_even = t.nr & ~int64_t{1};
   for (int64_t r = 0; r < o.R; ++r) {
     const at::BFloat16* rows16 = t_rows[r].const_data_ptr<at::BFloat16>();
@@ -308,10 +359,10 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
     }
     // ... and the odd last row of a tile (no VNNI pair) as a rank-1 update
     if (t.nr & 1) {
-      const float* a = o.anchor.const_data_ptr<float>() + (row + t.nr - 1) * D;
+      const at::BFloat16* a = o.anchor_bf16.const_data_ptr<at::BFloat16>() + (row + t.nr - 1) * D;
       const at::BFloat16* last = rows16 + (t.nr - 1) * ncp;
       for (int64_t d = 0; d < D; ++d) {
-        const float ad = a[d];
+        const float ad = static_cast<float>(a[d]);
         float* out = dq + d * B2;
         for (int64_t j = 0; j < t.nc; ++j) out[j] += ad * static_cast<float>(last[j]);
       }
@@ -325,20 +376,20 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
 template <class MakeRowGrad, class GradRow>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tiles(
     const Operands& o, const float* g_col, const float* lse_col, MakeRowGrad&& make_row_grad, GradRow&& grad_row) {
-  const auto opts = o.anchor.options();
-  const int64_t D = o.anchor.size(1);
-  at::Tensor d_anchor = at::zeros_like(o.anchor);
+  const auto opts = o.opts;
+  const int64_t D = o.D;
+  at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
   const std::vector<int64_t> chunks = row_chunks(o.B1);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
   // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = o.bf16 ? o.anchor : transposed_copy(o.anchor);  // (bf16: unused)
+  const at::Tensor anchor_t = o.bf16 ? at::Tensor() : transposed_copy(o.anchor);
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  const float* at_p = anchor_t.data_ptr<float>();
+  const float* at_p = o.bf16 ? nullptr : anchor_t.data_ptr<float>();
   const float* q_p = o.basis.data_ptr<float>();
   float* dasq = d_asq.data_ptr<float>();
   float* da_p = d_anchor.data_ptr<float>();
@@ -355,19 +406,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   // transposed (bf16) and T_r in VNNI pairs of rows, written by the epilogue.
   const int64_t B2p = o.B2 + (o.B2 & 1);
   std::vector<at::Tensor> q_vnni(o.bf16 ? o.R : 0);
-  for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {
-    at::Tensor qt = at::zeros({D, B2p}, o.basis_hi.options());
-    qt.narrow(1, 0, o.B2).copy_(o.basis_hi[r].t());
-    q_vnni[r] = pack_panels<at::BFloat16>(qt);
+  for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {  // Q_hi,r: rows of gemm_basis
+    const uint16_t* hi = reinterpret_cast<const uint16_t*>(o.gemm_basis[r].const_data_ptr<at::BFloat16>());
+    q_vnni[r] = pack_vnni_rows(hi, 2 * D, o.B2, D, o.anchor_bf16.options());
   }
   const at::Tensor anchor_t16 = o.bf16 ? o.anchor_bf16.t().contiguous() : at::Tensor();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> buf(kColBlock);
     // bf16 T_r of one tile: row-major [nr, kColBlock] and VNNI [nr/2, nc, 2] per product
     at::Tensor t_rows, t_pairs;
+    uint16_t* rows16[kMaxProducts];  // T_r rows (bf16) and their VNNI pairs, per product
+    uint32_t* pairs32[kMaxProducts];
     if (o.bf16) {
-      t_rows = at::empty({o.R, kRowBlock * kColBlock}, o.basis_hi.options());
-      t_pairs = at::empty({o.R, kRowBlock * kColBlock}, o.basis_hi.options());
+      t_rows = at::empty({o.R, kRowBlock * kColBlock}, o.anchor_bf16.options());
+      t_pairs = at::empty({o.R, kRowBlock * kColBlock}, o.anchor_bf16.options());
+      for (int64_t r = 0; r < o.R; ++r) {
+        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * kRowBlock * kColBlock;
+        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * kRowBlock * kColBlock);
+      }
     }
     float* dr = d_span_part[c].data_ptr<float>();
     float* dqt = d_basis_part[c].data_ptr<float>();
@@ -379,17 +435,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
         const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
+        uint16_t* t16[kMaxProducts];  // bf16: this row of each T_r, written by backward_row
+        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ncp;
         backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
-                     dasq + gi, &dt);
-        if (o.bf16) {  // this row of T_r in bf16 while it is in L1; pairs of rows into VNNI
-          for (int64_t r = 0; r < o.R; ++r) {
-            uint16_t* rows16 = reinterpret_cast<uint16_t*>(t_rows[r].data_ptr<at::BFloat16>());
-            bf16_row(P.p[r] + i * t.nc, t.nc, ncp, rows16 + i * ncp);
-            if (i & 1)
-              vnni_pair(rows16 + (i - 1) * ncp, rows16 + i * ncp, t.nc,
-                        reinterpret_cast<uint32_t*>(t_pairs[r].data_ptr<at::BFloat16>()) + (i / 2) * t.nc);
-          }
+                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp);
+        if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
+          for (int64_t r = 0; r < o.R; ++r)
+            vnni_pair(rows16[r] + (i - 1) * ncp, rows16[r] + i * ncp, t.nc, pairs32[r] + (i / 2) * t.nc);
         }
       }
       dtau += dt;
@@ -424,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
 at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
                            const at::Tensor& anchor_sq_in) {
   const Operands o = operands("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  at::Tensor vol = at::empty({o.B1, o.B2}, o.anchor.options());
+  at::Tensor vol = at::empty({o.B1, o.B2}, o.opts);
   float* out = vol.data_ptr<float>();
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
@@ -434,8 +487,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
       const Products P = products_of(prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
-        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
-        scaled_volumes(dist.data(), rv + t.c0, 1.0f, t.nc, out + gi * o.B2 + t.c0);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, dist.data(), out + gi * o.B2 + t.c0);
       }
     });
   });
@@ -477,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   if (rows) TORCH_CHECK(diag_offset >= 0 && B1 + diag_offset <= B2, "gram_loss_forward: rows need positives");
   if (cols) TORCH_CHECK(diag_offset <= 0 && B2 - diag_offset <= B1, "gram_loss_forward: cols need positives");
   const float neg_inv_tau = -1.0f / temperature.item<float>();
-  const auto opts = o.anchor.options();
+  const auto opts = o.opts;
   const float ninf = -std::numeric_limits<float>::infinity();
   // row_lse holds the row max and row_off Σ_{j≠pos} exp(l − max) until the finalisation
   at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
@@ -509,8 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-        row_distances(P, i * t.nc, t.nc, asq[gi], dist.data());
-        scaled_volumes(dist.data(), rv + t.c0, neg_inv_tau, t.nc, logit);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist.data(), logit);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
           rpos[gi] = logit[pos];
@@ -567,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
     const at::Tensor& temperature, const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
     double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
   const Operands o = operands("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
-  const auto opts = o.anchor.options();
+  const auto opts = o.opts;
   // A disabled direction contributes nothing: its upstream weights are zero.
   const at::Tensor grad_row = rows ? grad_row_in.to(at::kFloat).contiguous() : at::zeros({o.B1}, opts);
   const at::Tensor grad_col = cols ? grad_col_in.to(at::kFloat).contiguous() : at::zeros({o.B2}, opts);
