@@ -87,7 +87,8 @@ FASTBIND_INLINE float hmin16(vf16 v) {
 
 // k = 1: the minimum of prod[j] + bias[j] over a tile row; the index is searched only when the
 // tile improves the row's best (the same float additions, so == finds the first such j exactly).
-FB_MULTIVERSION void row_min(const float* prod, const float* bias, int64_t nc, int64_t c0, float& best,
+// Returns the tile row's minimum.
+FB_MULTIVERSION float row_min(const float* prod, const float* bias, int64_t nc, int64_t c0, float& best,
                                   int64_t& best_j) {
   const float inf = std::numeric_limits<float>::infinity();
   vf16 lane0 = vf16{} + inf, lane1 = lane0;
@@ -103,25 +104,30 @@ FB_MULTIVERSION void row_min(const float* prod, const float* bias, int64_t nc, i
     const float v = prod[j] + bias[j];
     m = v < m ? v : m;
   }
-  if (!(m < best)) return;
+  if (!(m < best)) return m;
   for (int64_t t = 0; t < nc; ++t) {
     if (prod[t] + bias[t] == m) {
       best = m;
       best_j = c0 + t;
-      return;
+      break;
     }
   }
+  return m;
 }
 
 // k > 1: scan a tile row in blocks of kLanes; a block whose minimum does not beat the row's current
-// k-th best (the common case once the list has filled) is skipped without a scalar pass.
-FB_MULTIVERSION void row_topk(const float* prod, const float* bias, int64_t nc, int64_t c0, int64_t k,
-                                   float* s, int64_t* id) {
+// k-th best (the common case once the list has filled) is skipped without a scalar pass. Returns the
+// tile row's minimum.
+FB_MULTIVERSION float row_topk(const float* prod, const float* bias, int64_t nc, int64_t c0, int64_t k,
+                                    float* s, int64_t* id) {
   float worst = s[k - 1];
+  float m = std::numeric_limits<float>::infinity();
   int64_t j = 0;
   for (; j + kLanes <= nc; j += kLanes) {
     const vf16 v = load16(prod + j) + load16(bias + j);
-    if (!(hmin16(v) < worst)) continue;
+    const float block_min = hmin16(v);
+    m = block_min < m ? block_min : m;
+    if (!(block_min < worst)) continue;
     for (int64_t l = 0; l < kLanes; ++l) {
       if (v[l] < worst) {
         topk_insert(s, id, static_cast<int>(k), static_cast<float>(v[l]), c0 + j + l);
@@ -131,11 +137,13 @@ FB_MULTIVERSION void row_topk(const float* prod, const float* bias, int64_t nc, 
   }
   for (; j < nc; ++j) {
     const float v = prod[j] + bias[j];
+    m = v < m ? v : m;
     if (v < worst) {
       topk_insert(s, id, static_cast<int>(k), v, c0 + j);
       worst = s[k - 1];
     }
   }
+  return m;
 }
 
 // Exact distance of row x to code e (DESIGN §2.4), double accumulation.
@@ -261,7 +269,7 @@ void lookup_plain(const at::Tensor& x, const at::Tensor& B_gemm, const Problem& 
 // a ≤ τ + 2β: the candidates contain the exact top k (ties included), and the result is the exact
 // one — the plain path's result without its near-tie reorderings. A row whose candidates overflow
 // the fixed buffer (a flood of near-equal codes), or whose values are not finite or too large for
-// the bound, takes the plain path instead. "hi" is the one-segment variant (x_hi·b_hi, depth D):
+// the bound, takes the plain path instead (and gets its result: exact up to near-ties). "hi" is the one-segment variant (x_hi·b_hi, depth D):
 // a 2^-7 bound instead of ~2^-14, kept as a test hook and for measurements.
 enum class LookupPath { kPlain, kSplit, kHi };
 
@@ -441,12 +449,11 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
           if (count[i] < 0) continue;
           const float* row = prod.data() + i * nc;
           float* s = best.data() + i * k;
-          if (k == 1) {
-            row_min(row, b, nc, c0, s[0], best_j[i]);
-          } else {
-            row_topk(row, b, nc, c0, k, s, best_j.data() + i * k);
-          }
-          row_collect(row, b, nc, c0, s[k - 1] + window[i], cand.data() + i * cap, cap, count[i]);
+          const float m = k == 1 ? row_min(row, b, nc, c0, s[0], best_j[i])
+                                 : row_topk(row, b, nc, c0, k, s, best_j.data() + i * k);
+          // Most tiles hold no code within the window of the row's best so far: no second pass.
+          const float t = s[k - 1] + window[i];
+          if (m <= t) row_collect(row, b, nc, c0, t, cand.data() + i * cap, cap, count[i]);
         }
       }
       for (int64_t i = 0; i < nr; ++i) {
