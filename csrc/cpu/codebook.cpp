@@ -392,19 +392,30 @@ FB_MULTIVERSION void row_collect(const float* prod, const float* bias, int64_t n
   }
 }
 
-// Writes hi (and lo) of one float32 row into its [x_hi | x_hi | x_lo] (or [x_hi]) operand row of
-// `depth` bf16 values; the padding columns stay zero.
-void split_row(const float* x, int64_t D, int64_t depth, LookupPath path, at::BFloat16* out) {
-  const int64_t Dp = path == LookupPath::kSplit ? depth / 3 : depth;
-  std::fill(out, out + depth, at::BFloat16(0.f));
-  for (int64_t d = 0; d < D; ++d) {
-    const at::BFloat16 hi(x[d]);  // round to nearest even
-    out[d] = hi;
-    if (path == LookupPath::kSplit) {
+// Writes hi (and lo) of one finite float32 row into its [x_hi | x_hi | x_lo] (or [x_hi]) operand row of
+// `depth` bf16 values (bits), zero padding included; returns ‖x‖² (double accumulation: a tiny row's
+// squares must not flush to zero, the bound scales with ‖x‖).
+FB_MULTIVERSION double split_row(const float* x, int64_t D, int64_t depth, bool split, unsigned short* out) {
+  const int64_t Dp = split ? depth / 3 : depth;
+  for (int64_t d = D; d < Dp; ++d) out[d] = 0;
+  if (split) {
+    for (int64_t d = 0; d < D; ++d) {
+      const unsigned short hi = bf16_bits(x[d]);  // round to nearest even
+      const float hi_f = __builtin_bit_cast(float, static_cast<unsigned int>(hi) << 16);
+      out[d] = hi;
       out[Dp + d] = hi;
-      out[2 * Dp + d] = at::BFloat16(x[d] - static_cast<float>(hi));  // x − hi is exact in fp32
+      out[2 * Dp + d] = bf16_bits(x[d] - hi_f);  // x − hi is exact in fp32
     }
+    for (int64_t d = D; d < Dp; ++d) out[Dp + d] = out[2 * Dp + d] = 0;
+  } else {
+    for (int64_t d = 0; d < D; ++d) out[d] = bf16_bits(x[d]);
   }
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};  // four chains: the adds are not serialised
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4)
+    for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(x[d + l]) * x[d + l];
+  for (; d < D; ++d) acc[0] += static_cast<double>(x[d]) * x[d];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // Returns the rows (ascending) that must take the plain path.
@@ -418,7 +429,7 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
   std::vector<std::vector<int64_t>> fallback(bounds.size());
   const at::BFloat16* Bk = sc.packed.const_data_ptr<at::BFloat16>();
   for_each_slab(bounds, [&](int64_t slab, int64_t row_lo, int64_t rows) {
-    std::vector<at::BFloat16> a(row_block * depth);
+    std::vector<unsigned short> a(row_block * depth);  // bf16 bits
     std::vector<float> prod(row_block * kColBlock), window(row_block);
     std::vector<float> best(row_block * k);
     std::vector<int64_t> best_j(best.size()), count(row_block), id(cap);
@@ -429,13 +440,11 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
       const at::Tensor xr = direct ? x.narrow(0, r0, nr) : x.narrow(0, r0, nr).to(at::kFloat).contiguous();
       const float* xp = xr.const_data_ptr<float>();
       for (int64_t i = 0; i < nr; ++i) {
-        double sq = 0.0;
-        for (int64_t t = 0; t < D; ++t) sq += static_cast<double>(xp[i * D + t]) * xp[i * D + t];
-        const double norm = std::sqrt(sq);
+        unsigned short* a_row = a.data() + i * depth;
+        const double norm = std::sqrt(split_row(xp + i * D, D, depth, path == LookupPath::kSplit, a_row));
         const bool ok = std::isfinite(norm) && norm <= kMaxNorm;
         // A row outside the bound's range gets a zero operand row (its products are ignored).
-        std::fill(a.begin() + i * depth, a.begin() + (i + 1) * depth, at::BFloat16(0.f));
-        if (ok) split_row(xp + i * D, D, depth, path, a.data() + i * depth);
+        if (!ok) std::fill(a_row, a_row + depth, 0);
         window[i] = static_cast<float>(
             2.0 * (wc.rel * norm * sc.b_max + wc.bias * sc.bias_max + wc.tiny * (1.0 + norm + sc.b_max)));
         count[i] = ok ? 0 : -1;
@@ -443,7 +452,7 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
       }
       for (int64_t c0 = 0; c0 < K; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, K - c0);
-        gemm_panels(nr, nc, depth, a.data(), depth, Bk, K, c0, prod.data(), nc);
+        gemm_panels(nr, nc, depth, reinterpret_cast<const at::BFloat16*>(a.data()), depth, Bk, K, c0, prod.data(), nc);
         const float* b = pb.bias + c0;
         for (int64_t i = 0; i < nr; ++i) {
           if (count[i] < 0) continue;
