@@ -5,11 +5,12 @@ x_lo·b_hi (``split``), or x_hi·b_hi alone (``hi``, a test-hook variant) — ke
 twice the GEMM's error bound of the row's k-th best approximate score, and re-ranks those candidates
 by their exact distances; rows whose candidates overflow the buffer, or whose values are not finite,
 take the plain float32 path. The result must be the exact top k: the float64 reference's indices
-(ties to the lowest index) and the exact distances (rows that overflow: the plain path's result). ``fastbind::codebook_lookup_fwd_path`` runs one
-path on request, with the candidate buffer size as an argument.
+(ties to the lowest index) and the exact distances (rows that overflow: the plain path's result).
+``fastbind::codebook_lookup_fwd_path`` runs one path on request, with the candidate buffer size as
+an argument.
 
-Near-ties closer than the GEMM's error (pairs of codes a hair apart) make these tests fail if the
-window is dropped to zero or the exact re-rank is removed.
+Near-ties closer than the GEMM's error (groups of codes a hair apart) make these tests fail if the
+window is dropped to zero or the exact re-rank is removed (checked by editing the kernel).
 """
 
 import os
