@@ -11,6 +11,10 @@
 // out of the selection. The returned `dist` is then recomputed directly from x_i and e_j for the k
 // winners (double accumulation, stored as float32), and the winners are re-sorted by it, so a
 // rounding difference of the GEMM expansion can only reorder near-ties.
+//
+// On AMX CPUs the float32 GEMM is replaced by the split-bf16 path (lookup_split below, DESIGN
+// §2.4): bf16 GEMMs with a bounded error, a window of candidates per row (O(N·(k + 64)) more
+// memory) and the exact re-rank of all of them, which returns the exact top k.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
