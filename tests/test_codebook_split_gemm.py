@@ -106,15 +106,19 @@ def test_near_ties_below_the_gemm_error(path, k):
 @pytest.mark.parametrize("path", PATHS)
 def test_trained_codebook_like_data(path):
     """Rows a tiny noise away from a code (distances << |x||c|), and a codebook clustered around a
-    large common offset (its window floods the candidate buffer: those rows take the plain path)."""
+    large common offset: l2 centres both sides on the codes' mean, else ‖x‖·‖b‖ ~ 10^8 would flood
+    every row's window (the plain path, whose fp32 GEMM is then wrong far beyond the near-ties)."""
     g = torch.Generator().manual_seed(2)
     e = torch.randn(2000, 64, generator=g)
     x = e[torch.randint(0, 2000, (500,), generator=g)] + 1e-4 * torch.randn(500, 64, generator=g)
     for k in (1, 5):
         _check_exact(x, e, k, "l2", None, *_lookup(x, e, k, "l2", None, path))
-    e = _near_tie_pairs(g, 400, 32, gap=1e-3, offset=30.0)
-    x = e[torch.randint(0, 800, (300,), generator=g)] + 1e-2 * torch.randn(300, 32, generator=g)
-    _check_exact(x, e, 2, "l2", None, *_lookup(x, e, 2, "l2", None, path))
+    for k in (1, 2):
+        e = _near_tie_pairs(g, 300, 32, gap=1e-3, offset=1000.0, size=k + 1)
+        x = e[torch.randint(0, e.shape[0], (300,), generator=g)] + 1e-2 * torch.randn(300, 32, generator=g)
+        w = torch.rand(32, generator=g) + 0.5
+        _check_exact(x, e, k, "l2", None, *_lookup(x, e, k, "l2", None, path))
+        _check_exact(x, e, k, "l2", w, *_lookup(x, e, k, "l2", w, path))
 
 
 @needs_split

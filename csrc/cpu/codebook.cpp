@@ -311,6 +311,13 @@ constexpr double kMaxNorm = 0x1p60, kMaxBias = 0x1p100;
 // * tiny: AMX flushes bf16 subnormal inputs and fp32 subnormal products to zero, each ≤ 2^-126·|other|.
 // The double accumulation of the exact distance adds ~D·2^-53 relative. All of it is doubled: the
 // window 2β of the candidates is 4× the sum.
+//
+// l2 is translation invariant, and a codebook far from the origin (a common offset, e.g. of
+// non-negative features) would make ‖x‖·‖b‖ large against the distances and flood the window. So
+// under l2 the split scores x' = x − μ against e' = e − μ (μ the codes' mean, any value would do),
+// rounded in fp32: x − e = (x' − e') − δ with |δ_d| ≤ 1.0001·u·(|x'_d| + |e'_d|), which moves the
+// distance by ≤ 2.01·u·max_d|w_d|·(‖x'‖ + ‖e'‖)² — one more term of β, with the centred norms in
+// the others. The exact re-rank reads the original x and e.
 struct WindowCoefficients {
   double rel, bias, tiny;
 };
@@ -330,17 +337,35 @@ WindowCoefficients window_coefficients(LookupPath path, int64_t D, int64_t depth
 // even width Dp (the VNNI layout pairs consecutive depths), packed once per call for the microkernel.
 struct SplitCodebook {
   at::Tensor packed;
+  at::Tensor bias;    // [K] float32: of the centred codes under l2
+  at::Tensor center;  // μ [D] float32 under l2, else undefined
   int64_t depth = 0;
   double b_max = 0.0, bias_max = 0.0;
-  bool usable = false;  // finite and within kMaxNorm / kMaxBias
+  double e_max = 0.0, center_coef = 0.0;  // max_j ‖e'_j‖ and 4·2.01·u·max|w| (l2)
+  bool usable = false;                    // finite and within kMaxNorm / kMaxBias
 };
 
-SplitCodebook split_codebook(const at::Tensor& B, const at::Tensor& bias, LookupPath path) {
+SplitCodebook split_codebook(const CodebookOperands& ops, Metric metric, const std::optional<at::Tensor>& weight,
+                             LookupPath path) {
   SplitCodebook sc;
+  at::Tensor B = ops.b;
+  sc.bias = ops.bias;
+  if (metric == Metric::kL2) {
+    sc.center = ops.codes.mean(0);
+    const at::Tensor centred = ops.codes - sc.center;
+    const CodebookOperands c = codebook_operands("codebook_lookup", centred, weight, "l2", kNormEps);
+    B = c.b;
+    sc.bias = c.bias;
+    sc.e_max = centred.to(at::kDouble).norm(2, {1}).max().item<double>();
+    const double w_max = ops.weight.defined() ? ops.weight.abs().max().item<float>() : 1.0;
+    sc.center_coef = 4.0 * 2.01 * 0x1p-24 * w_max;
+  }
   const int64_t D = B.size(1), Dp = D + D % 2;
   sc.b_max = B.to(at::kDouble).norm(2, {1}).max().item<double>();
-  sc.bias_max = bias.to(at::kDouble).abs().max().item<double>();
-  sc.usable = std::isfinite(sc.b_max) && sc.b_max <= kMaxNorm && std::isfinite(sc.bias_max) && sc.bias_max <= kMaxBias;
+  sc.bias_max = sc.bias.to(at::kDouble).abs().max().item<double>();
+  sc.usable = std::isfinite(sc.b_max) && sc.b_max <= kMaxNorm && std::isfinite(sc.bias_max) &&
+              sc.bias_max <= kMaxBias && std::isfinite(sc.e_max) && sc.e_max <= kMaxNorm &&
+              std::isfinite(sc.center_coef);
   if (!sc.usable) return sc;
   const at::Tensor hi = B.to(at::kBFloat16);
   std::vector<at::Tensor> parts{hi};
@@ -396,10 +421,17 @@ FB_MULTIVERSION void row_collect(const float* prod, const float* bias, int64_t n
   }
 }
 
-// Writes hi (and lo) of one finite float32 row into its [x_hi | x_hi | x_lo] (or [x_hi]) operand row of
-// `depth` bf16 values (bits), zero padding included; returns ‖x‖² (double accumulation: a tiny row's
-// squares must not flush to zero, the bound scales with ‖x‖).
-FB_MULTIVERSION double split_row(const float* x, int64_t D, int64_t depth, bool split, unsigned short* out) {
+// Writes hi (and lo) of one float32 row x (minus `center` when given, into `xc` [D]) into its
+// [x_hi | x_hi | x_lo] (or [x_hi]) operand row of `depth` bf16 values (bits), zero padding included;
+// returns ‖x‖² (double accumulation: a tiny row's squares must not flush to zero, the bound scales
+// with ‖x‖). Non-finite rows write garbage; the caller zeroes them.
+FB_MULTIVERSION double split_row(const float* x_in, const float* center, float* xc, int64_t D, int64_t depth,
+                                 bool split, unsigned short* out) {
+  const float* x = x_in;
+  if (center) {
+    for (int64_t d = 0; d < D; ++d) xc[d] = x_in[d] - center[d];
+    x = xc;
+  }
   const int64_t Dp = split ? depth / 3 : depth;
   for (int64_t d = D; d < Dp; ++d) out[d] = 0;
   if (split) {
@@ -432,8 +464,11 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
   const std::vector<int64_t> bounds = split_rows(N, at::get_num_threads(), row_block);
   std::vector<std::vector<int64_t>> fallback(bounds.size());
   const at::BFloat16* Bk = sc.packed.const_data_ptr<at::BFloat16>();
+  const float* bias = sc.bias.const_data_ptr<float>();
+  const float* center = sc.center.defined() ? sc.center.const_data_ptr<float>() : nullptr;
   for_each_slab(bounds, [&](int64_t slab, int64_t row_lo, int64_t rows) {
     std::vector<unsigned short> a(row_block * depth);  // bf16 bits
+    std::vector<float> xc(D);
     std::vector<float> prod(row_block * kColBlock), window(row_block);
     std::vector<float> best(row_block * k);
     std::vector<int64_t> best_j(best.size()), count(row_block), id(cap);
@@ -445,19 +480,21 @@ std::vector<int64_t> lookup_split(const at::Tensor& x, const SplitCodebook& sc, 
       const float* xp = xr.const_data_ptr<float>();
       for (int64_t i = 0; i < nr; ++i) {
         unsigned short* a_row = a.data() + i * depth;
-        const double norm = std::sqrt(split_row(xp + i * D, D, depth, path == LookupPath::kSplit, a_row));
+        const double norm =
+            std::sqrt(split_row(xp + i * D, center, xc.data(), D, depth, path == LookupPath::kSplit, a_row));
         const bool ok = std::isfinite(norm) && norm <= kMaxNorm;
         // A row outside the bound's range gets a zero operand row (its products are ignored).
         if (!ok) std::fill(a_row, a_row + depth, 0);
-        window[i] = static_cast<float>(
-            2.0 * (wc.rel * norm * sc.b_max + wc.bias * sc.bias_max + wc.tiny * (1.0 + norm + sc.b_max)));
+        const double reach = norm + sc.e_max;
+        window[i] = static_cast<float>(2.0 * (wc.rel * norm * sc.b_max + wc.bias * sc.bias_max +
+                                              wc.tiny * (1.0 + norm + sc.b_max) + sc.center_coef * reach * reach));
         count[i] = ok ? 0 : -1;
         topk_init(best.data() + i * k, best_j.data() + i * k, static_cast<int>(k));
       }
       for (int64_t c0 = 0; c0 < K; c0 += kColBlock) {
         const int64_t nc = std::min(kColBlock, K - c0);
         gemm_panels(nr, nc, depth, reinterpret_cast<const at::BFloat16*>(a.data()), depth, Bk, K, c0, prod.data(), nc);
-        const float* b = pb.bias + c0;
+        const float* b = bias + c0;
         for (int64_t i = 0; i < nr; ++i) {
           if (count[i] < 0) continue;
           const float* row = prod.data() + i * nc;
@@ -539,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor> lookup(const at::Tensor& x, const at::Tensor&
   if (N == 0) return {dist, index};
   std::vector<int64_t> fallback_rows;
   SplitCodebook sc;
-  if (path != LookupPath::kPlain) sc = split_codebook(ops.b, ops.bias, path);
+  if (path != LookupPath::kPlain) sc = split_codebook(ops, metric, weight, path);
   if (!sc.usable) {
     lookup_plain(x, B_plain, pb, dist_p, index_p);
     return {dist, index};
