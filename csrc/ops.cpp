@@ -22,6 +22,10 @@ PyObject* PyInit__C(void) {
 
 namespace fastbind {
 
+namespace cpu {
+std::string codebook_lookup_default_path();  // csrc/cpu/codebook.cpp
+}  // namespace cpu
+
 std::string build_info() {
   std::string info = "cpu(openmp, " + std::to_string(at::get_num_threads()) + " threads, " +
                      cpu::gemm_path_name() + " tile GEMM" + (cpu::use_bf16_gemm(2) ? ", bf16 brgemm" : "") + ")";
@@ -82,6 +86,12 @@ TORCH_LIBRARY(fastbind, m) {
   // the k nearest codes per row, ties to the lowest index, never an N×K tensor. Not differentiable
   // (fastbind/ops/codebook.py recomputes a differentiable dist around it).
   m.def("codebook_lookup_fwd(Tensor x, Tensor codebook, int k, str metric, Tensor? weight) -> (Tensor, Tensor)");
+  // The cpu lookup's paths (test hook): path 'plain', 'split' or 'hi', candidates per row (0: the
+  // default buffer); and the path codebook_lookup_fwd takes for float32 GEMMs in this process.
+  m.def(
+      "codebook_lookup_fwd_path(Tensor x, Tensor codebook, int k, str metric, Tensor? weight, str path,"
+      " int candidates) -> (Tensor, Tensor)");
+  m.def("codebook_lookup_default_path() -> str", &cpu::codebook_lookup_default_path);
 }
 
 }  // namespace fastbind

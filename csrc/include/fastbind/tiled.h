@@ -84,6 +84,7 @@ inline bool cpu_has(const char* feature) {
   if (std::strcmp(feature, "avx512") == 0)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(feature, "amx_bf16") == 0) return __builtin_cpu_supports("amx-bf16");
 #endif
   (void)feature;
   return false;
