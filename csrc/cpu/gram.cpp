@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -171,14 +170,6 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
   }
   *da_sq += 0.5f * da;
   *dtau += dt;
-}
-
-// float32 -> bfloat16 bits, rounded to nearest even (c10::BFloat16's rounding; NaN stays NaN), in a
-// form the vectoriser takes.
-FB_HD uint16_t bf16_bits(float x) {
-  const uint32_t u = std::bit_cast<uint32_t>(x);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
 }
 
 // dst[0, nc) = bf16(src[0, nc)); dst[nc, ncp) = 0 (the pad column of an odd tile width: the

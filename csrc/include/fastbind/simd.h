@@ -22,3 +22,21 @@
 #define FB_MULTIVERSION
 #define FB_MULTIVERSIONED 0
 #endif
+
+#include "fastbind/hd.h"
+
+namespace fastbind {
+
+// float32 -> bfloat16 bits, rounded to nearest even (c10::BFloat16's rounding; NaN stays NaN), in a
+// form the vectoriser takes. __builtin_bit_cast (gcc >= 11, clang, MSVC), not std::bit_cast: this
+// header must compile as C++17 and without any system header (tests/test_cpu_headers.py builds it
+// for a foreign architecture), and gcc left std::bit_cast out of line in the FB_MULTIVERSION
+// clones (a call per element in the profile of the bf16 backward).
+static_assert(sizeof(unsigned int) == 4 && sizeof(unsigned short) == 2, "bf16_bits: 32/16-bit unsigned types");
+FB_HD unsigned short bf16_bits(float x) {
+  const unsigned int u = __builtin_bit_cast(unsigned int, x);
+  const unsigned int rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? static_cast<unsigned short>(0x7FC0) : static_cast<unsigned short>(rounded);
+}
+
+}  // namespace fastbind
