@@ -197,10 +197,14 @@ float read_inv_temperature(const at::Tensor& temperature) {
 //   at most kMaxSlabs (up to 16 threads share one large batch), in whole kSlabUnit-row units.
 //   On the at::mm_out path 4 slabs at B = 1100 gave gradients ~3e-9 apart between 2 and 3 threads
 //   (MKL, see kRowBlock); 2..16 slabs keep the checked cases bit-identical there.
+// * Unit: 32 rows, so that batches of 64..127 rows run on two threads too (64-row units left them
+//   on one). Not finer and not more slabs for small batches: each slab adds a zeroed and merged
+//   key-gradient part (D × block floats), and 4 slabs of 16..64 rows cost ~5-20% on one thread at
+//   B = 64..256 (issue 14; one thread is the only quiet measurement this shared 2-core VM gives).
 constexpr int64_t kSlabRows = 512;
 constexpr int64_t kMinSlabs = 2;
 constexpr int64_t kMaxSlabs = 16;
-constexpr int64_t kSlabUnit = 64;
+constexpr int64_t kSlabUnit = 32;
 
 std::vector<int64_t> row_slabs(int64_t rows) {
   const int64_t wanted = (rows + kSlabRows - 1) / kSlabRows;
