@@ -24,11 +24,13 @@
 #include "fastbind/saturated_ce.h"
 #include "fastbind/simd.h"
 #include "fastbind/tiled.h"
+#include "fastbind/transpose.h"
 
 namespace fastbind {
 namespace {
 
 using cpu::for_each_slab;
+using cpu::pack_panels;
 using cpu::split_rows;
 
 // Tiles: 256 rows (the dK GEMM of the backward has inner dimension = rows, which BLAS wants >= ~128)
@@ -116,17 +118,32 @@ void grad_row(float* s, int64_t w, float inv_t, float g_row, float row_lse, cons
   }
 }
 
+// One row of G (nc float32) to bf16 (RNE, bf16_bits): row-major into row[0, ncp) (the pad column
+// zero) and every second element of pair (the row's slot in its VNNI pair of rows).
+FB_MULTIVERSION
+void to_bf16_rows(const float* __restrict g, int64_t nc, int64_t ncp, uint16_t* __restrict row,
+                  uint16_t* __restrict pair) {
+#pragma omp simd
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint16_t b = bf16_bits(g[j]);
+    row[j] = b;
+    pair[2 * j] = b;
+  }
+  for (int64_t j = nc; j < ncp; ++j) row[j] = 0;
+}
+
 struct Pairs {
-  std::vector<at::Tensor> queries, keys;  // float32 contiguous [B1, D] / [B2, D], one per pair
-  // The operands of the logit GEMMs: bfloat16 inputs stay bfloat16 (fp32 accumulation; their
-  // products are exact, so only the order of the sums differs from the fp32 GEMM), else = queries/keys.
+  // float32 contiguous [B1, D] / [B2, D], one per pair; empty for bf16 operands (below)
+  std::vector<at::Tensor> queries, keys;
+  // The operands of the GEMMs: bfloat16 inputs stay bfloat16 where the bf16 microkernel runs (fp32
+  // accumulation; the logits' products are exact, so only the order of the sums differs from the
+  // fp32 GEMM; the backward's gradient GEMMs see dL/dS rounded to bf16), else = queries/keys.
   std::vector<at::Tensor> gemm_queries, gemm_keys;
   int64_t P, PK, B1, B2;
+  bool bf16;
 };
 
-// `need_f32`: float32 copies of bfloat16 operands (the gradient GEMMs of the backward, whose other
-// operand dL/dS is float32).
-Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn, bool need_f32) {
+Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, fn, ": expected q [P, B1, D] and k [PK, B2, D], got ", q.sizes(), " and ",
               k.sizes());
   TORCH_CHECK(k.size(0) == 1 || k.size(0) == q.size(0), fn, ": k must hold 1 or P = ", q.size(0),
@@ -142,6 +159,7 @@ Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn, bool need
   pairs.PK = k.size(0);
   pairs.B1 = q.size(1);
   pairs.B2 = k.size(1);
+  pairs.bf16 = bf16;
   auto split = [&](const at::Tensor& qs, const at::Tensor& ks, std::vector<at::Tensor>& qv,
                    std::vector<at::Tensor>& kv) {
     for (int64_t p = 0; p < pairs.P; ++p) {
@@ -149,7 +167,7 @@ Pairs unpack(const at::Tensor& q, const at::Tensor& k, const char* fn, bool need
       kv.push_back(ks[pairs.PK == 1 ? 0 : p]);
     }
   };
-  if (!bf16 || need_f32) {
+  if (!bf16) {
     split(q.detach().to(at::kFloat).contiguous(), k.detach().to(at::kFloat).contiguous(), pairs.queries, pairs.keys);
   }
   if (bf16) {
@@ -179,10 +197,14 @@ float read_inv_temperature(const at::Tensor& temperature) {
 //   at most kMaxSlabs (up to 16 threads share one large batch), in whole kSlabUnit-row units.
 //   On the at::mm_out path 4 slabs at B = 1100 gave gradients ~3e-9 apart between 2 and 3 threads
 //   (MKL, see kRowBlock); 2..16 slabs keep the checked cases bit-identical there.
+// * Unit: 32 rows, so that batches of 64..127 rows run on two threads too (64-row units left them
+//   on one). Not finer and not more slabs for small batches: each slab adds a zeroed and merged
+//   key-gradient part (D × block floats), and 4 slabs of 16..64 rows cost ~5-20% on one thread at
+//   B = 64..256 (issue 14; one thread is the only quiet measurement this shared 2-core VM gives).
 constexpr int64_t kSlabRows = 512;
 constexpr int64_t kMinSlabs = 2;
 constexpr int64_t kMaxSlabs = 16;
-constexpr int64_t kSlabUnit = 64;
+constexpr int64_t kSlabUnit = 32;
 
 std::vector<int64_t> row_slabs(int64_t rows) {
   const int64_t wanted = (rows + kSlabRows - 1) / kSlabRows;
@@ -215,7 +237,7 @@ std::pair<at::Tensor, at::Tensor> finish(const at::Tensor& max, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                                            const at::Tensor& temperature,
                                                                            double label_smoothing, int64_t diag_offset) {
-  const Pairs pr = unpack(q, k, "infonce_fwd", false);
+  const Pairs pr = unpack(q, k, "infonce_fwd");
   const int64_t P = pr.P, B1 = pr.B1, B2 = pr.B2;
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -305,6 +327,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   return {row_loss, col_loss, row_lse, col_lse};
 }
 
+// The gradient GEMMs of one backward tile on bf16 operands (bf16 inputs where the bf16 microkernel
+// runs; fp32 accumulation): dL/dS is rounded to bf16 (RNE, as the Triton kernels keep dS in 16
+// bits), a 2^-9 relative rounding of one factor of products summed over the tile, inside the
+// suite's bf16 tolerances (tests/test_infonce_small_batch.py). Per tile, with nrp / ncp the tile's
+// rows / columns padded to even (the depth of a VNNI operand; the pad row and column are zero):
+//   dQ[rows] += G · K[cols]:   A = G row-major [nr, ncp], B = the key_vnni panels of Kᵀ;
+//   dKᵀ[:, cols] += Qᵀ[:, rows] · G:   A = Qᵀ of the tile's rows [D, nrp] (transposed per tile, no
+//   copy of all of Q), B = G in VNNI pairs of rows [nrp/2, nc, 2].
+struct Bf16Tile {
+  std::vector<uint16_t> rows, pairs, qt;
+  int64_t D, ncp = 0;
+  Bf16Tile(bool used, int64_t D_) : D(D_) {
+    if (!used) return;
+    rows.resize(kRowBlock * kBwdColBlock);
+    pairs.resize((kRowBlock + 1) * kBwdColBlock);
+    qt.resize(D * (kRowBlock + 1));
+  }
+
+  // Row i of the tile's G (nc float32) into both layouts.
+  void put_row(const float* g, int64_t i, int64_t nc) {
+    ncp = nc + (nc & 1);
+    to_bf16_rows(g, nc, ncp, rows.data() + i * ncp, pairs.data() + (i / 2) * nc * 2 + (i & 1));
+  }
+
+  void gemms(int64_t nr, int64_t nc, const at::BFloat16* q_rows, const at::BFloat16* key_panels, int64_t B2p,
+             int64_t c0, float* dq, float* dkt) {
+    using at::native::cpublas::brgemm;
+    const int64_t nrp = nr + (nr & 1);
+    auto* qt16 = reinterpret_cast<at::BFloat16*>(qt.data());
+    transpose_into(q_rows, D, nr, D, qt16, nrp);
+    if (nr & 1) {  // the zero pad: row nr of G's pairs, column nr of Qᵀ
+      uint16_t* last = pairs.data() + (nr / 2) * nc * 2 + 1;
+      for (int64_t j = 0; j < nc; ++j) last[2 * j] = 0;
+      for (int64_t d = 0; d < D; ++d) qt[d * nrp + nr] = 0;
+    }
+    const auto* g_rows = reinterpret_cast<const at::BFloat16*>(rows.data());
+    const auto* g_pairs = reinterpret_cast<const at::BFloat16*>(pairs.data());
+    for (int64_t j0 = 0; j0 < D; j0 += fastbind::cpu::kMicroN) {
+      const int64_t w = std::min(fastbind::cpu::kMicroN, D - j0);
+      brgemm(nr, w, ncp, ncp, w, D, true, g_rows, key_panels + j0 * B2p + c0 * w, dq + j0, /*is_vnni=*/true);
+    }
+    for (int64_t j0 = 0; j0 < nc; j0 += fastbind::cpu::kMicroN)
+      brgemm(D, std::min(fastbind::cpu::kMicroN, nc - j0), nrp, nrp, nc, nc, true, qt16, g_pairs + 2 * j0,
+             dkt + j0, /*is_vnni=*/true);
+  }
+};
+
 // -> (grad_q [P, B1, D], grad_k [PK, B2, D]), float32, from the upstream gradients of row_loss and
 // col_loss and the saved LSE of the forward.
 std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_loss, const at::Tensor& grad_col_loss,
@@ -312,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                                                    const at::Tensor& temperature, const at::Tensor& row_lse,
                                                    const at::Tensor& col_lse, double label_smoothing,
                                                    int64_t diag_offset) {
-  const Pairs pr = unpack(q, k, "infonce_bwd", true);
+  const Pairs pr = unpack(q, k, "infonce_bwd");
   const int64_t P = pr.P, PK = pr.PK, B1 = pr.B1, B2 = pr.B2, D = q.size(2);
   const float inv_t = read_inv_temperature(temperature);
   const auto f32 = q.options().dtype(at::kFloat);
@@ -339,11 +408,20 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   at::Tensor grad_k = at::empty({PK, B2, D}, f32);
   float* gk = grad_k.data_ptr<float>();
   std::vector<const float*> query_p, key_p;
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < P && !pr.bf16; ++p) {
     query_p.push_back(pr.queries[p].data_ptr<float>());
     key_p.push_back(pr.keys[p].data_ptr<float>());
   }
   float* gq = grad_q.data_ptr<float>();
+  // bf16: the keys as the B operand of dQ += G·K, once per call: Kᵀ [D, B2p] (depth B2 padded to
+  // even with a zero row) in the VNNI panels of the microkernel.
+  const int64_t B2p = B2 + (B2 & 1);
+  std::vector<at::Tensor> key_vnni;
+  for (int64_t p = 0; p < PK && pr.bf16; ++p) {
+    at::Tensor kt = at::zeros({D, B2p}, pr.gemm_keys[p].options());
+    transpose_into(pr.gemm_keys[p].const_data_ptr<at::BFloat16>(), D, B2, D, kt.data_ptr<at::BFloat16>(), B2p);
+    key_vnni.push_back(pack_panels<at::BFloat16>(kt));
+  }
 
   for (int64_t c0 = 0; c0 < B2; c0 += kBwdColBlock) {
     const int64_t nc = std::min(kBwdColBlock, B2 - c0);
@@ -352,6 +430,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
     for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
       std::fill(gkt + t * PK * D * nc, gkt + (t + 1) * PK * D * nc, 0.f);
+      Bf16Tile b16(pr.bf16, D);
       fastbind::cpu::stream_tiles(
           narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
           [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
@@ -364,14 +443,21 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                          sr[p * B1 + row], sc + p * B2 + c0, use_rows, use_cols);
                 const int64_t j = row + diag_offset - c0;  // the positive's (1-ε)·δ term, both directions
                 if (j >= 0 && j < nc) s[j] -= inv_t * keep * (gr[p * B1 + row] + gc[p * B2 + c0 + j]);
+                if (pr.bf16) b16.put_row(s, i, nc);  // while the row is in L1
+              }
+              float* gk_part = gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc;
+              if (pr.bf16) {
+                b16.gemms(tile.nr, nc, pr.gemm_queries[p].const_data_ptr<at::BFloat16>() + r0 * D,
+                          key_vnni[PK == 1 ? 0 : p].const_data_ptr<at::BFloat16>(), B2p, c0,
+                          gq + (p * B1 + r0) * D, gk_part);
+                continue;
               }
               const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
               // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
               // form of the brgemm microkernel; Qᵀ read from Q [rows, D])
               fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
                                       true);
-              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc,
-                                         gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc, nc, true);
+              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, true);
             }
           },
           kRowBlock, kBwdColBlock);

@@ -12,8 +12,10 @@
 
 namespace fastbind {
 
-// dst[j, i] = src[i, j] for a rows × cols block (row strides ld_src, ld_dst), in 16 × 16 blocks.
-inline void transpose_into(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+// dst[j, i] = src[i, j] for a rows × cols block (row strides ld_src, ld_dst), in 16 × 16 blocks
+// (float32, or bfloat16 operands of the bf16 gradient GEMMs in csrc/cpu/infonce.cpp).
+template <class T>
+inline void transpose_into(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
   constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
     const int64_t i1 = std::min(rows, i0 + kBlock);
