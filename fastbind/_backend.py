@@ -79,29 +79,37 @@ def triton_installed() -> bool:
     return _triton_status()[0]
 
 
+def _status(name: str) -> tuple[bool, str]:
+    """(backend `name` available on this machine, reason when not): the one backend a call asks
+    about, without the others' checks (resolve runs on every call of every op)."""
+    if name == "torch":
+        return True, ""
+    if name == "cpu":
+        status = _extension_status()
+    elif name == "cuda":
+        cuda_built, cuda_reason = _cuda_build_status()
+        if not cuda_built:
+            status = (False, cuda_reason)
+        elif not torch.cuda.is_available():
+            status = (False, "no CUDA GPU visible to torch")
+        else:
+            status = (True, "")
+    else:  # triton
+        triton_ok, triton_reason = _triton_status()
+        if not triton_ok:
+            status = (False, triton_reason)
+        elif not (torch.cuda.is_available() or _interpreting()):
+            status = (False, "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton on CPU tensors)")
+        else:
+            status = (True, "")
+    if status[0] and not _has_rows(name):
+        return False, f"no op has a {name} kernel yet"
+    return status
+
+
 def availability() -> dict[str, tuple[bool, str]]:
     """Map each backend name to (available on this machine, reason when not)."""
-    cuda_built, cuda_reason = _cuda_build_status()
-    triton_ok, triton_reason = _triton_status()
-    gpu = torch.cuda.is_available()
-    status = {"torch": (True, "")}
-    status["cpu"] = _extension_status()
-    if not cuda_built:
-        status["cuda"] = (False, cuda_reason)
-    elif not gpu:
-        status["cuda"] = (False, "no CUDA GPU visible to torch")
-    else:
-        status["cuda"] = (True, "")
-    if not triton_ok:
-        status["triton"] = (False, triton_reason)
-    elif not (gpu or _interpreting()):
-        status["triton"] = (False, "no CUDA GPU (set TRITON_INTERPRET=1 to run Triton on CPU tensors)")
-    else:
-        status["triton"] = (True, "")
-    for name in FUSED_BACKENDS:
-        if status[name][0] and not _has_rows(name):
-            status[name] = (False, f"no op has a {name} kernel yet")
-    return status
+    return {name: _status(name) for name in ("torch", "cpu", "cuda", "triton")}
 
 
 def backends() -> list[str]:
@@ -138,7 +146,7 @@ def _why_not(name: str, device: torch.device, dtype: torch.dtype, supported: tup
     """Reason the backend cannot run a call on (device, dtype), or '' when it can."""
     if name not in supported:
         return "this op has no such kernel"
-    ok, reason = availability()[name]
+    ok, reason = _status(name)
     if not ok:
         return reason
     if name != "torch" and dtype not in FUSED_DTYPES:

@@ -55,11 +55,35 @@ void check_args(const at::Tensor& anchor, at::TensorList modalities, const at::T
               modalities[0].size(0));
 }
 
-// weight · (row_loss + col_loss) over the enabled directions, summed when `reduce`.
+// weight · (row_loss + col_loss) over the enabled directions, summed when `reduce`. What the weight
+// means (the mean of the two directions, the batch mean, the DDP scale) is defined once, in
+// fastbind/ops/_loss.py (loss_weight, the same factors as its per_row / reduce of the other
+// backends); this op only applies it. tests/test_gram_fused.py::test_public_loss_is_the_fused_op and
+// tests/test_gram_small_batch.py check the two agree.
 at::Tensor combine(const at::Tensor& row_loss, const at::Tensor& col_loss, bool rows, bool cols, double weight,
                    bool reduce) {
   const at::Tensor per_row = rows && cols ? at::add(row_loss, col_loss) : (rows ? row_loss : col_loss);
   return at::mul(reduce ? at::sum(per_row) : per_row, weight);
+}
+
+// The upstream gradient of one direction's losses for gram_loss_bwd, contiguous float32 [n]:
+// weight·grad (grad: the 0-d gradient of a summed loss, or the per-row one), zeros for a disabled
+// direction (ignored by the kernel, but of its shape). One tensor written directly instead of the
+// mul / expand / contiguous chain: at small batches each small ATen op costs as much as a kernel.
+at::Tensor upstream(const at::Tensor& grad, bool enabled, bool reduce, double weight, int64_t n,
+                    const at::Tensor& like) {
+  if (!enabled) return at::zeros({n}, like.options());
+  // Fake tensors (torch.compile traces this backward with them) and other Python subclasses carry
+  // the Python dispatch key and have no data to read: the ATen chain for them.
+  if (!grad.is_cpu() || grad.key_set().has(c10::DispatchKey::Python))
+    return at::mul(grad.to(at::kFloat), weight).expand({n}).contiguous();
+  const at::Tensor g = as_contiguous(as_float(grad));
+  at::Tensor out = at::empty({n}, like.options());
+  const float w = static_cast<float>(weight);  // (at::mul rounds its double scalar to float too)
+  const float* gp = g.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) op[i] = gp[reduce ? 0 : i] * w;
+  return out;
 }
 
 // The forward's operands and results (everything the backward needs).
@@ -118,18 +142,18 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     const int64_t b1 = a_op.size(0), b2 = basis.size(1);
     // d out / d row_loss_i = weight·grad (grad: the scalar of a summed loss or the row's entry);
     // a disabled direction's upstream is ignored by the kernel but must have its shape.
-    const at::Tensor g = at::mul(grads[0].to(at::kFloat), weight);
     const bool reduce = ctx->saved_data["reduce"].toBool();
-    const at::Tensor grad_row = rows ? (reduce ? g.expand({b1}) : g) : at::zeros({b1}, row_lse.options());
-    const at::Tensor grad_col = cols ? (reduce ? g.expand({b2}) : g) : at::zeros({b2}, col_lse.options());
+    const at::Tensor grad_row = upstream(grads[0], rows, reduce, weight, b1, row_lse);
+    const at::Tensor grad_col = upstream(grads[0], cols, reduce, weight, b2, col_lse);
     auto [d_a, d_basis, d_span, d_asq, d_tau] =
-        dispatch::gram_loss_bwd(grad_row.contiguous(), grad_col.contiguous(), a_op, basis, span_vol, anchor_sq, tau,
-                                row_lse, col_lse, ctx->saved_data["label_smoothing"].toDouble(),
-                                ctx->saved_data["diag_offset"].toInt(), rows, cols);
+        dispatch::gram_loss_bwd(grad_row, grad_col, a_op, basis, span_vol, anchor_sq, tau, row_lse, col_lse,
+                                ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["diag_offset"].toInt(),
+                                rows, cols);
 
     const auto anchor_dtype = static_cast<at::ScalarType>(ctx->saved_data["anchor_dtype"].toInt());
-    // ‖a‖² = Σ a²: d_anchor += 2·a·d‖a‖², summed in float32 before the one rounding to the input dtype.
-    const at::Tensor d_anchor = at::addcmul(d_a, a_op.to(at::kFloat), d_asq.unsqueeze(1), 2.0).to(anchor_dtype);
+    // ‖a‖² = Σ a²: d_anchor += 2·a·d‖a‖², summed in float32 (in place: d_a is the backward's own
+    // float32 result) before the one rounding to the input dtype.
+    const at::Tensor d_anchor = d_a.addcmul_(as_float(a_op), d_asq.unsqueeze(1), 2.0).to(anchor_dtype);
 
     const c10::List<int64_t> dtypes = ctx->saved_data["modality_dtypes"].toIntList();
     const int64_t n = static_cast<int64_t>(dtypes.size());

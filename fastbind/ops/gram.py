@@ -36,7 +36,7 @@ from fastbind.ops._checks import (
     shape_str,
     temperature_tensor,
 )
-from fastbind.ops._loss import directions, per_row, reduce
+from fastbind.ops._loss import directions, loss_weight, per_row, reduce
 from fastbind.ops._registry import (
     AS_GIVEN,
     FUSED_DTYPES,
@@ -270,9 +270,13 @@ register_built(VOLUME, LOSS, BASIS, LOSS_FUSED)
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
+# Argument names of the error messages, built once (not per call: the checks run on every call).
+_NAMES = ("anchor", *(f"modality {i}" for i in range(1, K_RANGE[1])))
+
+
 def _check_gram_inputs(fn: str, anchor, modalities) -> None:
     tensors = [anchor, *modalities]
-    names = ["anchor"] + [f"modality {i}" for i in range(1, len(modalities) + 1)]
+    names = _NAMES[: len(tensors)]  # (more than K_RANGE[1] tensors: check_modalities raises first)
     check_modalities(fn, tensors, names, same_batch=False, k_range=K_RANGE, like="the anchor")
     if modalities:
         check_same_rows(fn, list(modalities), names[1:])
@@ -402,8 +406,7 @@ def gram_loss(
     fused = LOSS_FUSED.built_op(name)
     if fused is not None:  # one C++ op, autograd included: no per-call Python tensor work
         reduced = reduction != "none"
-        # weight · Σ(row_loss + col_loss) = reduce(per_row(...)): "both" is the mean of the directions
-        weight = (0.5 if rows and cols else 1.0) * (scale if reduced else 1) / (total if reduction == "mean" else 1)
+        weight = loss_weight(direction, reduction, total, scale)  # the op: weight · Σ(row_loss + col_loss)
         if not gather:
             return fused(anchor, list(modalities), tau, eps, 0, rows, cols, weight, reduced)
         # local rows against the gathered columns (row i's positive: column i + offset), and the
