@@ -435,13 +435,7 @@ FB_MULTIVERSION double split_row(const float* x_in, const float* center, float* 
   const int64_t Dp = split ? depth / 3 : depth;
   for (int64_t d = D; d < Dp; ++d) out[d] = 0;
   if (split) {
-    for (int64_t d = 0; d < D; ++d) {
-      const unsigned short hi = bf16_bits(x[d]);  // round to nearest even
-      const float hi_f = __builtin_bit_cast(float, static_cast<unsigned int>(hi) << 16);
-      out[d] = hi;
-      out[Dp + d] = hi;
-      out[2 * Dp + d] = bf16_bits(x[d] - hi_f);  // x − hi is exact in fp32
-    }
+    for (int64_t d = 0; d < D; ++d) out[d] = out[Dp + d] = bf16_split(x[d], out[2 * Dp + d]);
     for (int64_t d = D; d < Dp; ++d) out[Dp + d] = out[2 * Dp + d] = 0;
   } else {
     for (int64_t d = 0; d < D; ++d) out[d] = bf16_bits(x[d]);

@@ -198,11 +198,7 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
 FB_MULTIVERSION void split_hi_lo(const float* __restrict q, int64_t n, uint16_t* __restrict hi,
                                  uint16_t* __restrict lo) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t h = bf16_bits(q[j]);
-    hi[j] = h;
-    lo[j] = bf16_bits(q[j] - float_from_bits(static_cast<int32_t>(static_cast<uint32_t>(h) << 16)));
-  }
+  for (int64_t j = 0; j < n; ++j) hi[j] = bf16_split(q[j], lo[j]);
 }
 
 // Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
