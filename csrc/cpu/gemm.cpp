@@ -1,14 +1,44 @@
 // The tile GEMM of csrc/include/fastbind/tiled.h as an op of its own, `fastbind::tile_mm`: the
 // best-GEMM floor of the benchmarks (`gemm-floor-brgemm`) and the test that each GEMM path
-// (brgemm, at::mm_out fallback; float32 and bfloat16) computes a·bᵀ.
+// (brgemm, at::mm_out fallback; float32 and bfloat16) computes a·bᵀ. Also the VNNI packing from
+// rows (vnni_pair, pack_vnni_rows; declared in tiled.h) of the bf16 gradient GEMMs of GRAM and InfoNCE.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fastbind/simd.h"
 #include "fastbind/tiled.h"
 
 namespace fastbind {
 namespace cpu {
+
+// Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
+// microkernel: element j of the pair is (even[j], odd[j]) at out[2j], out[2j + 1] (little endian).
+FB_MULTIVERSION void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc,
+                               uint32_t* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < nc; ++j) out[j] = static_cast<uint32_t>(even[j]) | (static_cast<uint32_t>(odd[j]) << 16);
+}
+
+// B [K, N] (bf16, row stride ld; K = `rows`, padded to even with a zero row) in the VNNI panels of
+// pack_panels<BFloat16> for a K × N operand: panel p (columns c0 = p·kMicroN, w wide) at c0·Kp,
+// element (d, j) at ((d/2)·w + j)·2 + d%2. Pairs of source rows go straight into place (vnni_pair),
+// no transposed copy of B first.
+at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
+  const int64_t Kp = rows + (rows & 1);
+  at::Tensor out = at::empty({Kp * N}, opts);
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
+  const std::vector<uint16_t> zeros(N, 0);
+  for (int64_t c0 = 0; c0 < N; c0 += kMicroN) {
+    const int64_t w = std::min(kMicroN, N - c0);
+    uint32_t* panel = dst + c0 * Kp / 2;
+    for (int64_t d = 0; d < Kp; d += 2) {
+      const uint16_t* odd = d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data();
+      vnni_pair(src + d * ld + c0, odd, w, panel + (d / 2) * w);
+    }
+  }
+  return out;
+}
 
 // out [M, N] float32 = a [M, D] · b [N, D]ᵀ on oneDNN's brgemm microkernel wherever it runs (also
 // where the fused ops' float32 path is at::mm_out: this is the machine's brgemm floor): bfloat16 a

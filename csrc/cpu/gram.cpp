@@ -201,14 +201,6 @@ FB_MULTIVERSION void split_hi_lo(const float* __restrict q, int64_t n, uint16_t*
   for (int64_t j = 0; j < n; ++j) hi[j] = bf16_split(q[j], lo[j]);
 }
 
-// Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
-// microkernel: element j of the pair is (even[j], odd[j]) at out[2j], out[2j + 1] (little endian).
-FB_MULTIVERSION void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc,
-                               uint32_t* __restrict out) {
-#pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) out[j] = static_cast<uint32_t>(even[j]) | (static_cast<uint32_t>(odd[j]) << 16);
-}
-
 void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
                   const at::Tensor& anchor_sq) {
   TORCH_CHECK(anchor.dim() == 2 && basis.dim() == 3, op, ": expected anchor [B1, D] and basis [k-1, B2, D]");
@@ -306,26 +298,6 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
     o.gemm_basis = o.basis;
   }
   return o;
-}
-
-// B [K, N] (bf16, row stride ld; K = `rows`, padded to even with a zero row) in the VNNI panels of
-// pack_panels<BFloat16> for a K × N operand: panel p (columns c0 = p·kMicroN, w wide) at c0·Kp,
-// element (d, j) at ((d/2)·w + j)·2 + d%2. Pairs of source rows go straight into place (vnni_pair),
-// no transposed copy of B first.
-at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
-  const int64_t Kp = rows + (rows & 1);
-  at::Tensor out = at::empty({Kp * N}, opts);
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
-  const std::vector<uint16_t> zeros(N, 0);
-  for (int64_t c0 = 0; c0 < N; c0 += kMicroN) {
-    const int64_t w = std::min(kMicroN, N - c0);
-    uint32_t* panel = dst + c0 * Kp / 2;
-    for (int64_t d = 0; d < Kp; d += 2) {
-      const uint16_t* odd = d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data();
-      vnni_pair(src + d * ld + c0, odd, w, panel + (d / 2) * w);
-    }
-  }
-  return out;
 }
 
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation

@@ -30,7 +30,7 @@ namespace fastbind {
 namespace {
 
 using cpu::for_each_slab;
-using cpu::pack_panels;
+using cpu::pack_vnni_rows;
 using cpu::split_rows;
 
 // Tiles: 256 rows (the dK GEMM of the backward has inner dimension = rows, which BLAS wants >= ~128)
@@ -413,14 +413,13 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
     key_p.push_back(pr.keys[p].data_ptr<float>());
   }
   float* gq = grad_q.data_ptr<float>();
-  // bf16: the keys as the B operand of dQ += G·K, once per call: Kᵀ [D, B2p] (depth B2 padded to
-  // even with a zero row) in the VNNI panels of the microkernel.
+  // bf16: the keys as the B operand of dQ += G·K, once per call: K [B2, D] itself (depth B2 padded
+  // to even with a zero row) packed from its rows into the VNNI panels of the microkernel.
   const int64_t B2p = B2 + (B2 & 1);
   std::vector<at::Tensor> key_vnni;
   for (int64_t p = 0; p < PK && pr.bf16; ++p) {
-    at::Tensor kt = at::zeros({D, B2p}, pr.gemm_keys[p].options());
-    transpose_into(pr.gemm_keys[p].const_data_ptr<at::BFloat16>(), D, B2, D, kt.data_ptr<at::BFloat16>(), B2p);
-    key_vnni.push_back(pack_panels<at::BFloat16>(kt));
+    const auto* keys16 = reinterpret_cast<const uint16_t*>(pr.gemm_keys[p].const_data_ptr<at::BFloat16>());
+    key_vnni.push_back(pack_vnni_rows(keys16, D, B2, D, pr.gemm_keys[p].options()));
   }
 
   for (int64_t c0 = 0; c0 < B2; c0 += kBwdColBlock) {

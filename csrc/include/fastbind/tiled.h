@@ -227,6 +227,13 @@ at::Tensor pack_panels(const at::Tensor& B) {
   return out;
 }
 
+// The bf16 operands of pack_panels' layout written from rows, for B operands that are already
+// row-major [K, N] (csrc/cpu/gemm.cpp): vnni_pair interleaves two rows (depths 2i, 2i+1) into one
+// VNNI row pair; pack_vnni_rows packs a whole [rows, N] operand (depth padded to even with a zero row)
+// with no transposed copy first.
+void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc, uint32_t* __restrict out);
+at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts);
+
 // C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a pack_panels operand of C_total columns
 // (c0 a multiple of kMicroN), fp32 accumulation.
 template <class T>
