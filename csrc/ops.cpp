@@ -44,17 +44,28 @@ TORCH_LIBRARY(fastbind, m) {
   // ---- GRAM (csrc/cpu/gram.cpp) ----
   // anchor [B1,D], basis [k-1,B2,D] (orthonormal basis of each sample's non-anchor modalities),
   // span_vol [B2] (volume of those modalities), anchor_sq [B1] (squared anchor norms); float32.
-  m.def("gram_volume_fwd(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq) -> Tensor");
+  // `modalities` (optional, k-1 × [B2, D]): the modalities the basis was built from, a faster form
+  // of the same products for bfloat16 inputs (the CPU kernels run one exact bf16 GEMM per modality
+  // and apply the Gram–Schmidt coefficients in the epilogue, DESIGN §2.1); the result is a function
+  // of the basis alone (no gradient flows to `modalities`), and other kernels ignore them.
   m.def(
-      "gram_volume_bwd(Tensor grad, Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "gram_volume_fwd(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq, Tensor[]? modalities=None)"
+      " -> Tensor");
+  m.def(
+      "gram_volume_bwd(Tensor grad, Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq,"
+      " Tensor[]? modalities=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gram_loss_fwd(Tensor anchor, Tensor basis, Tensor span_vol, Tensor anchor_sq, Tensor temperature,"
-      " float label_smoothing, int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor)");
+      " float label_smoothing, int diag_offset, bool rows, bool cols, Tensor[]? modalities=None)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "gram_loss_bwd(Tensor grad_row, Tensor grad_col, Tensor anchor, Tensor basis, Tensor span_vol,"
       " Tensor anchor_sq, Tensor temperature, Tensor row_lse, Tensor col_lse, float label_smoothing,"
-      " int diag_offset, bool rows, bool cols) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " int diag_offset, bool rows, bool cols, Tensor[]? modalities=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Test hook: the form of the products the CPU kernels take for these operands, 'exact' (bf16
+  // GEMMs against the modalities), 'split' (bf16 hi + lo basis) or 'float32' (csrc/cpu/gram.cpp).
+  m.def("gram_product_form(Tensor anchor, Tensor basis, Tensor[]? modalities=None) -> str");
 
   // Per-sample part (csrc/cpu/span_basis.cpp): n modalities [B, D] -> orthonormal basis [n, B, D]
   // (Gram-Schmidt, two passes), volume [B], and the saved residual norms [n, B] and projection

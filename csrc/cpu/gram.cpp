@@ -17,9 +17,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "fastbind/epilogue.h"
@@ -42,22 +45,45 @@ constexpr int kMaxProducts = 7;  // k <= 8 modalities -> at most 7 products per 
 // reads each product row once, right after the GEMM wrote the tile.
 constexpr int64_t kRowBlock = 512;
 constexpr int64_t kColBlock = 1024;
+// bf16 operands (the AMX / avx512_bf16 microkernel): 256-row tiles. The bf16 GEMMs run 2-4x the
+// float32 rate, and writing the float32 products becomes their bound once they leave L2: measured
+// here (1 thread, 4096 × 4096 × 256, brgemm as gemm_panels calls it), a 512 × 1024 float32 C tile
+// per product ran at ~560 GFLOP/s, 256 × 1024 at ~940, the whole output (what tile_mm writes) at
+// ~360. The dQ GEMM's depth (the tile's rows) stays 256, a full AMX depth.
+constexpr int64_t kRowBlockBf16 = 256;
 
-// Per-tile pointers to the k-1 products (row-major [nr, nc]).
+// Per-tile pointers to the k-1 products (row-major [nr, nc]). With `coef` (the exact-operand bf16
+// path, see Operands) the GEMMs wrote S_s = A·M_sᵀ against the modalities, and the products are
+// P_r = Σ_{s<=r} C_rs,j·S_s: coefficient (r, s) of the tile's column j at coef[(r·n + s)·ldc + j].
 struct Products {
   float* p[kMaxProducts];
   int n;
+  const float* coef;
+  int64_t ldc;
 };
 
-Products products_of(const std::vector<at::Tensor>& prods) {
-  Products out{};
-  out.n = static_cast<int>(prods.size());
-  for (int r = 0; r < out.n; ++r) out.p[r] = prods[r].data_ptr<float>();
-  return out;
+// row_combine: S_s -> P_r of one tile row in place, r descending (P_r reads S_s for s <= r only,
+// none of them overwritten yet). R(R+1)/2 FMAs per element on a row that is in L1.
+FB_HD void row_combine(const Products& P, int64_t off, int64_t nc) {
+  for (int r = P.n - 1; r >= 0; --r) {
+    float* __restrict pr = P.p[r] + off;
+    const float* __restrict crr = P.coef + (r * P.n + r) * P.ldc;
+#pragma omp simd
+    for (int64_t j = 0; j < nc; ++j) pr[j] *= crr[j];
+    for (int s = 0; s < r; ++s) {
+      const float* __restrict ps = P.p[s] + off;
+      const float* __restrict crs = P.coef + (r * P.n + s) * P.ldc;
+#pragma omp simd
+      for (int64_t j = 0; j < nc; ++j) pr[j] += crs[j] * ps[j];
+    }
+  }
 }
 
-// res_j = a_sq − Σ_r P_r[off + j]² for j < nc (FB_HD: inlined into each caller's clone).
+// res_j = a_sq − Σ_r P_r[off + j]² for j < nc (FB_HD: inlined into each caller's clone). On the
+// exact-operand path the row's products are combined first (row_combine): every epilogue reads a
+// row's products through here once, before anything else.
 FB_HD void row_residuals(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict res) {
+  if (P.coef != nullptr) row_combine(P, off, nc);
 #pragma omp simd
   for (int64_t j = 0; j < nc; ++j) res[j] = a_sq;
   for (int r = 0; r < P.n; ++r) {
@@ -218,64 +244,166 @@ void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   }
 }
 
-// The k-1 (anchor, basis_r) pairs of the skeleton: products P_r = A·Q_rᵀ.
-void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vector<at::Tensor>& A,
-                   std::vector<at::Tensor>& B) {
-  for (int64_t r = 0; r < basis.size(0); ++r) {
-    A.push_back(anchor);
-    B.push_back(basis[r]);
-  }
-}
-
 // Work split (split_rows / for_each_slab, tiled.h): one chunk of anchor rows per thread, each
 // streaming its own tiles. Column statistics and dQ are accumulated per chunk and merged in chunk
 // order (deterministic for a given thread count).
 std::vector<int64_t> row_chunks(int64_t rows) { return split_rows(rows, at::get_num_threads()); }
 
-// Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ (operands() gives the GEMM operands).
-template <class Epilogue>
-void stream_chunk(const at::Tensor& anchor, const at::Tensor& basis, int64_t r0, int64_t nr, Epilogue&& epilogue) {
-  std::vector<at::Tensor> A, B;
-  product_pairs(anchor.narrow(0, r0, nr), basis, A, B);
-  stream_tiles(A, B, epilogue, kRowBlock, kColBlock);
-}
-
 struct Operands {
   // float32: the anchor of the float32 / float16 paths (undefined on the bf16 path, which never
   // needs a float32 copy of it), the basis, span_vol and anchor_sq.
   at::Tensor anchor, basis, span_vol, anchor_sq;
-  // The operands of the product GEMMs A·Q_rᵀ. For a bfloat16 anchor (fastbind/ops/gram.py passes
-  // bf16 inputs as they are) where the bf16 microkernel runs: the float32 basis split into bfloat16
-  // hi + lo parts (Q ≈ Q_hi + Q_lo to ~2^-17) so that A·Q_rᵀ = [A, A]·[Q_hi, Q_lo]ᵀ is one bf16 GEMM
-  // of depth 2D ([B1, 2D] against [R, B2, 2D]; one call accumulates both halves in fp32, no pass
-  // adding two products), accurate to float32 level: rounding Q itself to bf16 put 2^-9 relative
-  // errors into ‖a‖² − ΣP² and near-flat volumes off by 50%. Else = anchor / basis (float32).
-  at::Tensor gemm_anchor, gemm_basis;
-  // bf16 only: the anchor as it is (operand of the backward's dQ GEMM); Q_hi is the first D
-  // columns of each gemm_basis row (operand of the dA GEMM, dL/dP rounded to bf16 there, see
-  // backward_tiles).
+  // The operands of the product GEMMs (B side: R matrices [B2, ·]), three forms:
+  // * float32 (float32 / float16 anchors, or no bf16 microkernel): A = anchor, B_r = Q_r.
+  // * exact-operand bf16 (`exact`; a bf16 anchor, the bf16 modalities passed to the op, and
+  //   product coefficients accurate enough, see product_coefficients): A = the anchor, B_r = the
+  //   modality M_r itself, so each GEMM is depth D on exact bf16 operands (fp32 accumulation), and
+  //   the epilogue forms P_r = A·Q_rᵀ = Σ_{s<=r} C_rs,j·(A·M_sᵀ) per column (row_combine), with
+  //   C_j = R_j⁻¹ from Q_j = C_j·M_j (coef [R, R, B2]).
+  // * split bf16 (a bf16 anchor otherwise, the fallback of the exact form): the float32 basis split
+  //   into bfloat16 hi + lo parts (Q ≈ Q_hi + Q_lo to ~2^-17) so that A·Q_rᵀ = [A, A]·[Q_hi, Q_lo]ᵀ
+  //   is one bf16 GEMM of depth 2D ([B1, 2D] against [R, B2, 2D]; one call accumulates both halves
+  //   in fp32), accurate to float32 level: rounding Q itself to bf16 put 2^-9 relative errors into
+  //   ‖a‖² − ΣP² and near-flat volumes off by 50%.
+  at::Tensor gemm_anchor;
+  std::vector<at::Tensor> gemm_b;
+  at::Tensor coef;  // exact form: C_rs,j at [r, s, j] (s <= r), float32
+  // bf16 only: the anchor as it is (operand of the backward's dQ GEMM).
   at::Tensor anchor_bf16;
   at::TensorOptions opts;  // float32 CPU tensors (outputs, gradients)
   int64_t B1, B2, R, D;
-  bool bf16;
+  int64_t row_block;  // rows of a tile: kRowBlock, kRowBlockBf16 on the bf16 paths
+  bool bf16, exact;
 };
 
-// [A, A] [B1, 2D] and [Q_hi, Q_lo] [R, B2, 2D] of the bf16 path (see Operands).
-void bf16_gemm_operands(Operands& o) {
+// Tiles of one chunk: the R products of anchor rows [r0, r0 + nr) against the B operands of `o`.
+template <class Epilogue>
+void stream_chunk(const Operands& o, int64_t r0, int64_t nr, Epilogue&& epilogue) {
+  const std::vector<at::Tensor> A(o.R, o.gemm_anchor.narrow(0, r0, nr));
+  stream_tiles(A, o.gemm_b, epilogue, o.row_block, kColBlock);
+}
+
+Products products_of(const Operands& o, const Tile& t, const std::vector<at::Tensor>& prods) {
+  Products out{};
+  out.n = static_cast<int>(prods.size());
+  for (int r = 0; r < out.n; ++r) out.p[r] = prods[r].data_ptr<float>();
+  if (o.exact) {
+    out.coef = o.coef.const_data_ptr<float>() + t.c0;
+    out.ldc = o.B2;
+  }
+  return out;
+}
+
+// [A, A] [B1, 2D] and [Q_hi, Q_lo] [R, B2, 2D] of the split bf16 path (see Operands).
+void bf16_split_operands(Operands& o) {
   const int64_t D = o.D, rows = o.R * o.B2;
   o.gemm_anchor = at::empty({o.B1, 2 * D}, o.anchor_bf16.options());
   o.gemm_anchor.narrow(1, 0, D).copy_(o.anchor_bf16);
   o.gemm_anchor.narrow(1, D, D).copy_(o.anchor_bf16);
-  o.gemm_basis = at::empty({o.R, o.B2, 2 * D}, o.anchor_bf16.options());
+  const at::Tensor split = at::empty({o.R, o.B2, 2 * D}, o.anchor_bf16.options());
   const float* q = o.basis.const_data_ptr<float>();
-  uint16_t* out = reinterpret_cast<uint16_t*>(o.gemm_basis.data_ptr<at::BFloat16>());
+  uint16_t* out = reinterpret_cast<uint16_t*>(split.data_ptr<at::BFloat16>());
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) split_hi_lo(q + i * D, D, out + i * 2 * D, out + i * 2 * D + D);
   });
+  for (int64_t r = 0; r < o.R; ++r) o.gemm_b.push_back(split[r]);
+}
+
+// ---- the product coefficients of the exact-operand path --------------------------------------
+// Sample j's basis is Q_j = C_j·M_j with C_j = R_j⁻¹, R_j the lower-triangular R × R matrix
+// R_rs = m^r_j·q^s_j (s <= r; Gram–Schmidt puts m^r in span(q^1 … q^r)). Error of the products,
+// relative to ‖a_i‖, with u = 2^-24:
+//   * each GEMM S_s = a·m_s (exact bf16 operands, fp32 accumulation over D): |δS_s| ≲ √D·u·‖a‖‖m_s‖
+//     (the root-sum-square size of D roundings; the worst case is D·u);
+//   * the combination Σ_s C_rs·S_s in float32 (R roundings; C itself rounded to float32):
+//     ≲ R·u·Σ_s |C_rs|·‖a‖‖m_s‖;
+//   * C·M is Q only up to the part of m_s outside span(q^1 … q^s) in float32:
+//     ρ_s = ‖m_s − Σ_{t<=s} R_st·q_t‖, adding Σ_s |C_rs|·ρ_s·‖a‖.
+// So err_r,j = Σ_s |C_rs,j|·((√D + R)·u·‖m_s‖ + ρ_s) amplifies the accumulation error by about
+// cond(R_j) (|C| grows as the modalities approach dependence). The split path's error in the same
+// model is 2^-17 (the hi + lo operand) + √(2D)·u: the exact path is taken only if err_r,j is not
+// above it for every sample and r — it is then at least as accurate, and exact in the operands.
+// Otherwise (nearly dependent modalities, a zero modality, a NaN/inf, or modalities that are not
+// those of the basis: ρ large) the whole call takes the split path: one product form per call
+// keeps one GEMM per product and tile (a per-column choice would run both GEMMs on every tile).
+
+// One modality row of sample j against its basis rows q[0..n): widens m16 (bf16, exact) into m,
+// writes rs[s] = m·q_s and returns ‖m‖² and ‖m − Σ_s rs[s]·q_s‖² (res: scratch of D floats).
+FB_MULTIVERSION void project_modality(const uint16_t* __restrict m16, const float* const* q, int64_t n, int64_t D,
+                                      float* __restrict m, float* __restrict res, float* rs, float* norm_sq,
+                                      float* rho_sq) {
+  float mm = 0.f;
+#pragma omp simd reduction(+ : mm)
+  for (int64_t d = 0; d < D; ++d) {
+    m[d] = __builtin_bit_cast(float, static_cast<uint32_t>(m16[d]) << 16);
+    res[d] = m[d];
+    mm += m[d] * m[d];
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float* __restrict qs = q[s];
+    float c = 0.f;
+#pragma omp simd reduction(+ : c)
+    for (int64_t d = 0; d < D; ++d) c += m[d] * qs[d];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) res[d] -= c * qs[d];
+    rs[s] = c;
+  }
+  float rr = 0.f;
+#pragma omp simd reduction(+ : rr)
+  for (int64_t d = 0; d < D; ++d) rr += res[d] * res[d];
+  *norm_sq = mm;
+  *rho_sq = rr;
+}
+
+// Fills o.coef from the modalities (bf16 [B2, D] each) and the basis; returns whether every
+// sample's error estimate is within the split path's (see above).
+bool product_coefficients(Operands& o, at::TensorList mods) {
+  const int64_t R = o.R, B2 = o.B2, D = o.D;
+  o.coef = at::zeros({R, R, B2}, o.opts);
+  float* coef = o.coef.data_ptr<float>();
+  const float* q = o.basis.const_data_ptr<float>();
+  std::vector<const uint16_t*> m16(R);
+  for (int64_t r = 0; r < R; ++r) m16[r] = reinterpret_cast<const uint16_t*>(mods[r].const_data_ptr<at::BFloat16>());
+  const double u = std::ldexp(1.0, -24);
+  const double gamma = (std::sqrt(static_cast<double>(D)) + static_cast<double>(R)) * u;
+  const double limit = std::ldexp(1.0, -17) + std::sqrt(2.0 * static_cast<double>(D)) * u;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, B2, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> m(D), res(D);
+    double Rm[kMaxProducts][kMaxProducts], C[kMaxProducts][kMaxProducts], norm[kMaxProducts], rho[kMaxProducts];
+    bool chunk_ok = true;
+    for (int64_t j = begin; j < end; ++j) {
+      const float* qj[kMaxProducts];
+      for (int64_t s = 0; s < R; ++s) qj[s] = q + (s * B2 + j) * D;
+      for (int64_t r = 0; r < R; ++r) {
+        float rs[kMaxProducts], mm, rr;
+        project_modality(m16[r] + j * D, qj, r + 1, D, m.data(), res.data(), rs, &mm, &rr);
+        for (int64_t s = 0; s <= r; ++s) Rm[r][s] = rs[s];
+        norm[r] = std::sqrt(static_cast<double>(mm));
+        rho[r] = std::sqrt(static_cast<double>(rr));
+      }
+      for (int64_t r = 0; r < R; ++r) {  // C = R⁻¹ (lower triangular, forward substitution)
+        C[r][r] = 1.0 / Rm[r][r];
+        for (int64_t s = 0; s < r; ++s) {
+          double acc = 0.0;
+          for (int64_t t = s; t < r; ++t) acc += Rm[r][t] * C[t][s];
+          C[r][s] = -acc * C[r][r];
+        }
+        double err = 0.0;
+        for (int64_t s = 0; s <= r; ++s) {
+          err += std::abs(C[r][s]) * (gamma * norm[s] + rho[s]);
+          coef[(r * R + s) * B2 + j] = static_cast<float>(C[r][s]);
+        }
+        chunk_ok = chunk_ok && err <= limit;  // false for NaN / inf (zero pivot)
+      }
+    }
+    if (!chunk_ok) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
 }
 
 Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
-                  const at::Tensor& anchor_sq) {
+                  const at::Tensor& anchor_sq, const std::optional<at::TensorList>& modalities) {
   check_inputs(op, anchor, basis, span_vol, anchor_sq);
   // Detached: the tiles are computed on worker threads, which do not inherit the caller's
   // below-autograd dispatch state, and ATen refuses out= GEMMs on tensors that require grad.
@@ -285,17 +413,43 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   o.R = basis.size(0);
   o.D = anchor.size(1);
   o.bf16 = anchor.scalar_type() == at::kBFloat16 && use_bf16_gemm(o.D);
+  o.row_block = o.bf16 ? kRowBlockBf16 : kRowBlock;
+  o.exact = false;
   o.opts = span_vol.options().dtype(at::kFloat);
   o.basis = basis.detach().to(at::kFloat).contiguous();
   o.span_vol = span_vol.contiguous().detach();
   o.anchor_sq = anchor_sq.contiguous().detach();
+  // The modalities are an optional second form of the basis' operands (Q_j = C_j·M_j): checked
+  // whenever given, used only on the bf16 path when they are bf16 too (else ignored: the float32
+  // path has no faster form, and other dtypes would need a copy).
+  bool mods_bf16 = false;
+  std::vector<at::Tensor> mods;
+  if (modalities.has_value() && !modalities->empty()) {
+    TORCH_CHECK(static_cast<int64_t>(modalities->size()) == o.R, op, ": ", modalities->size(),
+                " modalities given for a basis of ", o.R, " vectors per sample");
+    mods_bf16 = true;
+    for (const at::Tensor& m : *modalities) {
+      TORCH_CHECK(m.dim() == 2 && m.size(0) == o.B2 && m.size(1) == o.D, op, ": modalities must be [B2, D] = [",
+                  o.B2, ", ", o.D, "], got ", m.sizes());
+      TORCH_CHECK(m.device().is_cpu(), op, ": the CPU kernels take CPU tensors");
+      mods_bf16 = mods_bf16 && m.scalar_type() == at::kBFloat16;
+      mods.push_back(m.detach().contiguous());
+    }
+  }
   if (o.bf16) {
     o.anchor_bf16 = anchor.detach().contiguous();
-    bf16_gemm_operands(o);
+    o.exact = mods_bf16 && product_coefficients(o, mods);
+    if (o.exact) {
+      o.gemm_anchor = o.anchor_bf16;
+      o.gemm_b = mods;
+    } else {
+      o.coef = at::Tensor();
+      bf16_split_operands(o);
+    }
   } else {
     o.anchor = anchor.detach().to(at::kFloat).contiguous();
     o.gemm_anchor = o.anchor;
-    o.gemm_basis = o.basis;
+    for (int64_t r = 0; r < o.R; ++r) o.gemm_b.push_back(o.basis[r]);
   }
   return o;
 }
@@ -374,9 +528,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   // transposed (bf16) and T_r in VNNI pairs of rows, written by the epilogue.
   const int64_t B2p = o.B2 + (o.B2 & 1);
   std::vector<at::Tensor> q_vnni(o.bf16 ? o.R : 0);
-  for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {  // Q_hi,r: rows of gemm_basis
-    const uint16_t* hi = reinterpret_cast<const uint16_t*>(o.gemm_basis[r].const_data_ptr<at::BFloat16>());
-    q_vnni[r] = pack_vnni_rows(hi, 2 * D, o.B2, D, o.anchor_bf16.options());
+  for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {
+    // Q_hi,r: the first D columns of the split operand's rows, or (exact path) Q_r rounded here
+    const at::Tensor hi_rows = o.exact ? o.basis[r].to(at::kBFloat16) : o.gemm_b[r];
+    const uint16_t* hi = reinterpret_cast<const uint16_t*>(hi_rows.const_data_ptr<at::BFloat16>());
+    q_vnni[r] = pack_vnni_rows(hi, hi_rows.stride(0), o.B2, D, o.anchor_bf16.options());
   }
   const at::Tensor anchor_t16 = o.bf16 ? o.anchor_bf16.t().contiguous() : at::Tensor();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
@@ -386,18 +542,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     uint16_t* rows16[kMaxProducts];  // T_r rows (bf16) and their VNNI pairs, per product
     uint32_t* pairs32[kMaxProducts];
     if (o.bf16) {
-      t_rows = at::empty({o.R, kRowBlock * kColBlock}, o.anchor_bf16.options());
-      t_pairs = at::empty({o.R, kRowBlock * kColBlock}, o.anchor_bf16.options());
+      t_rows = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
+      t_pairs = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
       for (int64_t r = 0; r < o.R; ++r) {
-        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * kRowBlock * kColBlock;
-        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * kRowBlock * kColBlock);
+        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * o.row_block * kColBlock;
+        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * o.row_block * kColBlock);
       }
     }
     float* dr = d_span_part[c].data_ptr<float>();
     float* dqt = d_basis_part[c].data_ptr<float>();
     double dtau = 0.0;
-    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-      const Products P = products_of(prods);
+    stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(o, t, prods);
       const int64_t ncp = t.nc + (t.nc & 1);  // even depth of the bf16 dA GEMM
       float dt = 0.f;
       for (int64_t i = 0; i < t.nr; ++i) {
@@ -443,16 +599,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
 
 // vol [B1, B2]
 at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
-                           const at::Tensor& anchor_sq_in) {
-  const Operands o = operands("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+                           const at::Tensor& anchor_sq_in, std::optional<at::TensorList> modalities) {
+  const Operands o = operands("gram_volume", anchor_in, basis_in, span_vol_in, anchor_sq_in, modalities);
   at::Tensor vol = at::empty({o.B1, o.B2}, o.opts);
   float* out = vol.data_ptr<float>();
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   for_each_slab(row_chunks(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
-    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-      const Products P = products_of(prods);
+    stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(o, t, prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
         row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, dist.data(), out + gi * o.B2 + t.c0);
@@ -466,8 +622,8 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
 // recomputing the tiles.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& anchor_in, const at::Tensor& basis_in,
-    const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in) {
-  const Operands o = operands("gram_volume_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+    const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in, std::optional<at::TensorList> modalities) {
+  const Operands o = operands("gram_volume_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in, modalities);
   const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == o.B1 && grad.size(1) == o.B2, "gram_volume_backward: grad must be [B1, B2]");
   const float* g = grad.data_ptr<float>();
@@ -491,8 +647,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu(
     const at::Tensor& anchor_in, const at::Tensor& basis_in, const at::Tensor& span_vol_in,
     const at::Tensor& anchor_sq_in, const at::Tensor& temperature, double label_smoothing, int64_t diag_offset,
-    bool rows, bool cols) {
-  const Operands o = operands("gram_loss_forward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+    bool rows, bool cols, std::optional<at::TensorList> modalities) {
+  const Operands o = operands("gram_loss_forward", anchor_in, basis_in, span_vol_in, anchor_sq_in, modalities);
   const int64_t B1 = o.B1, B2 = o.B2;
   if (rows) TORCH_CHECK(diag_offset >= 0 && B1 + diag_offset <= B2, "gram_loss_forward: rows need positives");
   if (cols) TORCH_CHECK(diag_offset <= 0 && B2 - diag_offset <= B1, "gram_loss_forward: cols need positives");
@@ -519,8 +675,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     float* cmax = col_max[c].data_ptr<float>();
     float* cexp = col_exp[c].data_ptr<float>();
     float* csum = col_sum[c].data_ptr<float>();
-    stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
-      const Products P = products_of(prods);
+    stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+      const Products P = products_of(o, t, prods);
       if (cols) {
         std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);
         std::fill(texp.begin(), texp.begin() + t.nc, 0.f);
@@ -584,8 +740,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
     const at::Tensor& grad_row_in, const at::Tensor& grad_col_in, const at::Tensor& anchor_in,
     const at::Tensor& basis_in, const at::Tensor& span_vol_in, const at::Tensor& anchor_sq_in,
     const at::Tensor& temperature, const at::Tensor& row_lse_in, const at::Tensor& col_lse_in,
-    double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
-  const Operands o = operands("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in);
+    double label_smoothing, int64_t diag_offset, bool rows, bool cols, std::optional<at::TensorList> modalities) {
+  const Operands o = operands("gram_loss_backward", anchor_in, basis_in, span_vol_in, anchor_sq_in, modalities);
   const auto opts = o.opts;
   // A disabled direction contributes nothing: its upstream weights are zero.
   const at::Tensor grad_row = rows ? grad_row_in.to(at::kFloat).contiguous() : at::zeros({o.B1}, opts);
@@ -609,7 +765,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
   return {d_anchor, d_basis, d_span, d_asq, d_tau};
 }
 
+// Test hook: the product form the kernels take for these operands: "exact" (one bf16 GEMM per
+// modality, coefficients in the epilogue), "split" (the hi + lo basis) or "float32" (see Operands).
+std::string gram_product_form_cpu(const at::Tensor& anchor, const at::Tensor& basis,
+                                  std::optional<at::TensorList> modalities) {
+  const at::Tensor ones = at::ones({basis.dim() == 3 ? basis.size(1) : 0}, basis.options().dtype(at::kFloat));
+  const at::Tensor anchor_sq = at::ones({anchor.dim() == 2 ? anchor.size(0) : 0}, ones.options());
+  const Operands o = operands("gram_product_form", anchor, basis, ones, anchor_sq, modalities);
+  return o.exact ? "exact" : (o.bf16 ? "split" : "float32");
+}
+
 TORCH_LIBRARY_IMPL(fastbind, CPU, m) {
+  m.impl("gram_product_form", &gram_product_form_cpu);
   m.impl("gram_volume_fwd", &gram_volume_cpu);
   m.impl("gram_volume_bwd", &gram_volume_backward_cpu);
   m.impl("gram_loss_fwd", &gram_loss_forward_cpu);

@@ -86,6 +86,13 @@ at::Tensor upstream(const at::Tensor& grad, bool enabled, bool reduce, double we
   return out;
 }
 
+// The modalities operand of gram_loss_fwd/_bwd: passed for a bfloat16 anchor only, where the CPU
+// kernels can run their products against them (csrc/cpu/gram.cpp, Operands); none otherwise.
+dispatch::OptTensorList bf16_modalities(const at::Tensor& anchor, at::TensorList modalities) {
+  if (anchor.scalar_type() != at::kBFloat16) return std::nullopt;
+  return modalities;
+}
+
 // The forward's operands and results (everything the backward needs).
 struct Forward {
   at::Tensor a_op, basis, span_vol, norms, coefs, anchor_sq, tau, row_loss, col_loss, row_lse, col_lse;
@@ -101,8 +108,9 @@ Forward run_forward(const at::Tensor& anchor, at::TensorList modalities, const a
   f.a_op = as_contiguous(anchor.scalar_type() == at::kBFloat16 ? anchor : a32);
   f.anchor_sq = at::sum(at::mul(a32, a32), -1);
   f.tau = as_float(temperature);
-  std::tie(f.row_loss, f.col_loss, f.row_lse, f.col_lse) = dispatch::gram_loss_fwd(
-      f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, label_smoothing, diag_offset, rows, cols);
+  std::tie(f.row_loss, f.col_loss, f.row_lse, f.col_lse) =
+      dispatch::gram_loss_fwd(f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, label_smoothing, diag_offset, rows,
+                              cols, bf16_modalities(anchor, modalities));
   return f;
 }
 
@@ -113,7 +121,9 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
                             bool cols, double weight, bool reduce) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const Forward f = run_forward(anchor, modalities, temperature, label_smoothing, diag_offset, rows, cols, reduce);
-    ctx->save_for_backward({f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, f.row_lse, f.col_lse, f.norms, f.coefs});
+    std::vector<at::Tensor> saved{f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, f.row_lse, f.col_lse, f.norms, f.coefs};
+    if (const auto mods = bf16_modalities(anchor, modalities)) saved.insert(saved.end(), mods->begin(), mods->end());
+    ctx->save_for_backward(saved);
     c10::List<int64_t> dtypes;
     for (const at::Tensor& m : modalities) dtypes.push_back(static_cast<int64_t>(m.scalar_type()));
     ctx->saved_data["modality_dtypes"] = dtypes;
@@ -137,6 +147,7 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &a_op = s[0], &basis = s[1], &span_vol = s[2], &anchor_sq = s[3], &tau = s[4];
     const at::Tensor &row_lse = s[5], &col_lse = s[6], &norms = s[7], &coefs = s[8];
+    const std::vector<at::Tensor> mods(s.begin() + 9, s.end());  // bf16_modalities of the forward
     const bool rows = ctx->saved_data["rows"].toBool(), cols = ctx->saved_data["cols"].toBool();
     const double weight = ctx->saved_data["weight"].toDouble();
     const int64_t b1 = a_op.size(0), b2 = basis.size(1);
@@ -148,7 +159,7 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     auto [d_a, d_basis, d_span, d_asq, d_tau] =
         dispatch::gram_loss_bwd(grad_row, grad_col, a_op, basis, span_vol, anchor_sq, tau, row_lse, col_lse,
                                 ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["diag_offset"].toInt(),
-                                rows, cols);
+                                rows, cols, mods.empty() ? dispatch::OptTensorList() : dispatch::OptTensorList(mods));
 
     const auto anchor_dtype = static_cast<at::ScalarType>(ctx->saved_data["anchor_dtype"].toInt());
     // ‖a‖² = Σ a²: d_anchor += 2·a·d‖a‖², summed in float32 (in place: d_a is the backward's own

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "gram_infonce_host.h"
@@ -73,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_back
 }  // namespace
 
 at::Tensor gram_volume_fwd_cuda(const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
-                                const at::Tensor& anchor_sq) {
+                                const at::Tensor& anchor_sq, std::optional<at::TensorList> /*modalities: a form of the CPU kernels only*/) {
   const GramInputs in = gram_inputs("gram_volume_fwd", anchor, basis, span_vol, anchor_sq);
   const DeviceGuard guard(in.anchor.device());
   at::Tensor vol = at::empty({in.B1, in.B2}, in.anchor.options().dtype(at::kFloat));
@@ -88,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_bwd_cuda(
                                                                                 const at::Tensor& anchor,
                                                                                 const at::Tensor& basis,
                                                                                 const at::Tensor& span_vol,
-                                                                                const at::Tensor& anchor_sq) {
+                                                                                const at::Tensor& anchor_sq,
+                                                                                std::optional<at::TensorList> /*modalities: a form of the CPU kernels only*/) {
   const GramInputs in = gram_inputs("gram_volume_bwd", anchor, basis, span_vol, anchor_sq);
   const DeviceGuard guard(in.anchor.device());
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == in.B1 && grad.size(1) == in.B2,
@@ -103,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_bwd_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_fwd_cuda(
     const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol, const at::Tensor& anchor_sq,
-    const at::Tensor& temperature, double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
+    const at::Tensor& temperature, double label_smoothing, int64_t diag_offset, bool rows, bool cols,
+    std::optional<at::TensorList> /*modalities: a form of the CPU kernels only*/) {
   const GramInputs in = gram_inputs("gram_loss_fwd", anchor, basis, span_vol, anchor_sq);
   const DeviceGuard guard(in.anchor.device());
   const int64_t B1 = in.B1, B2 = in.B2;
@@ -138,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_fwd_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_bwd_cuda(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& anchor, const at::Tensor& basis,
     const at::Tensor& span_vol, const at::Tensor& anchor_sq, const at::Tensor& temperature, const at::Tensor& row_lse,
-    const at::Tensor& col_lse, double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
+    const at::Tensor& col_lse, double label_smoothing, int64_t diag_offset, bool rows, bool cols,
+    std::optional<at::TensorList> /*modalities: a form of the CPU kernels only*/) {
   const GramInputs in = gram_inputs("gram_loss_bwd", anchor, basis, span_vol, anchor_sq);
   const DeviceGuard guard(in.anchor.device());
   const auto f32 = in.anchor.options().dtype(at::kFloat);

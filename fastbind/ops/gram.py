@@ -132,29 +132,65 @@ def _check_operands(op: str, anchor, basis, span_vol, anchor_sq) -> None:
     check_dtype(op, "anchor_sq", anchor_sq, (torch.float32,))
 
 
+def _check_modalities_operand(op: str, basis, modalities) -> None:
+    """The optional `modalities` operand of the cpu/cuda GRAM ops: k-1 tensors [B2, D] (the
+    modalities the basis was built from; csrc/ops.cpp)."""
+    if not modalities:
+        return
+    nq, b2, d = basis.shape
+    torch._check(len(modalities) == nq, lambda: f"{op}: {len(modalities)} modalities for k-1 = {nq} basis vectors")
+    for i, m in enumerate(modalities):
+        check_shape(op, f"modality {i}", m, (b2, d))
+
+
 def _grads_like(*tensors) -> tuple[torch.Tensor, ...]:
     return tuple(t.new_empty(t.shape, dtype=torch.float32) for t in tensors)
 
 
-def _volume_fake(anchor, basis, span_vol, anchor_sq):
+def _volume_fake(anchor, basis, span_vol, anchor_sq, modalities=None):
     _check_operands("gram_volume_fwd", anchor, basis, span_vol, anchor_sq)
+    _check_modalities_operand("gram_volume_fwd", basis, modalities)
     return anchor.new_empty(anchor.shape[0], basis.shape[1], dtype=torch.float32)
 
 
-def _volume_backward_fake(grad, anchor, basis, span_vol, anchor_sq):
+def _volume_backward_fake(grad, anchor, basis, span_vol, anchor_sq, modalities=None):
     _check_operands("gram_volume_bwd", anchor, basis, span_vol, anchor_sq)
+    _check_modalities_operand("gram_volume_bwd", basis, modalities)
     check_shape("gram_volume_bwd", "grad", grad, (anchor.shape[0], basis.shape[1]))
     return _grads_like(anchor, basis, span_vol, anchor_sq)
 
 
+def _save_with_modalities(ctx, tensors, optional) -> None:
+    """Saves `tensors` and the optional modalities operand. `optional`: () for ops without it (the
+    Triton rows), else (modalities or None,); the backward passes it on and returns no gradient for it
+    (the ops are functions of the basis; the modalities are a faster form of its products)."""
+    ctx.takes_modalities = bool(optional)
+    mods = list(optional[0]) if optional and optional[0] else []
+    ctx.num_modalities = len(mods)
+    ctx.save_for_backward(*tensors, *mods)
+
+
+def _saved_with_modalities(ctx, n: int):
+    """(the n saved tensors, the extra arguments of the backward op: () or (modalities or None,))."""
+    saved = ctx.saved_tensors
+    extra = (list(saved[n:]) or None,) if ctx.takes_modalities else ()
+    return saved[:n], extra
+
+
+def _no_modality_grads(extra) -> tuple:
+    """The backward's return for the modalities operand: nothing, None, or a list of Nones (autograd
+    wants the structure of the input)."""
+    return tuple(None if mods is None else [None] * len(mods) for mods in extra)
+
+
 def _volume_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    _save_with_modalities(ctx, inputs[:4], tuple(inputs[4:]))
 
 
 def _volume_grad(ctx, backward_op, grad):
-    anchor, basis, span_vol, anchor_sq = ctx.saved_tensors
-    d_a, d_q, d_r, d_asq = backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq)
-    return d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq
+    (anchor, basis, span_vol, anchor_sq), extra = _saved_with_modalities(ctx, 4)
+    d_a, d_q, d_r, d_asq = backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq, *extra)
+    return (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq) + _no_modality_grads(extra)
 
 
 def _check_loss_args(op: str, anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols) -> None:
@@ -175,15 +211,19 @@ def _check_positives(op: str, b1, b2, diag_offset, rows, cols) -> None:
     )
 
 
-def _loss_fake(anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols):
+def _loss_fake(
+    anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols, modalities=None
+):
     _check_loss_args("gram_loss_fwd", anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols)
+    _check_modalities_operand("gram_loss_fwd", basis, modalities)
     b1, b2 = anchor.shape[0], basis.shape[1]
     return tuple(anchor.new_empty(n, dtype=torch.float32) for n in (b1, b2, b1, b2))
 
 
 def _loss_backward_fake(grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *flags):
-    label_smoothing, diag_offset, rows, cols = flags
+    label_smoothing, diag_offset, rows, cols, *modalities = flags
     _check_loss_args("gram_loss_bwd", anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols)
+    _check_modalities_operand("gram_loss_bwd", basis, modalities[0] if modalities else None)
     b1, b2 = anchor.shape[0], basis.shape[1]
     stats = (("grad_row", grad_row, b1), ("grad_col", grad_col, b2), ("row_lse", row_lse, b1), ("col_lse", col_lse, b2))
     for name, t, n in stats:
@@ -192,19 +232,20 @@ def _loss_backward_fake(grad_row, grad_col, anchor, basis, span_vol, anchor_sq, 
 
 
 def _loss_setup(ctx, inputs, output):
-    anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols = inputs
-    ctx.save_for_backward(anchor, basis, span_vol, anchor_sq, temperature, output[2], output[3])
+    anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols = inputs[:9]
+    _save_with_modalities(ctx, (anchor, basis, span_vol, anchor_sq, temperature, output[2], output[3]), inputs[9:])
     ctx.flags = (label_smoothing, diag_offset, rows, cols)
 
 
 def _loss_grad(ctx, backward_op, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
-    anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse = ctx.saved_tensors
+    (anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse), extra = _saved_with_modalities(ctx, 7)
     grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.contiguous()
     grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col.contiguous()
     d_a, d_q, d_r, d_asq, d_tau = backward_op(
-        grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *ctx.flags
+        grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *ctx.flags, *extra
     )
-    return (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq, d_tau.to(temperature.dtype)) + (None,) * 4
+    grads = (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq, d_tau.to(temperature.dtype))
+    return grads + (None,) * 4 + _no_modality_grads(extra)
 
 
 VOLUME = declare(
@@ -314,7 +355,11 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
         return torch_backend.gram_volume(anchor, *modalities)
     check_no_functorch(fn, name, [anchor, *modalities])
     volume_op = VOLUME.forward_op(name)
-    return volume_op(*_prepare(anchor, modalities, VOLUME.rows[name], name)).to(anchor.dtype)
+    operands = _prepare(anchor, modalities, VOLUME.rows[name], name)
+    # bf16 on the cpu backend: the modalities too, the operands of its exact bf16 products (csrc/cpu/gram.cpp)
+    if name == "cpu" and anchor.dtype == torch.bfloat16:
+        operands = (*operands, list(modalities))
+    return volume_op(*operands).to(anchor.dtype)
 
 
 def gram_volume_paired(*modalities: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -37,30 +37,36 @@ inline std::vector<at::Tensor> gram_basis_bwd(const OptTensor& grad_basis, const
   return op.call(grad_basis, grad_volume, basis, norms, coefs);
 }
 
+// The optional modalities operand of the GRAM ops (csrc/ops.cpp).
+using OptTensorList = std::optional<at::TensorList>;
+
 // fastbind::gram_loss_fwd -> (row_loss, col_loss, row_lse, col_lse)
 inline Tensor4 gram_loss_fwd(const at::Tensor& anchor, const at::Tensor& basis, const at::Tensor& span_vol,
                              const at::Tensor& anchor_sq, const at::Tensor& temperature, double label_smoothing,
-                             int64_t diag_offset, bool rows, bool cols) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastbind::gram_loss_fwd", "")
-                             .typed<Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, double, int64_t, bool, bool)>();
-  return op.call(anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols);
+                             int64_t diag_offset, bool rows, bool cols, OptTensorList modalities) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastbind::gram_loss_fwd", "")
+          .typed<Tensor4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, double, int64_t, bool, bool, OptTensorList)>();
+  return op.call(anchor, basis, span_vol, anchor_sq, temperature, label_smoothing, diag_offset, rows, cols,
+                 modalities);
 }
 
 // fastbind::gram_loss_bwd -> (d_anchor, d_basis, d_span_vol, d_anchor_sq, d_temperature)
 inline Tensor5 gram_loss_bwd(const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& anchor,
                              const at::Tensor& basis, const at::Tensor& span_vol, const at::Tensor& anchor_sq,
                              const at::Tensor& temperature, const at::Tensor& row_lse, const at::Tensor& col_lse,
-                             double label_smoothing, int64_t diag_offset, bool rows, bool cols) {
+                             double label_smoothing, int64_t diag_offset, bool rows, bool cols,
+                             OptTensorList modalities) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastbind::gram_loss_bwd", "")
           .typed<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, double, int64_t, bool, bool)>();
+                         const at::Tensor&, double, int64_t, bool, bool, OptTensorList)>();
   return op.call(grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse,
-                 label_smoothing, diag_offset, rows, cols);
+                 label_smoothing, diag_offset, rows, cols, modalities);
 }
 
 }  // namespace dispatch
