@@ -1,9 +1,10 @@
 """The bfloat16 path of the cpu GRAM kernels (csrc/cpu/gram.cpp, issue 14) against the float64 reference.
 
 Where oneDNN has its bf16 microkernel (AVX-512; "bf16 brgemm" in build_info) a bfloat16 anchor stays
-bf16: the products run as one depth-2D bf16 GEMM against hi + lo parts of the float32 basis, the
-backward's gradient GEMMs take dL/dP rounded to bf16 (written by the epilogue straight into the
-VNNI operand). Elsewhere, and for odd D, the anchor is upcast (the float32 path); the tests hold
+bf16: the products run as one bf16 GEMM per modality with the Gram–Schmidt coefficients in the
+epilogue (the exact form, tests/test_gram_bf16_exact.py), or, for nearly dependent modalities, as one
+depth-2D bf16 GEMM against hi + lo parts of the float32 basis (the split form); the backward's
+gradient GEMMs take dL/dP rounded to bf16 (written by the epilogue straight into the VNNI operand). Elsewhere, and for odd D, the anchor is upcast (the float32 path); the tests hold
 for both.
 
 Reference: the float64 GRAM volume / loss on the *rounded* inputs, so only the kernel's precision
@@ -127,8 +128,9 @@ def test_bf16_nearly_parallel_modalities(k):
 
 def test_bf16_near_flat_volumes():
     """Anchors within ~0.05 of sample 0's span: vol[:, 0] is small against the others and comes from
-    ‖a‖² − Σ p² with cancellation, so it needs the products at float32 level (hi + lo parts of the
-    basis; bf16-rounded basis vectors put ~10% errors into it). Checked against its own scale.
+    ‖a‖² − Σ p² with cancellation, so it needs the products at float32 level (exact bf16 operands, or
+    hi + lo parts of the basis; bf16-rounded basis vectors put ~10% errors into it). Checked against
+    its own scale.
     Forward only: the anchor gradient there is a residual a − Σ p_r q_r that the bf16 gradient GEMMs
     (bf16 dL/dP and Q_hi) resolve to ~12% of its size at this flatness (not a 2-ulp quantity)."""
     g = torch.Generator().manual_seed(21)
