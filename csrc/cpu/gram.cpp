@@ -132,6 +132,42 @@ FB_MULTIVERSION void exp_sum_and_sum(const float* __restrict x, int64_t n, float
   *sum = s;
 }
 
+// The one-exp pass of a loss tile whose rows and columns both need sums (gram_loss_forward_cpu):
+// e_j = exp(x_j − shift) once per element (shift: the row's max in the tile), the row's
+// Σ_{j≠skip} e_j and Σ_j x_j, and col_exp_j += w·e_j (j ≠ skip; w = exp(shift − tile shift), the row's
+// factor to the tile's common column shift), col_sum_j += x_j.
+FB_MULTIVERSION void exp_sum_rows_and_cols(const float* __restrict x, int64_t n, float shift, float w, int64_t skip,
+                                           float* exp_sum, float* sum, float* __restrict col_exp,
+                                           float* __restrict col_sum) {
+  float es = 0.f, s = 0.f;
+#pragma omp simd reduction(+ : es, s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = j != skip ? fast_exp(x[j] - shift) : 0.f;
+    es += e;
+    s += x[j];
+    col_exp[j] += w * e;
+    col_sum[j] += x[j];
+  }
+  *exp_sum = es;
+  *sum = s;
+}
+
+// Whether a tile's column sums may share one shift (see gram_loss_forward_cpu): the column maxima
+// col_max[0, nc) within kSharedShiftRange of their largest, which is finite, and every row's maximum
+// row_max[0, nr) finite. Writes that largest column maximum (the tile's max) to *shift.
+constexpr float kSharedShiftRange = 60.f;
+bool shared_column_shift(const float* col_max, int64_t nc, const float* row_max, int64_t nr, float* shift) {
+  float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < nc; ++j) {
+    hi = std::max(hi, col_max[j]);
+    lo = std::min(lo, col_max[j]);
+  }
+  float rlo = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < nr; ++i) rlo = std::min(rlo, row_max[i]);
+  *shift = hi;
+  return std::isfinite(hi) && std::isfinite(rlo) && hi - lo <= kSharedShiftRange;
+}
+
 // col_max_j = max(col_max_j, x_j).
 FB_MULTIVERSION void max_into(const float* __restrict x, int64_t n, float* __restrict col_max) {
 #pragma omp simd
@@ -671,10 +707,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   float* cpos = col_pos.data_ptr<float>();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
-    std::vector<float> rmax(nr, ninf), rexp(nr, 0.f);
+    std::vector<float> rmax(nr, ninf), rexp(nr, 0.f), tile_rmax(o.row_block);
     float* cmax = col_max[c].data_ptr<float>();
     float* cexp = col_exp[c].data_ptr<float>();
     float* csum = col_sum[c].data_ptr<float>();
+    // The row statistics of one tile row with its own exps (tile max r of the row).
+    auto row_stats = [&](int64_t li, int64_t gi, const float* logit, int64_t nc, int64_t pos, float r) {
+      const float m = std::max(rmax[li], r);
+      float es, s;
+      exp_sum_and_sum(logit, nc, m, pos, &es, &s);
+      rexp[li] = lse_rescale(rmax[li], rexp[li], m) + es;
+      rmax[li] = m;
+      rsum[gi] += s;
+    };
+    // Both directions: the row exps wait until the tile's column maxima are known; where they lie
+    // within kSharedShiftRange of the tile's max (always for unit-norm inputs and τ > 1/60), one
+    // exp per element serves both sums: e = exp(x − r_i) for the row (r_i its tile max) and e·exp(r_i − c)
+    // = exp(x − c) for the columns, all with one common shift c (the tile max). What that drops — a
+    // row whose exp(r_i − c) underflows — is below e^-27 of any column's sum (≥ exp(col max − c)).
+    const bool both = rows && cols;
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       if (cols) {
@@ -691,24 +742,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
           rpos[gi] = logit[pos];
           cpos[gi + diag_offset] = logit[pos];
         }
-        if (rows) {
-          const float m = std::max(rmax[li], row_max(logit, t.nc));
-          float es, s;
-          exp_sum_and_sum(logit, t.nc, m, pos, &es, &s);
-          rexp[li] = lse_rescale(rmax[li], rexp[li], m) + es;
-          rmax[li] = m;
-          rsum[gi] += s;
-        }
+        if (rows) tile_rmax[i] = row_max(logit, t.nc);
+        if (rows && !both) row_stats(li, gi, logit, t.nc, pos, tile_rmax[i]);
         if (cols) max_into(logit, t.nc, tmax.data());
       }
       if (!cols) return;
+      float shift = 0.f;
+      const bool shared = both && shared_column_shift(tmax.data(), t.nc, tile_rmax.data(), t.nr, &shift);
       for (int64_t i = 0; i < t.nr; ++i) {
-        const int64_t pos = r0 + t.r0 + i + diag_offset - t.c0;  // this tile row's positive column
-        exp_sum_into(P.p[0] + i * t.nc, tmax.data(), t.nc, pos, texp.data(), tsum.data());
+        const int64_t li = t.r0 + i, gi = r0 + li;
+        const int64_t pos = gi + diag_offset - t.c0;  // this tile row's positive column
+        const float* logit = P.p[0] + i * t.nc;
+        if (shared) {
+          float es, s;
+          exp_sum_rows_and_cols(logit, t.nc, tile_rmax[i], fast_exp(tile_rmax[i] - shift), pos, &es, &s, texp.data(),
+                                tsum.data());
+          lse_merge(rmax[li], rexp[li], tile_rmax[i], es);
+          rsum[gi] += s;
+          continue;
+        }
+        if (both) row_stats(li, gi, logit, t.nc, pos, tile_rmax[i]);
+        exp_sum_into(logit, tmax.data(), t.nc, pos, texp.data(), tsum.data());
       }
       for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
         const int64_t gj = t.c0 + j;
-        lse_merge(cmax[gj], cexp[gj], tmax[j], texp[j]);
+        lse_merge(cmax[gj], cexp[gj], shared ? shift : tmax[j], texp[j]);
         csum[gj] += tsum[j];
       }
     });

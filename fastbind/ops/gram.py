@@ -177,10 +177,13 @@ def _saved_with_modalities(ctx, n: int):
     return saved[:n], extra
 
 
-def _no_modality_grads(extra) -> tuple:
-    """The backward's return for the modalities operand: nothing, None, or a list of Nones (autograd
-    wants the structure of the input)."""
-    return tuple(None if mods is None else [None] * len(mods) for mods in extra)
+def _with_modality_grads(ctx, grads: tuple, extra) -> tuple:
+    """`grads` and the return for the modalities operand (None, or a list of Nones: autograd wants
+    the structure of the input), as many as the call passed: the dispatcher drops a trailing argument
+    equal to its default, and autograd counts the arguments as passed (ctx.needs_input_grad), while
+    setup_context sees them with the defaults filled in."""
+    full = grads + tuple(None if mods is None else [None] * len(mods) for mods in extra)
+    return full[: len(ctx.needs_input_grad)]
 
 
 def _volume_setup(ctx, inputs, output):
@@ -190,7 +193,7 @@ def _volume_setup(ctx, inputs, output):
 def _volume_grad(ctx, backward_op, grad):
     (anchor, basis, span_vol, anchor_sq), extra = _saved_with_modalities(ctx, 4)
     d_a, d_q, d_r, d_asq = backward_op(grad.contiguous(), anchor, basis, span_vol, anchor_sq, *extra)
-    return (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq) + _no_modality_grads(extra)
+    return _with_modality_grads(ctx, (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq), extra)
 
 
 def _check_loss_args(op: str, anchor, basis, span_vol, anchor_sq, temperature, diag_offset, rows, cols) -> None:
@@ -245,7 +248,7 @@ def _loss_grad(ctx, backward_op, grad_row, grad_col, _grad_row_lse, _grad_col_ls
         grad_row, grad_col, anchor, basis, span_vol, anchor_sq, temperature, row_lse, col_lse, *ctx.flags, *extra
     )
     grads = (d_a.to(anchor.dtype), d_q.to(basis.dtype), d_r, d_asq, d_tau.to(temperature.dtype))
-    return grads + (None,) * 4 + _no_modality_grads(extra)
+    return _with_modality_grads(ctx, grads + (None,) * 4, extra)
 
 
 VOLUME = declare(
