@@ -4,8 +4,8 @@ Where oneDNN has its bf16 microkernel (AVX-512; "bf16 brgemm" in build_info) a b
 bf16: the products run as one bf16 GEMM per modality with the Gram–Schmidt coefficients in the
 epilogue (the exact form, tests/test_gram_bf16_exact.py), or, for nearly dependent modalities, as one
 depth-2D bf16 GEMM against hi + lo parts of the float32 basis (the split form); the backward's
-gradient GEMMs take dL/dP rounded to bf16 (written by the epilogue straight into the VNNI operand). Elsewhere, and for odd D, the anchor is upcast (the float32 path); the tests hold
-for both.
+gradient GEMMs take dL/dP rounded to bf16 (written by the epilogue straight into the VNNI operand).
+Elsewhere, and for odd D, the anchor is upcast (the float32 path); the tests hold for both.
 
 Reference: the float64 GRAM volume / loss on the *rounded* inputs, so only the kernel's precision
 counts. Tolerances relative to the largest reference magnitude: forward 2e-4 (float32 level: the
