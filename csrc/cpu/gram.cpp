@@ -227,10 +227,29 @@ void product_pairs(const at::Tensor& anchor, const at::Tensor& basis, std::vecto
   }
 }
 
+}  // namespace
+
 // Work split (split_rows / for_each_slab, tiled.h): one chunk of anchor rows per thread, each
 // streaming its own tiles. Column statistics and dQ are accumulated per chunk and merged in chunk
-// order (deterministic for a given thread count).
-std::vector<int64_t> row_chunks(int64_t rows) { return split_rows(rows, at::get_num_threads()); }
+// order (deterministic for a given thread count). A small call (B1·B2·D·(k-1) <= kOneSlabWork
+// multiply-adds per product pass: k = 3, D = 256 up to B = 90) is one chunk on the calling thread:
+// its GEMMs take tens of µs, about what waking the other threads and waiting for the slowest
+// costs on a shared machine, plus a zeroed dQ part and a merge per extra chunk (issue 14, B = 64).
+// (Such calls are then thread-count independent, which larger ones are not.)
+constexpr int64_t kOneSlabWork = int64_t{1} << 22;
+
+int64_t gram_row_slabs(int64_t b1, int64_t b2, int64_t d, int64_t products) {
+  TORCH_CHECK(b1 >= 0 && b2 >= 0 && d >= 0 && products >= 1, "gram_row_slabs: bad sizes");
+  const bool small = b1 * b2 * d * products <= kOneSlabWork;  // (int64: B1·B2 < 2^42 for any batch that fits)
+  return static_cast<int64_t>(split_rows(b1, small ? 1 : at::get_num_threads()).size()) - 1;
+}
+
+namespace {
+
+std::vector<int64_t> row_chunks(int64_t b1, int64_t b2, int64_t d, int64_t products) {
+  return split_rows(b1, gram_row_slabs(b1, b2, d, products));
+}
+
 
 // Tiles of one chunk: the R = k-1 products A[r0:r0+nr]·Q_rᵀ (operands() gives the GEMM operands).
 template <class Epilogue>
@@ -348,22 +367,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t D = o.D;
   at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
-  const std::vector<int64_t> chunks = row_chunks(o.B1);
+  const std::vector<int64_t> chunks = row_chunks(o.B1, o.B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
-  // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = o.bf16 ? at::Tensor() : transposed_copy(o.anchor);
+  // float32 on the brgemm path: dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both
+  // backward GEMMs are plain row-major A·B products (the form of the microkernel): Aᵀ is transposed
+  // once here, dQᵀ back at the end. On the at::mm_out (BLAS) path, dQ_r[cols] = T_rᵀ·A[rows] is
+  // written in its own [R, B2, D] layout instead (BLAS takes T_rᵀ as a transposed operand): no
+  // transposed copies, and each chunk's part is written by its first row block (not zeroed first) —
+  // at small batches those copies and the memset were a visible part of the call (issue 14).
+  const bool dq_rows = !o.bf16 && !use_brgemm();
+  const at::Tensor anchor_t = o.bf16 || dq_rows ? at::Tensor() : transposed_copy(o.anchor);
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  const float* at_p = o.bf16 ? nullptr : anchor_t.data_ptr<float>();
+  const float* at_p = anchor_t.defined() ? anchor_t.data_ptr<float>() : nullptr;
+  const float* a_p = dq_rows ? o.anchor.data_ptr<float>() : nullptr;
   const float* q_p = o.basis.data_ptr<float>();
   float* dasq = d_asq.data_ptr<float>();
   float* da_p = d_anchor.data_ptr<float>();
   for (int64_t c = 0; c < nchunks; ++c) {
-    d_basis_part[c] = at::zeros({o.R, D, o.B2}, opts);
-    d_span_part[c] = at::zeros({o.B2}, opts);
+    // (no rows: nothing writes the part, which is the zero gradient then)
+    d_basis_part[c] = dq_rows ? (o.B1 > 0 ? at::empty({o.R, o.B2, D}, opts) : at::zeros({o.R, o.B2, D}, opts))
+                              : at::zeros({o.R, D, o.B2}, opts);
+    d_span_part[c] = c == 0 ? d_span : at::zeros({o.B2}, opts);  // (chunk 0 accumulates into d_span itself)
   }
   // bf16 inputs: the gradient GEMMs in bf16 too (fp32 accumulation), with T_r = dL/dP_r rounded to
   // bf16 per tile (the Triton kernels' dS in 16 bits, issue 9 point 4) and Q_r as Q_hi: each is a
@@ -423,6 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         const float* T = P.p[r];  // [nr, nc]
         // dA[rows] += T_r · Q_r[cols]
         gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, true);
+        if (dq_rows) {  // dQ_r[cols] (+)= T_rᵀ · A[rows]: written by the chunk's first row block
+          mm_strided(t.nc, D, t.nr, T, 1, t.nc, a_p + row * D, D, dqt + (r * o.B2 + t.c0) * D, D, t.r0 > 0);
+          continue;
+        }
         // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r
         gemm_f32(D, t.nc, t.nr, at_p + row, o.B1, T, t.nc, dqt + r * D * o.B2 + t.c0, o.B2, true);
       }
@@ -432,11 +463,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   double dtau = 0.0;
   at::Tensor d_basis_t = d_basis_part[0];
   for (int64_t c = 0; c < nchunks; ++c) {
-    if (c > 0) d_basis_t.add_(d_basis_part[c]);
-    d_span.add_(d_span_part[c]);
+    if (c > 0) {
+      d_basis_t.add_(d_basis_part[c]);
+      d_span.add_(d_span_part[c]);
+    }
     dtau += dtau_part[c];
   }
-  return {d_anchor, transposed_copy(d_basis_t), d_span, d_asq, dtau};
+  return {d_anchor, dq_rows ? d_basis_t : transposed_copy(d_basis_t), d_span, d_asq, dtau};
 }
 
 }  // namespace
@@ -449,7 +482,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   float* out = vol.data_ptr<float>();
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  for_each_slab(row_chunks(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
+  for_each_slab(row_chunks(o.B1, o.B2, o.D, o.R), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
     stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
@@ -503,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
   at::Tensor row_off = at::zeros({B1}, opts);
   at::Tensor col_pos = at::zeros({B2}, opts);
-  const std::vector<int64_t> chunks = row_chunks(B1);
+  const std::vector<int64_t> chunks = row_chunks(B1, B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
   // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
   at::Tensor col_max = at::full({nchunks, B2}, ninf, opts), col_exp = at::zeros({nchunks, B2}, opts);
