@@ -532,37 +532,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   const float neg_inv_tau = -1.0f / temperature.item<float>();
   const auto opts = o.opts;
   const float ninf = -std::numeric_limits<float>::infinity();
-  // row_lse holds the row max and row_off Σ_{j≠pos} exp(l − max) until the finalisation
-  at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
-  at::Tensor row_off = at::zeros({B1}, opts);
-  at::Tensor col_pos = at::zeros({B2}, opts);
   const std::vector<int64_t> chunks = row_chunks(B1, B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
-  at::Tensor col_max = at::full({nchunks, B2}, ninf, opts), col_exp = at::zeros({nchunks, B2}, opts);
-  at::Tensor col_sum = at::zeros({nchunks, B2}, opts);
+  // The statistics in one zeroed buffer, not a tensor each (at small batches every allocation and
+  // fill costs about as much as the epilogue): per row its max, Σ_{j≠pos} exp(l − max), positive
+  // logit and Σ l; per column its positive; per chunk the running column max, Σ exp(x − max), Σ x.
+  std::vector<float> stats(4 * B1 + B2 + 3 * nchunks * B2, 0.f);
+  float *rlse = stats.data(), *roff = rlse + B1, *rpos = roff + B1, *rsum = rpos + B1, *cpos = rsum + B1;
+  float *col_max = cpos + B2, *col_exp = col_max + nchunks * B2, *col_sum = col_exp + nchunks * B2;
+  std::fill(col_max, col_exp, ninf);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  float *rlse = row_lse.data_ptr<float>(), *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
-  float* roff = row_off.data_ptr<float>();
-  float* cpos = col_pos.data_ptr<float>();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
-    std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
-    std::vector<float> rmax(nr, ninf), rexp(nr, 0.f);
-    float* cmax = col_max[c].data_ptr<float>();
-    float* cexp = col_exp[c].data_ptr<float>();
-    float* csum = col_sum[c].data_ptr<float>();
+    // per tile column: distances, max, Σ exp, Σ x; per chunk row: running max and Σ exp
+    std::vector<float> scratch(4 * kColBlock + 2 * nr);
+    float *dist = scratch.data(), *tmax = dist + kColBlock, *texp = tmax + kColBlock, *tsum = texp + kColBlock;
+    float *rmax = tsum + kColBlock, *rexp = rmax + nr;
+    std::fill(rmax, rexp, ninf);
+    std::fill(rexp, rexp + nr, 0.f);
+    float* cmax = col_max + c * B2;
+    float* cexp = col_exp + c * B2;
+    float* csum = col_sum + c * B2;
     stream_chunk(o.gemm_anchor, o.gemm_basis, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(prods);
       if (cols) {
-        std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);
-        std::fill(texp.begin(), texp.begin() + t.nc, 0.f);
-        std::fill(tsum.begin(), tsum.begin() + t.nc, 0.f);
+        std::fill(tmax, tmax + t.nc, ninf);
+        std::fill(texp, texp + t.nc, 0.f);
+        std::fill(tsum, tsum + t.nc, 0.f);
       }
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist.data(), logit);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist, logit);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
           rpos[gi] = logit[pos];
@@ -576,12 +577,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
           rmax[li] = m;
           rsum[gi] += s;
         }
-        if (cols) max_into(logit, t.nc, tmax.data());
+        if (cols) max_into(logit, t.nc, tmax);
       }
       if (!cols) return;
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t pos = r0 + t.r0 + i + diag_offset - t.c0;  // this tile row's positive column
-        exp_sum_into(P.p[0] + i * t.nc, tmax.data(), t.nc, pos, texp.data(), tsum.data());
+        exp_sum_into(P.p[0] + i * t.nc, tmax, t.nc, pos, texp, tsum);
       }
       for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
         const int64_t gj = t.c0 + j;
@@ -596,16 +597,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       }
     }
   });
-  at::Tensor row_loss = at::zeros({B1}, opts), col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
+  // A disabled direction's losses and LSE are zeros.
+  const auto out = [&](bool enabled, int64_t n) { return enabled ? at::empty({n}, opts) : at::zeros({n}, opts); };
+  at::Tensor row_loss = out(rows, B1), row_lse = out(rows, B1), col_loss = out(cols, B2), col_lse = out(cols, B2);
   // every row (column) has its positive here (checked above): CE from the statistics without the
   // cancellation of lse − positive (fastbind/saturated_ce.h)
-  if (rows) std::tie(row_loss, row_lse) = ce_from_stats(row_lse, row_off, row_pos, row_sum, label_smoothing, B2);
+  if (rows) {
+    ce_from_stats_into(rlse, roff, rpos, rsum, label_smoothing, B2, B1, row_loss.data_ptr<float>(),
+                       row_lse.data_ptr<float>());
+  }
   if (cols) {
     // Merge the chunks' column statistics into chunk 0's, in chunk order.
-    float *cmax = col_max.data_ptr<float>(), *cexp = col_exp.data_ptr<float>();
-    for (int64_t c = 1; c < nchunks; ++c)
-      for (int64_t j = 0; j < B2; ++j) lse_merge(cmax[j], cexp[j], cmax[c * B2 + j], cexp[c * B2 + j]);
-    std::tie(col_loss, col_lse) = ce_from_stats(col_max[0], col_exp[0], col_pos, col_sum.sum(0), label_smoothing, B1);
+    for (int64_t c = 1; c < nchunks; ++c) {
+      for (int64_t j = 0; j < B2; ++j) {
+        lse_merge(col_max[j], col_exp[j], col_max[c * B2 + j], col_exp[c * B2 + j]);
+        col_sum[j] += col_sum[c * B2 + j];
+      }
+    }
+    ce_from_stats_into(col_max, col_exp, cpos, col_sum, label_smoothing, B1, B2, col_loss.data_ptr<float>(),
+                       col_lse.data_ptr<float>());
   }
   return {row_loss, col_loss, row_lse, col_lse};
 }
