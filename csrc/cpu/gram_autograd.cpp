@@ -156,6 +156,10 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
                 ": second-order gradients (create_graph=True, torch.func.grad of a gradient) are not supported by "
                 "the fused kernels; use backend='torch' for double backward");
     const variable_list s = ctx->get_saved_variables();
+    // Below autograd, as the forward: nothing here is recorded (no double backward), and without the
+    // guard every op of the backward — the two custom ops through the boxed autograd fallback, and
+    // each small ATen op inside their kernels — first passes the autograd layer (issue 14).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor &a_op = s[0], &basis = s[1], &span_vol = s[2], &anchor_sq = s[3], &tau = s[4];
     const at::Tensor &row_lse = s[5], &col_lse = s[6], &norms = s[7], &coefs = s[8];
     const bool rows = ctx->saved_data["rows"].toBool(), cols = ctx->saved_data["cols"].toBool();
