@@ -24,6 +24,7 @@ namespace fastbind {
 
 namespace cpu {
 std::string codebook_lookup_default_path();  // csrc/cpu/codebook.cpp
+int64_t gram_row_slabs(int64_t b1, int64_t b2, int64_t d, int64_t products);  // csrc/cpu/gram.cpp
 }  // namespace cpu
 
 std::string build_info() {
@@ -103,6 +104,9 @@ TORCH_LIBRARY(fastbind, m) {
       "codebook_lookup_fwd_path(Tensor x, Tensor codebook, int k, str metric, Tensor? weight, str path,"
       " int candidates) -> (Tensor, Tensor)");
   m.def("codebook_lookup_default_path() -> str", &cpu::codebook_lookup_default_path);
+  // Row slabs of the cpu GRAM kernels for B1 anchor rows, B2 columns, D and k-1 products at the
+  // current thread count (test hook: small calls are one slab on the calling thread).
+  m.def("gram_row_slabs(int b1, int b2, int d, int products) -> int", &cpu::gram_row_slabs);
 }
 
 }  // namespace fastbind

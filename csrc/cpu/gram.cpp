@@ -280,10 +280,29 @@ void check_inputs(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   }
 }
 
+}  // namespace
+
 // Work split (split_rows / for_each_slab, tiled.h): one chunk of anchor rows per thread, each
 // streaming its own tiles. Column statistics and dQ are accumulated per chunk and merged in chunk
-// order (deterministic for a given thread count).
-std::vector<int64_t> row_chunks(int64_t rows) { return split_rows(rows, at::get_num_threads()); }
+// order (deterministic for a given thread count). A small call (B1·B2·D·(k-1) <= kOneSlabWork
+// multiply-adds per product pass: k = 3, D = 256 up to B = 90) is one chunk on the calling thread:
+// its GEMMs take tens of µs, about what waking the other threads and waiting for the slowest
+// costs on a shared machine, plus a zeroed dQ part and a merge per extra chunk (issue 14, B = 64).
+// (Such calls are then thread-count independent, which larger ones are not.)
+constexpr int64_t kOneSlabWork = int64_t{1} << 22;
+
+int64_t gram_row_slabs(int64_t b1, int64_t b2, int64_t d, int64_t products) {
+  TORCH_CHECK(b1 >= 0 && b2 >= 0 && d >= 0 && products >= 1, "gram_row_slabs: bad sizes");
+  const bool small = b1 * b2 * d * products <= kOneSlabWork;  // (int64: B1·B2 < 2^42 for any batch that fits)
+  return static_cast<int64_t>(split_rows(b1, small ? 1 : at::get_num_threads()).size()) - 1;
+}
+
+namespace {
+
+std::vector<int64_t> row_chunks(int64_t b1, int64_t b2, int64_t d, int64_t products) {
+  return split_rows(b1, gram_row_slabs(b1, b2, d, products));
+}
+
 
 struct Operands {
   // float32: the anchor of the float32 / float16 paths (undefined on the bf16 path, which never
@@ -538,22 +557,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t D = o.D;
   at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
-  const std::vector<int64_t> chunks = row_chunks(o.B1);
+  const std::vector<int64_t> chunks = row_chunks(o.B1, o.B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  // dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both backward GEMMs are plain
-  // row-major A·B products (the form of the brgemm microkernel): Aᵀ is transposed once here.
-  const at::Tensor anchor_t = o.bf16 ? at::Tensor() : transposed_copy(o.anchor);
+  // float32 on the brgemm path: dQ is accumulated transposed, dQ_rᵀ [D, B2] += Aᵀ·T_r, so that both
+  // backward GEMMs are plain row-major A·B products (the form of the microkernel): Aᵀ is transposed
+  // once here, dQᵀ back at the end. On the at::mm_out (BLAS) path, dQ_r[cols] = T_rᵀ·A[rows] is
+  // written in its own [R, B2, D] layout instead (BLAS takes T_rᵀ as a transposed operand): no
+  // transposed copies, and each chunk's part is written by its first row block (not zeroed first) —
+  // at small batches those copies and the memset were a visible part of the call (issue 14).
+  const bool dq_rows = !o.bf16 && !use_brgemm();
+  const at::Tensor anchor_t = o.bf16 || dq_rows ? at::Tensor() : transposed_copy(o.anchor);
   std::vector<at::Tensor> d_basis_part(nchunks), d_span_part(nchunks);
   std::vector<double> dtau_part(nchunks, 0.0);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  const float* at_p = o.bf16 ? nullptr : anchor_t.data_ptr<float>();
+  const float* at_p = anchor_t.defined() ? anchor_t.data_ptr<float>() : nullptr;
+  const float* a_p = dq_rows ? o.anchor.data_ptr<float>() : nullptr;
   const float* q_p = o.basis.data_ptr<float>();
   float* dasq = d_asq.data_ptr<float>();
   float* da_p = d_anchor.data_ptr<float>();
   for (int64_t c = 0; c < nchunks; ++c) {
-    d_basis_part[c] = at::zeros({o.R, D, o.B2}, opts);
-    d_span_part[c] = at::zeros({o.B2}, opts);
+    // (no rows: nothing writes the part, which is the zero gradient then)
+    d_basis_part[c] = dq_rows ? (o.B1 > 0 ? at::empty({o.R, o.B2, D}, opts) : at::zeros({o.R, o.B2, D}, opts))
+                              : at::zeros({o.R, D, o.B2}, opts);
+    d_span_part[c] = c == 0 ? d_span : at::zeros({o.B2}, opts);  // (chunk 0 accumulates into d_span itself)
   }
   // bf16 inputs: the gradient GEMMs in bf16 too (fp32 accumulation), with T_r = dL/dP_r rounded to
   // bf16 per tile (the Triton kernels' dS in 16 bits, issue 9 point 4) and Q_r as Q_hi: each is a
@@ -615,6 +642,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         const float* T = P.p[r];  // [nr, nc]
         // dA[rows] += T_r · Q_r[cols]
         gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, true);
+        if (dq_rows) {  // dQ_r[cols] (+)= T_rᵀ · A[rows]: written by the chunk's first row block
+          mm_strided(t.nc, D, t.nr, T, 1, t.nc, a_p + row * D, D, dqt + (r * o.B2 + t.c0) * D, D, t.r0 > 0);
+          continue;
+        }
         // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r
         gemm_f32(D, t.nc, t.nr, at_p + row, o.B1, T, t.nc, dqt + r * D * o.B2 + t.c0, o.B2, true);
       }
@@ -624,11 +655,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   double dtau = 0.0;
   at::Tensor d_basis_t = d_basis_part[0];
   for (int64_t c = 0; c < nchunks; ++c) {
-    if (c > 0) d_basis_t.add_(d_basis_part[c]);
-    d_span.add_(d_span_part[c]);
+    if (c > 0) {
+      d_basis_t.add_(d_basis_part[c]);
+      d_span.add_(d_span_part[c]);
+    }
     dtau += dtau_part[c];
   }
-  return {d_anchor, transposed_copy(d_basis_t), d_span, d_asq, dtau};
+  return {d_anchor, dq_rows ? d_basis_t : transposed_copy(d_basis_t), d_span, d_asq, dtau};
 }
 
 }  // namespace
@@ -641,7 +674,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   float* out = vol.data_ptr<float>();
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  for_each_slab(row_chunks(o.B1), [&](int64_t, int64_t r0, int64_t nr) {
+  for_each_slab(row_chunks(o.B1, o.B2, o.D, o.R), [&](int64_t, int64_t r0, int64_t nr) {
     std::vector<float> dist(kColBlock);
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
@@ -691,26 +724,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   const float neg_inv_tau = -1.0f / temperature.item<float>();
   const auto opts = o.opts;
   const float ninf = -std::numeric_limits<float>::infinity();
-  // row_lse holds the row max and row_off Σ_{j≠pos} exp(l − max) until the finalisation
-  at::Tensor row_lse = at::zeros({B1}, opts), row_sum = at::zeros({B1}, opts), row_pos = at::zeros({B1}, opts);
-  at::Tensor row_off = at::zeros({B1}, opts);
-  at::Tensor col_pos = at::zeros({B2}, opts);
-  const std::vector<int64_t> chunks = row_chunks(B1);
+  const std::vector<int64_t> chunks = row_chunks(B1, B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  // Running column statistics of each chunk: max, Σ exp(x − max), Σ x.
-  at::Tensor col_max = at::full({nchunks, B2}, ninf, opts), col_exp = at::zeros({nchunks, B2}, opts);
-  at::Tensor col_sum = at::zeros({nchunks, B2}, opts);
+  // The statistics in one zeroed buffer, not a tensor each (at small batches every allocation and
+  // fill costs about as much as the epilogue): per row its max, Σ_{j≠pos} exp(l − max), positive
+  // logit and Σ l; per column its positive; per chunk the running column max, Σ exp(x − max), Σ x.
+  std::vector<float> stats(4 * B1 + B2 + 3 * nchunks * B2, 0.f);
+  float *rlse = stats.data(), *roff = rlse + B1, *rpos = roff + B1, *rsum = rpos + B1, *cpos = rsum + B1;
+  float *col_max = cpos + B2, *col_exp = col_max + nchunks * B2, *col_sum = col_exp + nchunks * B2;
+  std::fill(col_max, col_exp, ninf);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
-  float *rlse = row_lse.data_ptr<float>(), *rsum = row_sum.data_ptr<float>(), *rpos = row_pos.data_ptr<float>();
-  float* roff = row_off.data_ptr<float>();
-  float* cpos = col_pos.data_ptr<float>();
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
-    std::vector<float> dist(kColBlock), tmax(kColBlock), texp(kColBlock), tsum(kColBlock);
-    std::vector<float> rmax(nr, ninf), rexp(nr, 0.f), tile_rmax(o.row_block);
-    float* cmax = col_max[c].data_ptr<float>();
-    float* cexp = col_exp[c].data_ptr<float>();
-    float* csum = col_sum[c].data_ptr<float>();
+    // per tile column: distances, max, Σ exp, Σ x; per chunk row: running max and Σ exp; per tile
+    // row: its max
+    std::vector<float> scratch(4 * kColBlock + 2 * nr + o.row_block);
+    float *dist = scratch.data(), *tmax = dist + kColBlock, *texp = tmax + kColBlock, *tsum = texp + kColBlock;
+    float *rmax = tsum + kColBlock, *rexp = rmax + nr, *tile_rmax = rexp + nr;
+    std::fill(rmax, rexp, ninf);
+    std::fill(rexp, rexp + nr, 0.f);
+    float* cmax = col_max + c * B2;
+    float* cexp = col_exp + c * B2;
+    float* csum = col_sum + c * B2;
     // The row statistics of one tile row with its own exps (tile max r of the row).
     auto row_stats = [&](int64_t li, int64_t gi, const float* logit, int64_t nc, int64_t pos, float r) {
       const float m = std::max(rmax[li], r);
@@ -729,14 +764,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       if (cols) {
-        std::fill(tmax.begin(), tmax.begin() + t.nc, ninf);
-        std::fill(texp.begin(), texp.begin() + t.nc, 0.f);
-        std::fill(tsum.begin(), tsum.begin() + t.nc, 0.f);
+        std::fill(tmax, tmax + t.nc, ninf);
+        std::fill(texp, texp + t.nc, 0.f);
+        std::fill(tsum, tsum + t.nc, 0.f);
       }
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist.data(), logit);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist, logit);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
           rpos[gi] = logit[pos];
@@ -744,25 +779,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
         }
         if (rows) tile_rmax[i] = row_max(logit, t.nc);
         if (rows && !both) row_stats(li, gi, logit, t.nc, pos, tile_rmax[i]);
-        if (cols) max_into(logit, t.nc, tmax.data());
+        if (cols) max_into(logit, t.nc, tmax);
       }
       if (!cols) return;
       float shift = 0.f;
-      const bool shared = both && shared_column_shift(tmax.data(), t.nc, tile_rmax.data(), t.nr, &shift);
+      const bool shared = both && shared_column_shift(tmax, t.nc, tile_rmax, t.nr, &shift);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         const int64_t pos = gi + diag_offset - t.c0;  // this tile row's positive column
         const float* logit = P.p[0] + i * t.nc;
         if (shared) {
           float es, s;
-          exp_sum_rows_and_cols(logit, t.nc, tile_rmax[i], fast_exp(tile_rmax[i] - shift), pos, &es, &s, texp.data(),
-                                tsum.data());
+          exp_sum_rows_and_cols(logit, t.nc, tile_rmax[i], fast_exp(tile_rmax[i] - shift), pos, &es, &s, texp,
+                                tsum);
           lse_merge(rmax[li], rexp[li], tile_rmax[i], es);
           rsum[gi] += s;
           continue;
         }
         if (both) row_stats(li, gi, logit, t.nc, pos, tile_rmax[i]);
-        exp_sum_into(logit, tmax.data(), t.nc, pos, texp.data(), tsum.data());
+        exp_sum_into(logit, tmax, t.nc, pos, texp, tsum);
       }
       for (int64_t j = 0; j < t.nc; ++j) {  // online merge of the tile into the chunk's columns
         const int64_t gj = t.c0 + j;
@@ -777,16 +812,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       }
     }
   });
-  at::Tensor row_loss = at::zeros({B1}, opts), col_loss = at::zeros({B2}, opts), col_lse = at::zeros({B2}, opts);
+  // A disabled direction's losses and LSE are zeros.
+  const auto out = [&](bool enabled, int64_t n) { return enabled ? at::empty({n}, opts) : at::zeros({n}, opts); };
+  at::Tensor row_loss = out(rows, B1), row_lse = out(rows, B1), col_loss = out(cols, B2), col_lse = out(cols, B2);
   // every row (column) has its positive here (checked above): CE from the statistics without the
   // cancellation of lse − positive (fastbind/saturated_ce.h)
-  if (rows) std::tie(row_loss, row_lse) = ce_from_stats(row_lse, row_off, row_pos, row_sum, label_smoothing, B2);
+  if (rows) {
+    ce_from_stats_into(rlse, roff, rpos, rsum, label_smoothing, B2, B1, row_loss.data_ptr<float>(),
+                       row_lse.data_ptr<float>());
+  }
   if (cols) {
     // Merge the chunks' column statistics into chunk 0's, in chunk order.
-    float *cmax = col_max.data_ptr<float>(), *cexp = col_exp.data_ptr<float>();
-    for (int64_t c = 1; c < nchunks; ++c)
-      for (int64_t j = 0; j < B2; ++j) lse_merge(cmax[j], cexp[j], cmax[c * B2 + j], cexp[c * B2 + j]);
-    std::tie(col_loss, col_lse) = ce_from_stats(col_max[0], col_exp[0], col_pos, col_sum.sum(0), label_smoothing, B1);
+    for (int64_t c = 1; c < nchunks; ++c) {
+      for (int64_t j = 0; j < B2; ++j) {
+        lse_merge(col_max[j], col_exp[j], col_max[c * B2 + j], col_exp[c * B2 + j]);
+        col_sum[j] += col_sum[c * B2 + j];
+      }
+    }
+    ce_from_stats_into(col_max, col_exp, cpos, col_sum, label_smoothing, B1, B2, col_loss.data_ptr<float>(),
+                       col_lse.data_ptr<float>());
   }
   return {row_loss, col_loss, row_lse, col_lse};
 }

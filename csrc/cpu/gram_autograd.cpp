@@ -36,6 +36,11 @@ const char* const kOp = "fastbind::gram_loss_fused_fwd";
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 at::Tensor as_contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
+// Whether t's values can be read here: a CPU tensor without the Python dispatch key. Fake tensors
+// (torch.compile traces this function with them) and other Python subclasses have no data to read:
+// the ATen ops for them.
+bool has_data(const at::Tensor& t) { return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python); }
+
 // The argument contract that the kernels below do not check themselves (they see the basis, not
 // the modalities); the same checks as the fake kernel in fastbind/ops/gram.py.
 void check_args(const at::Tensor& anchor, at::TensorList modalities, const at::Tensor& temperature, bool rows,
@@ -62,8 +67,27 @@ void check_args(const at::Tensor& anchor, at::TensorList modalities, const at::T
 // tests/test_gram_small_batch.py check the two agree.
 at::Tensor combine(const at::Tensor& row_loss, const at::Tensor& col_loss, bool rows, bool cols, double weight,
                    bool reduce) {
-  const at::Tensor per_row = rows && cols ? at::add(row_loss, col_loss) : (rows ? row_loss : col_loss);
-  return at::mul(reduce ? at::sum(per_row) : per_row, weight);
+  if (!has_data(row_loss) || !has_data(col_loss)) {
+    const at::Tensor per_row = rows && cols ? at::add(row_loss, col_loss) : (rows ? row_loss : col_loss);
+    return at::mul(reduce ? at::sum(per_row) : per_row, weight);
+  }
+  // The kernels' float32 CPU losses: one loop and one output instead of add / sum / mul (three
+  // small ATen ops and their outputs, issue 14). The sum is taken in float64, rounded once.
+  const int64_t n = rows ? row_loss.numel() : col_loss.numel();
+  const float* r = rows ? row_loss.const_data_ptr<float>() : nullptr;
+  const float* c = cols ? col_loss.const_data_ptr<float>() : nullptr;
+  const auto term = [&](int64_t i) { return (r != nullptr ? r[i] : 0.f) + (c != nullptr ? c[i] : 0.f); };
+  at::Tensor out = at::empty(reduce ? at::IntArrayRef{} : at::IntArrayRef{n}, row_loss.options());
+  float* o = out.data_ptr<float>();
+  const float w = static_cast<float>(weight);  // (at::mul rounds its double scalar to float too)
+  if (reduce) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += term(i);
+    o[0] = static_cast<float>(sum) * w;
+  } else {
+    for (int64_t i = 0; i < n; ++i) o[i] = term(i) * w;
+  }
+  return out;
 }
 
 // The upstream gradient of one direction's losses for gram_loss_bwd, contiguous float32 [n]:
@@ -73,10 +97,7 @@ at::Tensor combine(const at::Tensor& row_loss, const at::Tensor& col_loss, bool 
 at::Tensor upstream(const at::Tensor& grad, bool enabled, bool reduce, double weight, int64_t n,
                     const at::Tensor& like) {
   if (!enabled) return at::zeros({n}, like.options());
-  // Fake tensors (torch.compile traces this backward with them) and other Python subclasses carry
-  // the Python dispatch key and have no data to read: the ATen chain for them.
-  if (!grad.is_cpu() || grad.key_set().has(c10::DispatchKey::Python))
-    return at::mul(grad.to(at::kFloat), weight).expand({n}).contiguous();
+  if (!has_data(grad)) return at::mul(grad.to(at::kFloat), weight).expand({n}).contiguous();
   const at::Tensor g = as_contiguous(as_float(grad));
   at::Tensor out = at::empty({n}, like.options());
   const float w = static_cast<float>(weight);  // (at::mul rounds its double scalar to float too)
@@ -145,6 +166,10 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
                 ": second-order gradients (create_graph=True, torch.func.grad of a gradient) are not supported by "
                 "the fused kernels; use backend='torch' for double backward");
     const variable_list s = ctx->get_saved_variables();
+    // Below autograd, as the forward: nothing here is recorded (no double backward), and without the
+    // guard every op of the backward — the two custom ops through the boxed autograd fallback, and
+    // each small ATen op inside their kernels — first passes the autograd layer (issue 14).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor &a_op = s[0], &basis = s[1], &span_vol = s[2], &anchor_sq = s[3], &tau = s[4];
     const at::Tensor &row_lse = s[5], &col_lse = s[6], &norms = s[7], &coefs = s[8];
     const std::vector<at::Tensor> mods(s.begin() + 9, s.end());  // bf16_modalities of the forward

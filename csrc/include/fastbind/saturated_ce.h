@@ -19,6 +19,22 @@
 
 namespace fastbind {
 
+// The CPU float32 form over raw arrays of `rows` statistics: loss[i], lse[i] as below (the same
+// float64 formulas as the tensor path, one loop instead of ~20 tensor ops, whose per-op cost
+// dominated this O(rows) step at small batches). For kernels that keep their statistics in plain
+// buffers (csrc/cpu/gram.cpp).
+inline void ce_from_stats_into(const float* mx, const float* os, const float* ps, const float* ls, double eps,
+                               int64_t n, int64_t rows, float* lo, float* le) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const double m = mx[i], s = os[i], p = ps[i], gap_to_max = m - p;
+    // NaN statistics take the second branch, which propagates them (as at::where does)
+    const double gap = gap_to_max < 30.0 ? std::log1p(s * std::exp(gap_to_max))
+                                         : gap_to_max + std::log(s + std::exp(-gap_to_max));
+    lo[i] = static_cast<float>(gap + eps * (p - static_cast<double>(ls[i]) / static_cast<double>(n)));
+    le[i] = static_cast<float>(p + gap);
+  }
+}
+
 // -> (loss, lse), float32: loss = (lse − pos) + ε·(pos − Σ l / n), the label-smoothed CE over n
 // entries; lse is what the backward needs.
 inline std::pair<at::Tensor, at::Tensor> ce_from_stats(const at::Tensor& max, const at::Tensor& off_sum,
@@ -31,21 +47,9 @@ inline std::pair<at::Tensor, at::Tensor> ce_from_stats(const at::Tensor& max, co
               t->sizes() == max.sizes();  // (the tensor path also broadcasts)
   }
   if (cpu_f32) {
-    // CPU: the same float64 formulas as the tensor path below, one loop instead of ~20 tensor ops
-    // (their per-op cost dominated this O(rows) step at small batches).
-    const int64_t rows = max.numel();
     at::Tensor loss = at::empty(max.sizes(), max.options()), lse = at::empty(max.sizes(), max.options());
-    const float *mx = max.data_ptr<float>(), *os = off_sum.data_ptr<float>(), *ps = pos.data_ptr<float>();
-    const float* ls = logit_sum.data_ptr<float>();
-    float *lo = loss.data_ptr<float>(), *le = lse.data_ptr<float>();
-    for (int64_t i = 0; i < rows; ++i) {
-      const double m = mx[i], s = os[i], p = ps[i], gap_to_max = m - p;
-      // NaN statistics take the second branch, which propagates them (as at::where does)
-      const double gap = gap_to_max < 30.0 ? std::log1p(s * std::exp(gap_to_max))
-                                           : gap_to_max + std::log(s + std::exp(-gap_to_max));
-      lo[i] = static_cast<float>(gap + eps * (p - static_cast<double>(ls[i]) / static_cast<double>(n)));
-      le[i] = static_cast<float>(p + gap);
-    }
+    ce_from_stats_into(max.data_ptr<float>(), off_sum.data_ptr<float>(), pos.data_ptr<float>(),
+                       logit_sum.data_ptr<float>(), eps, n, max.numel(), loss.data_ptr<float>(), lse.data_ptr<float>());
     return {loss, lse};
   }
   const at::Tensor m = max.to(at::kDouble), s = off_sum.to(at::kDouble), p = pos.to(at::kDouble);
