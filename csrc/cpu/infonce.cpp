@@ -30,6 +30,7 @@ namespace fastbind {
 namespace {
 
 using cpu::for_each_slab;
+using cpu::MklPackedB;
 using cpu::pack_vnni_rows;
 using cpu::split_rows;
 
@@ -49,8 +50,10 @@ constexpr int64_t kChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max without libm's fmaxf call (vectorises to maxps); a NaN operand is dropped here but still
-// reaches the sums of exp, so the loss stays NaN for NaN inputs
-static inline float vmax(float a, float b) { return a > b ? a : b; }
+// reaches the sums of exp, so the loss stays NaN for NaN inputs. FB_HD (always_inline): a plain
+// inline function was not inlined into chunk_max's FB_MULTIVERSION clones, which then called it
+// once per element (3% of a CentroBind B = 4096 fwd+bwd in the profile, issue 14).
+FB_HD float vmax(float a, float b) { return a > b ? a : b; }
 
 // Pass 1 over a [nr, w] chunk of logits (raw dots s, row stride ld): per-row chunk max of s·inv_t
 // into row_max[nr], and the column max folded into col_max[w] (which holds the running column max).
@@ -217,6 +220,25 @@ std::vector<at::Tensor> narrow_rows(const std::vector<at::Tensor>& ts, int64_t b
   return out;
 }
 
+// The float32 keys on MKL's packed path (cpu::mkl_packed_usable, tiled.h): the blocks of `width` rows
+// of each key matrix from row c0 on (one block: width = its rows), op(B) = blockᵀ [D, width] (trans:
+// the B side of the logits) or the block itself [width, D] (the B side of dQ += G·K), packed once per
+// call (forward) or per column block (backward) instead of once per row tile. Packed inside a
+// parallel region, so that MKL packs single-threaded for the single-threaded GEMMs of the slabs.
+std::vector<std::vector<MklPackedB>> pack_keys(const std::vector<at::Tensor>& keys, int64_t PK, int64_t c0,
+                                               int64_t rows, int64_t width, bool trans, int64_t m) {
+  const int64_t blocks = (rows + width - 1) / width, D = keys[0].size(1);
+  std::vector<std::vector<MklPackedB>> out(PK, std::vector<MklPackedB>(blocks));
+  at::parallel_for(0, PK * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / blocks, b = i % blocks, r = c0 + b * width, n = std::min(width, c0 + rows - r);
+      const float* src = keys[p].const_data_ptr<float>() + r * D;
+      out[p][b] = trans ? cpu::mkl_pack_b(src, D, true, m, n, D) : cpu::mkl_pack_b(src, D, false, m, D, n);
+    }
+  });
+  return out;
+}
+
 // Column statistics of one thread: running max, sum of exp (relative to the max), sum of logits.
 struct ColumnStats {
   at::Tensor max, sum, logit;  // [P, B2] each
@@ -251,6 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<ColumnStats> cols;  // per slab, merged in slab order below (deterministic)
   for (int64_t t = 0; t < slabs; ++t) cols.emplace_back(P, B2, f32);
+  const bool packed = cpu::mkl_packed_usable() && !pr.bf16 && B1 > 0 && B2 > 0 && q.size(2) > 0;
+  const int64_t fwd_cols = std::min(kColBlock, B2);
+  std::vector<std::vector<MklPackedB>> key_blocks;
+  if (packed) key_blocks = pack_keys(pr.keys, pr.PK, 0, B2, fwd_cols, true, std::min(kRowBlock, B1));
 
   for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
       float *cmax = cols[t].max.data_ptr<float>(), *csum = cols[t].sum.data_ptr<float>();
@@ -258,9 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
       const int64_t max_rows = std::min(kRowBlock, B1), chunks_max = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
       std::vector<float> part_max(chunks_max * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
       std::vector<float> new_max(kChunk);
-      fastbind::cpu::stream_tiles(
-          narrow_rows(pr.gemm_queries, first_row, slab_rows), pr.gemm_keys,
-          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+      auto epilogue = [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0, chunks = (tile.nc + kChunk - 1) / kChunk;
             for (int64_t p = 0; p < P; ++p) {
               for (int64_t c = 0; c < chunks; ++c) {
@@ -297,8 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
                 rsum[row] = sum;
               }
             }
-          },
-          kRowBlock, kColBlock);
+          };
+      const std::vector<at::Tensor> slab_queries = narrow_rows(pr.gemm_queries, first_row, slab_rows);
+      std::vector<const std::vector<MklPackedB>*> packed_keys;
+      for (int64_t p = 0; p < P && packed; ++p) packed_keys.push_back(&key_blocks[pr.PK == 1 ? 0 : p]);
+      fastbind::cpu::stream_tiles(slab_queries, pr.gemm_keys, epilogue, kRowBlock, kColBlock, packed_keys);
   });
 
   // merge the slabs' column statistics into slab 0's, in slab order
@@ -352,7 +379,7 @@ struct Bf16Tile {
   }
 
   void gemms(int64_t nr, int64_t nc, const at::BFloat16* q_rows, const at::BFloat16* key_panels, int64_t B2p,
-             int64_t c0, float* dq, float* dkt) {
+             int64_t c0, float* dq, float* dkt, bool add_dq, bool add_dkt) {
     using at::native::cpublas::brgemm;
     const int64_t nrp = nr + (nr & 1);
     auto* qt16 = reinterpret_cast<at::BFloat16*>(qt.data());
@@ -366,10 +393,10 @@ struct Bf16Tile {
     const auto* g_pairs = reinterpret_cast<const at::BFloat16*>(pairs.data());
     for (int64_t j0 = 0; j0 < D; j0 += fastbind::cpu::kMicroN) {
       const int64_t w = std::min(fastbind::cpu::kMicroN, D - j0);
-      brgemm(nr, w, ncp, ncp, w, D, true, g_rows, key_panels + j0 * B2p + c0 * w, dq + j0, /*is_vnni=*/true);
+      brgemm(nr, w, ncp, ncp, w, D, add_dq, g_rows, key_panels + j0 * B2p + c0 * w, dq + j0, /*is_vnni=*/true);
     }
     for (int64_t j0 = 0; j0 < nc; j0 += fastbind::cpu::kMicroN)
-      brgemm(D, std::min(fastbind::cpu::kMicroN, nc - j0), nrp, nrp, nc, nc, true, qt16, g_pairs + 2 * j0,
+      brgemm(D, std::min(fastbind::cpu::kMicroN, nc - j0), nrp, nrp, nc, nc, add_dkt, qt16, g_pairs + 2 * j0,
              dkt + j0, /*is_vnni=*/true);
   }
 };
@@ -392,9 +419,13 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   // per-element smoothing terms g·ε/B (the positive's (1-ε) term is subtracted separately)
   at::Tensor smooth_row = g_row * (eps / B2), smooth_col = g_col * (eps / B1);
 
-  at::Tensor grad_q = at::zeros({P, B1, D}, f32);
-  // (nothing to do, or no rows: the key-gradient buffers below are written only by the slabs' GEMMs)
-  if ((!use_rows && !use_cols) || B1 == 0 || P == 0) return {grad_q, at::zeros({PK, B2, D}, f32)};
+  // (nothing to do, or no rows or columns: the gradient buffers below are written only by the GEMMs)
+  if ((!use_rows && !use_cols) || B1 == 0 || B2 == 0 || P == 0)
+    return {at::zeros({P, B1, D}, f32), at::zeros({PK, B2, D}, f32)};
+  // No zero pass over the gradients (issue 14): the first column block's dQ GEMMs write dQ (every
+  // row meets column block 0), and the first dKᵀ GEMM of a slab and key matrix in each block writes
+  // that part; the later ones add to them.
+  at::Tensor grad_q = at::empty({P, B1, D}, f32);
   const float *gr = g_row.data_ptr<float>(), *gc = g_col.data_ptr<float>();
   const float *rl = r_lse.data_ptr<float>(), *cl = c_lse.data_ptr<float>();
   const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
@@ -415,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   float* gq = grad_q.data_ptr<float>();
   // bf16: the keys as the B operand of dQ += G·K, once per call: K [B2, D] itself (depth B2 padded
   // to even with a zero row) packed from its rows into the VNNI panels of the microkernel.
+  const bool packed = cpu::mkl_packed_usable() && !pr.bf16 && D > 0;
   const int64_t B2p = B2 + (B2 & 1);
   std::vector<at::Tensor> key_vnni;
   for (int64_t p = 0; p < PK && pr.bf16; ++p) {
@@ -424,15 +456,18 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
 
   for (int64_t c0 = 0; c0 < B2; c0 += kBwdColBlock) {
     const int64_t nc = std::min(kBwdColBlock, B2 - c0);
-    // [slabs, PK, D, nc] contiguous for this block, each slab's part zeroed by its own thread
+    // [slabs, PK, D, nc] contiguous for this block, each slab's part written by its own thread's GEMMs
     float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
+    // MKL's packed path: this block's keys as the B side of the logits (Kᵀ) and of dQ += G·K (K)
+    std::vector<std::vector<MklPackedB>> keys_t, keys_n;
+    if (packed) {
+      keys_t = pack_keys(pr.keys, PK, c0, nc, nc, true, std::min(kRowBlock, B1));
+      keys_n = pack_keys(pr.keys, PK, c0, nc, nc, false, std::min(kRowBlock, B1));
+    }
     for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
-      std::fill(gkt + t * PK * D * nc, gkt + (t + 1) * PK * D * nc, 0.f);
       Bf16Tile b16(pr.bf16, D);
-      fastbind::cpu::stream_tiles(
-          narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
-          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+      auto epilogue = [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0;
             for (int64_t p = 0; p < P; ++p) {
               for (int64_t i = 0; i < tile.nr; ++i) {
@@ -445,21 +480,31 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                 if (pr.bf16) b16.put_row(s, i, nc);  // while the row is in L1
               }
               float* gk_part = gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc;
+              // accumulate, or write (see grad_q): dQ in column block 0, this slab's dKᵀ part first
+              const bool add_dq = c0 > 0, add_dk = tile.r0 > 0 || (PK == 1 && p > 0);
               if (pr.bf16) {
                 b16.gemms(tile.nr, nc, pr.gemm_queries[p].const_data_ptr<at::BFloat16>() + r0 * D,
                           key_vnni[PK == 1 ? 0 : p].const_data_ptr<at::BFloat16>(), B2p, c0,
-                          gq + (p * B1 + r0) * D, gk_part);
+                          gq + (p * B1 + r0) * D, gk_part, add_dq, add_dk);
                 continue;
               }
               const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
               // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
               // form of the brgemm microkernel; Qᵀ read from Q [rows, D])
-              fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
-                                      true);
-              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, true);
+              if (packed) {
+                cpu::mkl_gemm_packed(tile.nr, G, nc, keys_n[PK == 1 ? 0 : p][0], gq + (p * B1 + r0) * D, D,
+                                     add_dq);
+              } else {
+                fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
+                                        add_dq);
+              }
+              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, add_dk);
             }
-          },
-          kRowBlock, kBwdColBlock);
+          };
+      const std::vector<at::Tensor> slab_queries = narrow_rows(pr.gemm_queries, first_row, slab_rows);
+      std::vector<const std::vector<MklPackedB>*> packed_keys;
+      for (int64_t p = 0; p < P && packed; ++p) packed_keys.push_back(&keys_t[PK == 1 ? 0 : p]);
+      fastbind::cpu::stream_tiles(slab_queries, keys, epilogue, kRowBlock, kBwdColBlock, packed_keys);
     });
     // dK[:, block] = Σ_t part_tᵀ, in slab order, element by element, into slab 0's part (the same sums
     // for any thread count), then written transposed kMergeRows D-rows at a time (kMergeRows
