@@ -6,9 +6,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstddef>
-#include <limits>
-
 #include "fastbind/simd.h"
 #include "fastbind/tiled.h"
 
@@ -41,54 +38,6 @@ at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t
     }
   }
   return out;
-}
-
-// MKL's packed GEMM API (mkl_cblas.h, LP64 integers), declared weak: on a libtorch built without MKL
-// the addresses are null and mkl_packed_usable() is false.
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
-                      int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
-                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
-}
-
-namespace {
-// the CBLAS enumerators
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
-
-bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
-}  // namespace
-
-bool mkl_packed_usable() {
-  static const bool usable = gemm_setting() == "auto" && gemm_path() == GemmPath::kMm && at::hasMKL() &&
-                             cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
-                             cblas_sgemm_compute != nullptr;
-  return usable;
-}
-
-MklPackedB mkl_pack_b(const float* B, int64_t ldb, bool trans, int64_t m, int64_t n, int64_t k) {
-  TORCH_CHECK(mkl_packed_usable() && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(ldb) && m > 0 && n > 0 &&
-                  k > 0,
-              "mkl_pack_b: bad arguments");
-  MklPackedB out;
-  out.n = n;
-  out.k = k;
-  const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k));
-  out.buf = at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 16}, at::TensorOptions().dtype(at::kFloat));
-  cblas_sgemm_pack(kRowMajor, kBMatrix, trans ? kTrans : kNoTrans, static_cast<int>(m), static_cast<int>(n),
-                   static_cast<int>(k), 1.0f, B, static_cast<int>(ldb), out.buf.data_ptr<float>());
-  return out;
-}
-
-void mkl_gemm_packed(int64_t M, const float* A, int64_t lda, const MklPackedB& b, float* C, int64_t ldc,
-                     bool accumulate) {
-  if (M == 0) return;
-  TORCH_CHECK(fits_int(M) && fits_int(lda) && fits_int(ldc), "mkl_gemm_packed: bad arguments");
-  // ldb is ignored for a packed B
-  cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(M), static_cast<int>(b.n), static_cast<int>(b.k),
-                      A, static_cast<int>(lda), b.buf.const_data_ptr<float>(), static_cast<int>(b.k),
-                      accumulate ? 1.0f : 0.0f, C, static_cast<int>(ldc));
 }
 
 // out [M, N] float32 = a [M, D] · b [N, D]ᵀ on oneDNN's brgemm microkernel wherever it runs (also

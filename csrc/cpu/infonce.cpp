@@ -30,7 +30,6 @@ namespace fastbind {
 namespace {
 
 using cpu::for_each_slab;
-using cpu::MklPackedB;
 using cpu::pack_vnni_rows;
 using cpu::split_rows;
 
@@ -220,25 +219,6 @@ std::vector<at::Tensor> narrow_rows(const std::vector<at::Tensor>& ts, int64_t b
   return out;
 }
 
-// The float32 keys on MKL's packed path (cpu::mkl_packed_usable, tiled.h): the blocks of `width` rows
-// of each key matrix from row c0 on (one block: width = its rows), op(B) = blockᵀ [D, width] (trans:
-// the B side of the logits) or the block itself [width, D] (the B side of dQ += G·K), packed once per
-// call (forward) or per column block (backward) instead of once per row tile. Packed inside a
-// parallel region, so that MKL packs single-threaded for the single-threaded GEMMs of the slabs.
-std::vector<std::vector<MklPackedB>> pack_keys(const std::vector<at::Tensor>& keys, int64_t PK, int64_t c0,
-                                               int64_t rows, int64_t width, bool trans, int64_t m) {
-  const int64_t blocks = (rows + width - 1) / width, D = keys[0].size(1);
-  std::vector<std::vector<MklPackedB>> out(PK, std::vector<MklPackedB>(blocks));
-  at::parallel_for(0, PK * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = i / blocks, b = i % blocks, r = c0 + b * width, n = std::min(width, c0 + rows - r);
-      const float* src = keys[p].const_data_ptr<float>() + r * D;
-      out[p][b] = trans ? cpu::mkl_pack_b(src, D, true, m, n, D) : cpu::mkl_pack_b(src, D, false, m, D, n);
-    }
-  });
-  return out;
-}
-
 // Column statistics of one thread: running max, sum of exp (relative to the max), sum of logits.
 struct ColumnStats {
   at::Tensor max, sum, logit;  // [P, B2] each
@@ -273,10 +253,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
   const int64_t slabs = static_cast<int64_t>(bounds.size()) - 1;
   std::vector<ColumnStats> cols;  // per slab, merged in slab order below (deterministic)
   for (int64_t t = 0; t < slabs; ++t) cols.emplace_back(P, B2, f32);
-  const bool packed = cpu::mkl_packed_usable() && !pr.bf16 && B1 > 0 && B2 > 0 && q.size(2) > 0;
-  const int64_t fwd_cols = std::min(kColBlock, B2);
-  std::vector<std::vector<MklPackedB>> key_blocks;
-  if (packed) key_blocks = pack_keys(pr.keys, pr.PK, 0, B2, fwd_cols, true, std::min(kRowBlock, B1));
 
   for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
       float *cmax = cols[t].max.data_ptr<float>(), *csum = cols[t].sum.data_ptr<float>();
@@ -284,7 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
       const int64_t max_rows = std::min(kRowBlock, B1), chunks_max = (std::min(kColBlock, B2) + kChunk - 1) / kChunk;
       std::vector<float> part_max(chunks_max * max_rows), part_exp(part_max.size()), part_logit(part_max.size());
       std::vector<float> new_max(kChunk);
-      auto epilogue = [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+      fastbind::cpu::stream_tiles(
+          narrow_rows(pr.gemm_queries, first_row, slab_rows), pr.gemm_keys,
+          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0, chunks = (tile.nc + kChunk - 1) / kChunk;
             for (int64_t p = 0; p < P; ++p) {
               for (int64_t c = 0; c < chunks; ++c) {
@@ -321,11 +299,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const
                 rsum[row] = sum;
               }
             }
-          };
-      const std::vector<at::Tensor> slab_queries = narrow_rows(pr.gemm_queries, first_row, slab_rows);
-      std::vector<const std::vector<MklPackedB>*> packed_keys;
-      for (int64_t p = 0; p < P && packed; ++p) packed_keys.push_back(&key_blocks[pr.PK == 1 ? 0 : p]);
-      fastbind::cpu::stream_tiles(slab_queries, pr.gemm_keys, epilogue, kRowBlock, kColBlock, packed_keys);
+          },
+          kRowBlock, kColBlock);
   });
 
   // merge the slabs' column statistics into slab 0's, in slab order
@@ -446,7 +421,6 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   float* gq = grad_q.data_ptr<float>();
   // bf16: the keys as the B operand of dQ += G·K, once per call: K [B2, D] itself (depth B2 padded
   // to even with a zero row) packed from its rows into the VNNI panels of the microkernel.
-  const bool packed = cpu::mkl_packed_usable() && !pr.bf16 && D > 0;
   const int64_t B2p = B2 + (B2 & 1);
   std::vector<at::Tensor> key_vnni;
   for (int64_t p = 0; p < PK && pr.bf16; ++p) {
@@ -459,15 +433,11 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
     // [slabs, PK, D, nc] contiguous for this block, each slab's part written by its own thread's GEMMs
     float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
-    // MKL's packed path: this block's keys as the B side of the logits (Kᵀ) and of dQ += G·K (K)
-    std::vector<std::vector<MklPackedB>> keys_t, keys_n;
-    if (packed) {
-      keys_t = pack_keys(pr.keys, PK, c0, nc, nc, true, std::min(kRowBlock, B1));
-      keys_n = pack_keys(pr.keys, PK, c0, nc, nc, false, std::min(kRowBlock, B1));
-    }
     for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
       Bf16Tile b16(pr.bf16, D);
-      auto epilogue = [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
+      fastbind::cpu::stream_tiles(
+          narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
+          [&](const fastbind::cpu::Tile& tile, const std::vector<at::Tensor>& products) {
             const int64_t r0 = first_row + tile.r0;
             for (int64_t p = 0; p < P; ++p) {
               for (int64_t i = 0; i < tile.nr; ++i) {
@@ -491,20 +461,12 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
               const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
               // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
               // form of the brgemm microkernel; Qᵀ read from Q [rows, D])
-              if (packed) {
-                cpu::mkl_gemm_packed(tile.nr, G, nc, keys_n[PK == 1 ? 0 : p][0], gq + (p * B1 + r0) * D, D,
-                                     add_dq);
-              } else {
-                fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
-                                        add_dq);
-              }
+              fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
+                                      add_dq);
               fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, add_dk);
             }
-          };
-      const std::vector<at::Tensor> slab_queries = narrow_rows(pr.gemm_queries, first_row, slab_rows);
-      std::vector<const std::vector<MklPackedB>*> packed_keys;
-      for (int64_t p = 0; p < P && packed; ++p) packed_keys.push_back(&keys_t[PK == 1 ? 0 : p]);
-      fastbind::cpu::stream_tiles(slab_queries, keys, epilogue, kRowBlock, kBwdColBlock, packed_keys);
+          },
+          kRowBlock, kBwdColBlock);
     });
     // dK[:, block] = Σ_t part_tᵀ, in slab order, element by element, into slab 0's part (the same sums
     // for any thread count), then written transposed kMergeRows D-rows at a time (kMergeRows

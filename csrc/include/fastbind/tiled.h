@@ -234,31 +234,6 @@ at::Tensor pack_panels(const at::Tensor& B) {
 void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc, uint32_t* __restrict out);
 at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts);
 
-// ---- MKL's packed B operand (csrc/cpu/gemm.cpp) --------------------------------------------------
-// On the at::mm_out path every tile GEMM has MKL pack its B operand again: an InfoNCE key block, the
-// B side of every row tile of the batch, was packed B1 / 256 times per call (MKL's copy routines were
-// ~9% of a CentroBind B = 4096 fwd+bwd on the AMX Xeon, against ~2% in the torch.mm floor's large
-// GEMMs; issue 14). MklPackedB packs op(B) once with MKL's own packing (cblas_sgemm_pack, exported
-// by libtorch_cpu where it is built with MKL) for any number of GEMMs, from any thread, against it.
-// Same sgemm kernel, so the same rounding as at::mm_out up to the order MKL picks for the sums.
-// Used where mkl_packed_usable(): the float32 path is at::mm_out (gemm_path() == kMm) under
-// FASTBIND_CPU_GEMM=auto and libtorch exports the API; FASTBIND_CPU_GEMM=mm keeps plain at::mm_out.
-bool mkl_packed_usable();
-
-struct MklPackedB {
-  at::Tensor buf;  // MKL's opaque layout (do not move: MKL forbids copying it to another address)
-  int64_t n = 0, k = 0;
-};
-
-// op(B) [k, n] packed for GEMMs of up to `m` rows: trans: B [n, k] row-major (row stride ldb), so
-// op(B) = Bᵀ; else B [k, n] row-major. The pack runs on the calling thread.
-MklPackedB mkl_pack_b(const float* B, int64_t ldb, bool trans, int64_t m, int64_t n, int64_t k);
-
-// C[M, n] (ldc) = A[M, k] (lda, row-major) · op(B) (or += with accumulate), single-threaded inside a
-// parallel region (MKL's rule for nested calls, as at::mm_out's).
-void mkl_gemm_packed(int64_t M, const float* A, int64_t lda, const MklPackedB& b, float* C, int64_t ldc,
-                     bool accumulate);
-
 // C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a pack_panels operand of C_total columns
 // (c0 a multiple of kMicroN), fp32 accumulation.
 template <class T>
@@ -287,14 +262,9 @@ inline void gemm_done() { at::native::cpublas::brgemm_release(true); }
 // A and B are float32 or bfloat16 (both the same) matrices with unit column stride and equal D per
 // pair; all A_p share R rows and all B_p share C rows. bfloat16 pairs run the bf16 microkernel
 // (callers check use_bf16_gemm(D) first).
-//
-// packed_B (float32 only, where mkl_packed_usable()): B already packed by the caller with
-// mkl_pack_b, packed_B[p][c0 / col_block] = op(B) = B_p[c0 : c0 + col_block]ᵀ for every column
-// block (col_block after the clamp to C below), e.g. keys shared by several calls or threads.
 template <class Epilogue>
 void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, Epilogue&& epilogue,
-                  int64_t row_block, int64_t col_block,
-                  const std::vector<const std::vector<MklPackedB>*>& packed_B = {}) {
+                  int64_t row_block, int64_t col_block) {
   TORCH_CHECK(!A.empty() && A.size() == B.size(), "stream_tiles: need P >= 1 pairs of matrices");
   const int64_t P = static_cast<int64_t>(A.size());
   const int64_t R = A[0].size(0), C = B[0].size(0), D = A[0].size(1);
@@ -311,9 +281,6 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
     TORCH_CHECK(A[p].scalar_type() == B[p].scalar_type() && A[p].stride(1) == 1, "stream_tiles: bad operands");
     if (bf16) {
       Bk[p] = pack_panels<at::BFloat16>(B[p]);
-    } else if (!packed_B.empty()) {
-      TORCH_CHECK(static_cast<int64_t>(packed_B.size()) == P && A[p].scalar_type() == at::kFloat,
-                  "stream_tiles: bad packed operands");
     } else if (use_brgemm()) {
       Bk[p] = pack_panels<float>(B[p]);
     }
@@ -329,9 +296,6 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
         if (bf16) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<at::BFloat16>() + r0 * lda, lda,
                       Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, nc);
-        } else if (!packed_B.empty()) {
-          mkl_gemm_packed(nr, A[p].const_data_ptr<float>() + r0 * lda, lda, (*packed_B[p])[c0 / col_block], out, nc,
-                          false);
         } else if (Bk[p].defined()) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<float>() + r0 * lda, lda, Bk[p].const_data_ptr<float>(), C, c0,
                       out, nc);

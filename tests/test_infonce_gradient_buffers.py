@@ -1,17 +1,14 @@
-"""Issue 14 (branch s19nce), the float32 InfoNCE ops on the cpu backend:
+"""Issue 14 (branch s19nce), the InfoNCE backward on the cpu backend writes its gradients without a
+zero pass first: the first column block's dQ GEMMs and the first dKᵀ GEMM of every row slab and key
+matrix write, the later GEMMs add.
 
-* on MKL's sgemm (the float32 tile GEMM of Intel CPUs), the keys are packed once per call (forward)
-  or per column block (backward) with MKL's own packing (``mkl_pack_b`` in csrc/cpu/gemm.cpp)
-  instead of once per row tile inside every GEMM call;
-* the backward writes its gradients without a zero pass first: the first column block's dQ GEMMs
-  and the first dKᵀ GEMM of every row slab and key matrix write, the later GEMMs add.
-
-Both against float64 (``infonce_fwd`` / ``infonce_bwd`` themselves, every upstream direction) on
-shapes that cross every tile boundary: several row slabs of two row tiles, forward column blocks of
-1024 with a partial last one, backward column blocks of 512, rectangular batches with a diagonal
-offset, one shared key matrix or one per pair, odd D and D = 1. The gradient buffers are taken from
-the allocator right after a NaN-filled tensor of the same size was freed, so a first GEMM that added
-to the buffer instead of writing it would leave NaN (checked by making it add).
+Forward and gradients of ``infonce_fwd`` / ``infonce_bwd`` themselves against float64, every upstream
+direction, on shapes that cross every tile boundary: several row slabs of two row tiles, forward
+column blocks of 1024 with a partial last one, backward column blocks of 512, rectangular batches with
+a diagonal offset, one shared key matrix or one per pair, odd D and D = 1. The gradient buffers are
+taken from the allocator right after a NaN-filled tensor of the same size was freed, so a first GEMM
+that added to the buffer instead of writing it would leave NaN (checked by making it add: every test
+fails).
 """
 
 import pytest
@@ -85,3 +82,23 @@ def test_infonce_ops_nan_in_nan_out():
     dq, dk = torch.ops.fastbind.infonce_bwd(ones, ones, q, k, tau, row_lse, col_lse, 0.0, 0)
     assert dq[0].isnan().any(dim=1).all() and dk[0].isnan().all()
     assert not dq[1].isnan().any() and not dk[1].isnan().any()
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 1100, 700, 34, 0), (2, 2, 301, 77, 16, 2)], ids=["shared-key", "per-pair"])
+def test_bf16_gradient_buffers_are_written(shape):
+    """bf16 inputs (the bf16 gradient GEMMs where the bf16 microkernel runs, else the fp32 path):
+    the same first-write rule; bf16 tolerances (dL/dS rounded to bf16: ~2e-3 of the largest gradient)."""
+    P, PK, b1, b2, d, offset = shape
+    g = torch.Generator().manual_seed(b1 + d)
+    q = (torch.randn(P, b1, d, generator=g) * 0.3).bfloat16()
+    k = (torch.randn(PK, b2, d, generator=g) * 0.3).bfloat16()
+    tau = torch.tensor(0.1)
+    g_row, g_col = torch.rand(P, b1, generator=g), torch.rand(P, b2, generator=g)
+    _, _, row_lse, col_lse = torch.ops.fastbind.infonce_fwd(q, k, tau, 0.0, offset)
+    _, _, want_dq, want_dk = _reference(q, k, 0.1, 0.0, offset, g_row, g_col)
+    for _ in range(2):
+        _poison_allocator(q.shape, k.shape)
+        dq, dk = torch.ops.fastbind.infonce_bwd(g_row, g_col, q, k, tau, row_lse, col_lse, 0.0, offset)
+        for got, want in ((dq, want_dq), (dk, want_dk)):
+            assert not got.isnan().any()
+            torch.testing.assert_close(got.double(), want, atol=2e-2 * want.abs().max().item(), rtol=0)
