@@ -334,7 +334,8 @@ WindowCoefficients window_coefficients(LookupPath path, int64_t D, int64_t depth
 }
 
 // The codebook side of the split: [b_hi | b_lo | b_hi] (or [b_hi]), each segment zero-padded to an
-// even width Dp (the VNNI layout pairs consecutive depths), packed once per call for the microkernel.
+// even width Dp (the VNNI layout pairs consecutive depths), packed for the microkernel — built in one
+// pass over the codes (split_codebook), no K × D temporaries besides the packed operand.
 struct SplitCodebook {
   at::Tensor packed;
   at::Tensor bias;    // [K] float32: of the centred codes under l2
@@ -345,35 +346,110 @@ struct SplitCodebook {
   bool usable = false;                    // finite and within kMaxNorm / kMaxBias
 };
 
-SplitCodebook split_codebook(const CodebookOperands& ops, Metric metric, const std::optional<at::Tensor>& weight,
-                             LookupPath path) {
-  SplitCodebook sc;
-  at::Tensor B = ops.b;
-  sc.bias = ops.bias;
-  if (metric == Metric::kL2) {
-    sc.center = ops.codes.mean(0);
-    const at::Tensor centred = ops.codes - sc.center;
-    const CodebookOperands c = codebook_operands("codebook_lookup", centred, weight, "l2", kNormEps);
-    B = c.b;
-    sc.bias = c.bias;
-    sc.e_max = centred.to(at::kDouble).norm(2, {1}).max().item<double>();
-    const double w_max = ops.weight.defined() ? ops.weight.abs().max().item<float>() : 1.0;
-    sc.center_coef = 4.0 * 2.01 * 0x1p-24 * w_max;
+// Codes per block of split_codebook: 16 rows of the operand are written out as whole 64-byte lines
+// of each VNNI row pair of their panel (the blocking of pack_panels).
+constexpr int64_t kPackCodes = 16;
+
+// Row j of the split's operand b_j into its [hi | lo | hi] (or [hi]) row `out` of `depth` bf16 bits,
+// zero padding included; l2 (center given): b_j = −2·w⊙(e_j − μ) (the roundings of
+// codebook_gemm_operands on the centred codes) with bias_j = Σ_d w_d·(e_jd − μ_d)², else b_j = src.
+// Accumulates ‖e'_j‖² (l2) and ‖b_j‖² in double (the bound scales with them) into e2 / b2.
+FB_MULTIVERSION void split_code(const float* src, const float* center, const float* w, int64_t D, int64_t depth,
+                                bool split, unsigned short* out, double& bias, double& e2, double& b2) {
+  const int64_t Dp = split ? depth / 3 : depth;
+  double sb = 0.0, se = 0.0, sbias = 0.0;
+  for (int64_t d = 0; d < D; ++d) {
+    float b = src[d];
+    if (center) {
+      const float e = src[d] - center[d], ew = w ? e * w[d] : e;
+      b = ew * -2.0f;
+      se += static_cast<double>(e) * e;
+      sbias += static_cast<double>(ew) * e;
+    }
+    sb += static_cast<double>(b) * b;
+    if (split) {
+      out[d] = out[2 * Dp + d] = bf16_split(b, out[Dp + d]);  // [b_hi | b_lo | b_hi]
+    } else {
+      out[d] = bf16_bits(b);
+    }
   }
-  const int64_t D = B.size(1), Dp = D + D % 2;
-  sc.b_max = B.to(at::kDouble).norm(2, {1}).max().item<double>();
-  sc.bias_max = sc.bias.to(at::kDouble).abs().max().item<double>();
-  sc.usable = std::isfinite(sc.b_max) && sc.b_max <= kMaxNorm && std::isfinite(sc.bias_max) &&
-              sc.bias_max <= kMaxBias && std::isfinite(sc.e_max) && sc.e_max <= kMaxNorm &&
+  for (int64_t s = 0; s < depth / Dp; ++s)
+    for (int64_t d = D; d < Dp; ++d) out[s * Dp + d] = 0;
+  bias = sbias;
+  e2 = se;
+  b2 = sb;
+}
+
+// l2: the operand of the centred codes, from the float32 codes themselves; dot / cosine: the bf16
+// split of the plain operand ops.b (the caller builds it: the fallback rows use it as it is).
+SplitCodebook split_codebook(const CodebookOperands& ops, Metric metric, LookupPath path) {
+  SplitCodebook sc;
+  const bool l2 = metric == Metric::kL2, split = path == LookupPath::kSplit;
+  const int64_t K = ops.codes.size(0), D = ops.codes.size(1), Dp = D + D % 2;
+  const float* w = ops.weight.defined() ? ops.weight.const_data_ptr<float>() : nullptr;
+  if (l2) {
+    sc.center = ops.codes.mean(0);
+    const double w_max = w ? ops.weight.abs().max().item<float>() : 1.0;
+    sc.center_coef = 4.0 * 2.01 * 0x1p-24 * w_max;
+    sc.bias = at::empty({K}, ops.codes.options());
+  } else {
+    sc.bias = ops.bias;
+  }
+  const float* src = l2 ? ops.codes.const_data_ptr<float>() : ops.b.const_data_ptr<float>();
+  const float* center = l2 ? sc.center.const_data_ptr<float>() : nullptr;
+  float* bias_out = l2 ? sc.bias.data_ptr<float>() : nullptr;
+  const float* bias = sc.bias.const_data_ptr<float>();
+  sc.depth = split ? 3 * Dp : Dp;
+  const int64_t depth = sc.depth, blocks = (K + kPackCodes - 1) / kPackCodes;
+  sc.packed = at::empty({K * depth}, ops.codes.options().dtype(at::kBFloat16));
+  uint32_t* packed = reinterpret_cast<uint32_t*>(sc.packed.data_ptr<at::BFloat16>());
+  // per block: max ‖b_j‖², max ‖e'_j‖², max |bias_j| (merged below), and whether all were finite
+  std::vector<double> b2_max(blocks), e2_max(blocks), bias_max(blocks);
+  std::vector<char> finite(blocks);
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    std::vector<unsigned short> rows(kPackCodes * depth);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t j0 = blk * kPackCodes, nj = std::min(kPackCodes, K - j0);
+      double bm = 0.0, em = 0.0, am = 0.0;
+      bool ok = true;
+      for (int64_t jj = 0; jj < nj; ++jj) {
+        const int64_t j = j0 + jj;
+        double bj = 0.0, e2 = 0.0, b2 = 0.0;
+        split_code(src + j * D, center, w, D, depth, split, rows.data() + jj * depth, bj, e2, b2);
+        if (bias_out) bias_out[j] = static_cast<float>(bj);
+        const double a = std::abs(static_cast<double>(bias[j]));
+        ok = ok && std::isfinite(b2) && std::isfinite(e2) && std::isfinite(a);
+        bm = std::max(bm, b2);
+        em = std::max(em, e2);
+        am = std::max(am, a);
+      }
+      b2_max[blk] = bm;
+      e2_max[blk] = em;
+      bias_max[blk] = am;
+      finite[blk] = ok;
+      // the block's rows into their panel (pack_panels' layout): u32 (d/2)·w + j holds depths d, d+1
+      const int64_t c0 = j0 / kMicroN * kMicroN, pw = std::min(kMicroN, K - c0), jl = j0 - c0;
+      uint32_t* panel = packed + c0 * depth / 2;
+      for (int64_t dp = 0; dp < depth / 2; ++dp) {
+        uint32_t* line = panel + dp * pw + jl;
+        for (int64_t jj = 0; jj < nj; ++jj)
+          line[jj] = static_cast<uint32_t>(rows[jj * depth + 2 * dp]) |
+                     (static_cast<uint32_t>(rows[jj * depth + 2 * dp + 1]) << 16);
+      }
+    }
+  });
+  bool ok = true;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    ok = ok && finite[blk];
+    sc.b_max = std::max(sc.b_max, b2_max[blk]);
+    sc.e_max = std::max(sc.e_max, e2_max[blk]);
+    sc.bias_max = std::max(sc.bias_max, bias_max[blk]);
+  }
+  sc.b_max = std::sqrt(sc.b_max);
+  sc.e_max = std::sqrt(sc.e_max);
+  sc.usable = ok && sc.b_max <= kMaxNorm && sc.bias_max <= kMaxBias && sc.e_max <= kMaxNorm &&
               std::isfinite(sc.center_coef);
-  if (!sc.usable) return sc;
-  const at::Tensor hi = B.to(at::kBFloat16);
-  std::vector<at::Tensor> parts{hi};
-  if (path == LookupPath::kSplit) parts = {hi, (B - hi.to(at::kFloat)).to(at::kBFloat16), hi};
-  for (at::Tensor& t : parts) t = at::constant_pad_nd(t, {0, Dp - D});
-  const at::Tensor cat = at::cat(parts, 1).contiguous();
-  sc.depth = cat.size(1);
-  sc.packed = pack_panels<at::BFloat16>(cat);
+  if (!sc.usable) sc.packed = at::Tensor();
   return sc;
 }
 
@@ -539,15 +615,16 @@ std::tuple<at::Tensor, at::Tensor> lookup(const at::Tensor& x, const at::Tensor&
   const int64_t cap = candidates > 0 ? candidates : k + kCandidates;
   TORCH_CHECK(cap >= k, "codebook_lookup_fwd_path: candidates = ", candidates, " < k = ", k);
 
-  // Codebook side, O(K·D): fp32 codes, weighted and scaled GEMM operand, bias.
-  const CodebookOperands ops = codebook_operands("codebook_lookup", codebook, weight, metric_name, kNormEps);
-  const Problem pb{metric,
-                   D,
-                   K,
-                   k,
-                   ops.codes.data_ptr<float>(),
-                   ops.weight.defined() ? ops.weight.data_ptr<float>() : nullptr,
-                   ops.bias.data_ptr<float>()};
+  // Codebook side, O(K·D): the fp32 codes (and weight) here; the plain path's scaled GEMM operand and
+  // bias (codebook_gemm_operands) only where the plain path runs or needs them (plain_operands).
+  CodebookOperands ops = codebook_codes("codebook_lookup", codebook, weight);
+  Problem pb{metric,
+             D,
+             K,
+             k,
+             ops.codes.data_ptr<float>(),
+             ops.weight.defined() ? ops.weight.data_ptr<float>() : nullptr,
+             nullptr};
 
   at::Tensor dist = at::empty({N, k}, x.options().dtype(at::kFloat));
   at::Tensor index = at::empty({N, k}, x.options().dtype(at::kLong));
@@ -560,7 +637,6 @@ std::tuple<at::Tensor, at::Tensor> lookup(const at::Tensor& x, const at::Tensor&
   // accumulation, and the winners' exact distances are computed in double as always.
   const bool bf16_gemm = x.scalar_type() == at::kBFloat16 && codebook.scalar_type() == at::kBFloat16 &&
                          !ops.weight.defined() && metric != Metric::kCosine && use_bf16_gemm(D);
-  const at::Tensor B_plain = bf16_gemm ? ops.b.to(at::kBFloat16) : ops.b;
   LookupPath path = path_name == "auto" ? (bf16_gemm ? LookupPath::kPlain : default_path()) : parse_path(path_name);
   if (path != LookupPath::kPlain) {
     TORCH_CHECK(path_name == "auto" || use_bf16_gemm(2), "codebook_lookup_fwd_path: path '", path_name,
@@ -568,20 +644,31 @@ std::tuple<at::Tensor, at::Tensor> lookup(const at::Tensor& x, const at::Tensor&
     if (!use_bf16_gemm(2)) path = LookupPath::kPlain;  // torch.backends.mkldnn switched off since
   }
   if (N == 0) return {dist, index};
-  std::vector<int64_t> fallback_rows;
+  // The plain path's operand and bias (the split under l2 centres its own; under dot / cosine it
+  // splits this one), built once, on first use.
+  auto plain_operands = [&]() {
+    if (!ops.b.defined()) codebook_gemm_operands(ops, metric_name, kNormEps);
+    pb.bias = ops.bias.data_ptr<float>();
+    return bf16_gemm ? ops.b.to(at::kBFloat16) : ops.b;
+  };
   SplitCodebook sc;
-  if (path != LookupPath::kPlain) sc = split_codebook(ops, metric, weight, path);
+  if (path != LookupPath::kPlain) {
+    if (metric != Metric::kL2) plain_operands();
+    sc = split_codebook(ops, metric, path);
+  }
   if (!sc.usable) {
-    lookup_plain(x, B_plain, pb, dist_p, index_p);
+    lookup_plain(x, plain_operands(), pb, dist_p, index_p);
     return {dist, index};
   }
-  fallback_rows = lookup_split(x, sc, pb, path, cap, dist_p, index_p);
+  const std::vector<int64_t> fallback_rows = lookup_split(x, sc, pb, path, cap, dist_p, index_p);
   if (!fallback_rows.empty()) {
+    sc = SplitCodebook();  // its packed operand is no longer needed
     const int64_t n = static_cast<int64_t>(fallback_rows.size());
-    const at::Tensor rows = at::from_blob(fallback_rows.data(), {n}, at::TensorOptions().dtype(at::kLong));
+    const at::Tensor rows = at::from_blob(const_cast<int64_t*>(fallback_rows.data()), {n},
+                                          at::TensorOptions().dtype(at::kLong));
     std::vector<float> fd(n * k);
     std::vector<int64_t> fi(n * k);
-    lookup_plain(x.index_select(0, rows), B_plain, pb, fd.data(), fi.data());
+    lookup_plain(x.index_select(0, rows), plain_operands(), pb, fd.data(), fi.data());
     for (int64_t r = 0; r < n; ++r) {
       std::copy(fd.begin() + r * k, fd.begin() + (r + 1) * k, dist_p + fallback_rows[r] * k);
       std::copy(fi.begin() + r * k, fi.begin() + (r + 1) * k, index_p + fallback_rows[r] * k);

@@ -49,8 +49,10 @@ constexpr int64_t kChunk = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // max without libm's fmaxf call (vectorises to maxps); a NaN operand is dropped here but still
-// reaches the sums of exp, so the loss stays NaN for NaN inputs
-static inline float vmax(float a, float b) { return a > b ? a : b; }
+// reaches the sums of exp, so the loss stays NaN for NaN inputs. FB_HD (always_inline): a plain
+// inline function was not inlined into chunk_max's FB_MULTIVERSION clones, which then called it
+// once per element (3% of a CentroBind B = 4096 fwd+bwd in the profile, issue 14).
+FB_HD float vmax(float a, float b) { return a > b ? a : b; }
 
 // Pass 1 over a [nr, w] chunk of logits (raw dots s, row stride ld): per-row chunk max of s·inv_t
 // into row_max[nr], and the column max folded into col_max[w] (which holds the running column max).
@@ -352,7 +354,7 @@ struct Bf16Tile {
   }
 
   void gemms(int64_t nr, int64_t nc, const at::BFloat16* q_rows, const at::BFloat16* key_panels, int64_t B2p,
-             int64_t c0, float* dq, float* dkt) {
+             int64_t c0, float* dq, float* dkt, bool add_dq, bool add_dkt) {
     using at::native::cpublas::brgemm;
     const int64_t nrp = nr + (nr & 1);
     auto* qt16 = reinterpret_cast<at::BFloat16*>(qt.data());
@@ -366,10 +368,10 @@ struct Bf16Tile {
     const auto* g_pairs = reinterpret_cast<const at::BFloat16*>(pairs.data());
     for (int64_t j0 = 0; j0 < D; j0 += fastbind::cpu::kMicroN) {
       const int64_t w = std::min(fastbind::cpu::kMicroN, D - j0);
-      brgemm(nr, w, ncp, ncp, w, D, true, g_rows, key_panels + j0 * B2p + c0 * w, dq + j0, /*is_vnni=*/true);
+      brgemm(nr, w, ncp, ncp, w, D, add_dq, g_rows, key_panels + j0 * B2p + c0 * w, dq + j0, /*is_vnni=*/true);
     }
     for (int64_t j0 = 0; j0 < nc; j0 += fastbind::cpu::kMicroN)
-      brgemm(D, std::min(fastbind::cpu::kMicroN, nc - j0), nrp, nrp, nc, nc, true, qt16, g_pairs + 2 * j0,
+      brgemm(D, std::min(fastbind::cpu::kMicroN, nc - j0), nrp, nrp, nc, nc, add_dkt, qt16, g_pairs + 2 * j0,
              dkt + j0, /*is_vnni=*/true);
   }
 };
@@ -392,9 +394,13 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
   // per-element smoothing terms g·ε/B (the positive's (1-ε) term is subtracted separately)
   at::Tensor smooth_row = g_row * (eps / B2), smooth_col = g_col * (eps / B1);
 
-  at::Tensor grad_q = at::zeros({P, B1, D}, f32);
-  // (nothing to do, or no rows: the key-gradient buffers below are written only by the slabs' GEMMs)
-  if ((!use_rows && !use_cols) || B1 == 0 || P == 0) return {grad_q, at::zeros({PK, B2, D}, f32)};
+  // (nothing to do, or no rows or columns: the gradient buffers below are written only by the GEMMs)
+  if ((!use_rows && !use_cols) || B1 == 0 || B2 == 0 || P == 0)
+    return {at::zeros({P, B1, D}, f32), at::zeros({PK, B2, D}, f32)};
+  // No zero pass over the gradients (issue 14): the first column block's dQ GEMMs write dQ (every
+  // row meets column block 0), and the first dKᵀ GEMM of a slab and key matrix in each block writes
+  // that part; the later ones add to them.
+  at::Tensor grad_q = at::empty({P, B1, D}, f32);
   const float *gr = g_row.data_ptr<float>(), *gc = g_col.data_ptr<float>();
   const float *rl = r_lse.data_ptr<float>(), *cl = c_lse.data_ptr<float>();
   const float *sr = smooth_row.data_ptr<float>(), *sc = smooth_col.data_ptr<float>();
@@ -424,11 +430,10 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
 
   for (int64_t c0 = 0; c0 < B2; c0 += kBwdColBlock) {
     const int64_t nc = std::min(kBwdColBlock, B2 - c0);
-    // [slabs, PK, D, nc] contiguous for this block, each slab's part zeroed by its own thread
+    // [slabs, PK, D, nc] contiguous for this block, each slab's part written by its own thread's GEMMs
     float* gkt = grad_k_part.data_ptr<float>();
     const std::vector<at::Tensor> keys = narrow_rows(pr.gemm_keys, c0, nc);
     for_each_slab(bounds, [&](int64_t t, int64_t first_row, int64_t slab_rows) {
-      std::fill(gkt + t * PK * D * nc, gkt + (t + 1) * PK * D * nc, 0.f);
       Bf16Tile b16(pr.bf16, D);
       fastbind::cpu::stream_tiles(
           narrow_rows(pr.gemm_queries, first_row, slab_rows), keys,
@@ -445,18 +450,20 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_cpu(const at::Tensor& grad_row_lo
                 if (pr.bf16) b16.put_row(s, i, nc);  // while the row is in L1
               }
               float* gk_part = gkt + (t * PK + (PK == 1 ? 0 : p)) * D * nc;
+              // accumulate, or write (see grad_q): dQ in column block 0, this slab's dKᵀ part first
+              const bool add_dq = c0 > 0, add_dk = tile.r0 > 0 || (PK == 1 && p > 0);
               if (pr.bf16) {
                 b16.gemms(tile.nr, nc, pr.gemm_queries[p].const_data_ptr<at::BFloat16>() + r0 * D,
                           key_vnni[PK == 1 ? 0 : p].const_data_ptr<at::BFloat16>(), B2p, c0,
-                          gq + (p * B1 + r0) * D, gk_part);
+                          gq + (p * B1 + r0) * D, gk_part, add_dq, add_dk);
                 continue;
               }
               const float* G = products[p].data_ptr<float>();  // [nr, nc] = dL/dS of the tile
               // dQ[rows] += G · K[cols];  dKᵀ[:, cols] += Qᵀ[:, rows] · G (row-major products, the
               // form of the brgemm microkernel; Qᵀ read from Q [rows, D])
               fastbind::cpu::gemm_f32(tile.nr, D, nc, G, nc, key_p[p] + c0 * D, D, gq + (p * B1 + r0) * D, D,
-                                      true);
-              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, true);
+                                      add_dq);
+              fastbind::cpu::gemm_f32_tn(D, nc, tile.nr, query_p[p] + r0 * D, D, G, nc, gk_part, nc, add_dk);
             }
           },
           kRowBlock, kBwdColBlock);

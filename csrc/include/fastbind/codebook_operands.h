@@ -20,12 +20,12 @@ struct CodebookOperands {
   at::Tensor bias;    // [K], float32
 };
 
-// `metric` is "l2", "dot" or "cosine" (the caller has checked the name); `norm_eps` is the floor of
-// ‖e_j‖_w under cosine (the reference's: a zero code gets a zero unit vector).
-inline CodebookOperands codebook_operands(const char* op, const at::Tensor& codebook,
-                                          const std::optional<at::Tensor>& weight, const std::string& metric,
-                                          double norm_eps) {
-  const int64_t K = codebook.size(0), D = codebook.size(1);
+// The codes and the weight in float32 (what the winners' exact distances read), without the GEMM
+// operand: the AMX split lookup prepares its own (centred under l2) operand from these and builds
+// the plain one (codebook_gemm_operands) only when a row falls back to the plain path.
+inline CodebookOperands codebook_codes(const char* op, const at::Tensor& codebook,
+                                       const std::optional<at::Tensor>& weight) {
+  const int64_t D = codebook.size(1);
   CodebookOperands out;
   out.codes = codebook.to(at::kFloat).contiguous();
   if (weight.has_value()) {
@@ -34,19 +34,34 @@ inline CodebookOperands codebook_operands(const char* op, const at::Tensor& code
                 " but the codebook is on ", codebook.device());
     out.weight = weight->to(at::kFloat).contiguous();
   }
-  const at::Tensor& E = out.codes;
-  const at::Tensor Ew = out.weight.defined() ? E * out.weight : E;
+  return out;
+}
+
+// Sets ops.b and ops.bias from ops.codes and ops.weight. `metric` is "l2", "dot" or "cosine" (the
+// caller has checked the name); `norm_eps` is the floor of ‖e_j‖_w under cosine (the reference's: a
+// zero code gets a zero unit vector).
+inline void codebook_gemm_operands(CodebookOperands& ops, const std::string& metric, double norm_eps) {
+  const at::Tensor& E = ops.codes;
+  const int64_t K = E.size(0);
+  const at::Tensor Ew = ops.weight.defined() ? E * ops.weight : E;
   if (metric == "l2") {
-    out.b = (Ew * -2.0).contiguous();
-    out.bias = (Ew * E).sum(1).contiguous();
+    ops.b = (Ew * -2.0).contiguous();
+    ops.bias = (Ew * E).sum(1).contiguous();
   } else if (metric == "dot") {
-    out.b = (-Ew).contiguous();
-    out.bias = at::zeros({K}, E.options());
+    ops.b = (-Ew).contiguous();
+    ops.bias = at::zeros({K}, E.options());
   } else {
     const at::Tensor norm = (Ew * E).sum(1).sqrt().clamp_min(norm_eps);
-    out.b = (-Ew / norm.unsqueeze(1)).contiguous();
-    out.bias = at::zeros({K}, E.options());
+    ops.b = (-Ew / norm.unsqueeze(1)).contiguous();
+    ops.bias = at::zeros({K}, E.options());
   }
+}
+
+inline CodebookOperands codebook_operands(const char* op, const at::Tensor& codebook,
+                                          const std::optional<at::Tensor>& weight, const std::string& metric,
+                                          double norm_eps) {
+  CodebookOperands out = codebook_codes(op, codebook, weight);
+  codebook_gemm_operands(out, metric, norm_eps);
   return out;
 }
 
