@@ -390,7 +390,7 @@ FB_MULTIVERSION void project_modality(const uint16_t* __restrict m16, const floa
   float mm = 0.f;
 #pragma omp simd reduction(+ : mm)
   for (int64_t d = 0; d < D; ++d) {
-    m[d] = __builtin_bit_cast(float, static_cast<uint32_t>(m16[d]) << 16);
+    m[d] = bf16_to_float(m16[d]);
     res[d] = m[d];
     mm += m[d] * m[d];
   }

@@ -41,12 +41,17 @@ FB_HD unsigned short bf16_bits(float x) {
   return x != x ? static_cast<unsigned short>(0x7FC0) : static_cast<unsigned short>(rounded);
 }
 
+// bfloat16 bits -> float32 (exact: the bits are the high half of the float32).
+FB_HD float bf16_to_float(unsigned short bits) {
+  return __builtin_bit_cast(float, static_cast<unsigned int>(bits) << 16);
+}
+
 // x = hi + lo + r with hi = bf16(x) and lo = bf16(x − hi) (x − hi is exact in float32, |r| ≤ 2^-16·|x|):
 // the two bf16 halves of a float32 operand of a split GEMM (the GRAM basis in csrc/cpu/gram.cpp, the
 // float32 lookup on AMX in csrc/cpu/codebook.cpp). Returns hi's bits, writes lo's.
 FB_HD unsigned short bf16_split(float x, unsigned short& lo) {
   const unsigned short hi = bf16_bits(x);
-  lo = bf16_bits(x - __builtin_bit_cast(float, static_cast<unsigned int>(hi) << 16));
+  lo = bf16_bits(x - bf16_to_float(hi));
   return hi;
 }
 
