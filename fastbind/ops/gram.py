@@ -166,7 +166,6 @@ def _save_with_modalities(ctx, tensors, optional) -> None:
     (the ops are functions of the basis; the modalities are a faster form of its products)."""
     ctx.takes_modalities = bool(optional)
     mods = list(optional[0]) if optional and optional[0] else []
-    ctx.num_modalities = len(mods)
     ctx.save_for_backward(*tensors, *mods)
 
 
