@@ -121,7 +121,8 @@ FB_HD float scaled_volumes_loop(const Products& P, int64_t off, int64_t nc, floa
   if (col_max == nullptr) {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < nc; ++j) {
-      const float x = gram_scaled_volume(scale, sv[j], gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq)));
+      const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+      const float x = gram_scaled_volume(scale, sv[j], d);
       out[j] = x;
       m = x > m ? x : m;
     }
@@ -129,7 +130,8 @@ FB_HD float scaled_volumes_loop(const Products& P, int64_t off, int64_t nc, floa
   }
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < nc; ++j) {
-    const float x = gram_scaled_volume(scale, sv[j], gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq)));
+    const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+    const float x = gram_scaled_volume(scale, sv[j], d);
     out[j] = x;
     m = x > m ? x : m;
     col_max[j] = x > col_max[j] ? x : col_max[j];

@@ -72,9 +72,9 @@ FB_HD float fast_exp(float x) {
 }
 
 // exp(x) for |x| <= 87 (or NaN), where 2^n is one normal float: fast_exp without the clamps, the
-// second factor and the NaN select (a NaN x makes e^r NaN, and so the result). For loops whose arguments are bounded by construction (the GRAM loss's
-// one-pass forward, |logit| <= 60); outside the range the result is wrong, not clamped. Same
-// accuracy as fast_exp there (the same e^r; one factor, no double rounding).
+// second factor and the NaN select (a NaN x makes e^r NaN, and so the result). For loops whose
+// arguments are bounded by construction (the GRAM loss's one-pass forward, |logit| <= 60); outside
+// the range the result is wrong, not clamped. Same accuracy as fast_exp there (the same e^r).
 FB_HD float fast_exp_bounded(float x) {
   const float n = exp_exponent(x);
   return exp_mantissa(x, n) * float_from_bits((static_cast<int32_t>(n) + 127) << 23);
