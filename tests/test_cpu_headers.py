@@ -41,7 +41,7 @@ def checker(request, tmp_path_factory):
     return exe, request.param
 
 
-@pytest.mark.parametrize("group", ["exp", "lse", "gram", "topk"])
+@pytest.mark.parametrize("group", ["exp", "exp_bounded", "lse", "gram", "topk"])
 def test_shared_math(checker, group):
     exe, mode = checker
     res = subprocess.run([str(exe), group], capture_output=True, text=True)

@@ -23,6 +23,8 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fastbind/epilogue.h"
@@ -62,74 +64,181 @@ struct Products {
   int64_t ldc;
 };
 
-// row_combine: S_s -> P_r of one tile row in place, r descending (P_r reads S_s for s <= r only,
-// none of them overwritten yet). R(R+1)/2 FMAs per element on a row that is in L1.
-FB_HD void row_combine(const Products& P, int64_t off, int64_t nc) {
-  for (int r = P.n - 1; r >= 0; --r) {
-    float* __restrict pr = P.p[r] + off;
-    const float* __restrict crr = P.coef + (r * P.n + r) * P.ldc;
-#pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) pr[j] *= crr[j];
-    for (int s = 0; s < r; ++s) {
-      const float* __restrict ps = P.p[s] + off;
-      const float* __restrict crs = P.coef + (r * P.n + s) * P.ldc;
-#pragma omp simd
-      for (int64_t j = 0; j < nc; ++j) pr[j] += crs[j] * ps[j];
+// ---- the forward epilogue: one pass over a tile row ---------------------------------------------
+// Every epilogue reads a row's products once, through product_residual: the residual
+// ‖a‖² − Σ_r P_r² of one element, with the products formed from S_s first on the exact-operand path
+// (P_r = S_r·C_rr + Σ_{s<r} C_rs·S_s, s ascending; stored back over S_r with kStore, for the
+// backward, which needs P_r again). R is a template argument (row_pass dispatches on P.n), so the
+// loops over r and s unroll into one vector loop over the row: the separate combine, residual and
+// distance passes over the row (each a load/store stream over L1) were 18% of a bf16 forward.
+template <int R, bool kExact>
+struct RowOperands {
+  float* p[R];
+  const float* c[kExact ? R * R : 1];
+  FB_HD RowOperands(const Products& P, int64_t off) {
+    for (int r = 0; r < R; ++r) p[r] = P.p[r] + off;
+    if constexpr (kExact) {
+      for (int r = 0; r < R; ++r)
+        for (int s = 0; s <= r; ++s) c[r * R + s] = P.coef + (r * R + s) * P.ldc;
     }
   }
-}
+};
 
-// res_j = a_sq − Σ_r P_r[off + j]² for j < nc (FB_HD: inlined into each caller's clone). On the
-// exact-operand path the row's products are combined first (row_combine): every epilogue reads a
-// row's products through here once, before anything else.
-FB_HD void row_residuals(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict res) {
-  if (P.coef != nullptr) row_combine(P, off, nc);
-#pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) res[j] = a_sq;
-  for (int r = 0; r < P.n; ++r) {
-    const float* __restrict pr = P.p[r] + off;
-#pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) res[j] = gram_residual_sub(res[j], pr[j]);
+template <int R, bool kExact, bool kStore>
+FB_HD float product_residual(const RowOperands<R, kExact>& o, int64_t j, float a_sq) {
+  float res = a_sq;
+  if constexpr (kExact) {
+    float sv[R];
+    for (int r = 0; r < R; ++r) sv[r] = o.p[r][j];
+    for (int r = 0; r < R; ++r) {
+      float pr = sv[r] * o.c[r * R + r][j];
+      for (int s = 0; s < r; ++s) pr += o.c[r * R + s][j] * sv[s];
+      if constexpr (kStore) o.p[r][j] = pr;
+      res = gram_residual_sub(res, pr);
+    }
+  } else {
+    for (int r = 0; r < R; ++r) res = gram_residual_sub(res, o.p[r][j]);
   }
+  return res;
 }
 
-// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc.
-FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
-  row_residuals(P, off, nc, a_sq, dist);
+// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc; on the exact path P_r is left combined.
+template <int R, bool kExact>
+FB_HD void distances_loop(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+  const RowOperands<R, kExact> o(P, off);
 #pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(dist[j]);
+  for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(product_residual<R, kExact, true>(o, j, a_sq));
 }
 
-// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ), the
-// distances of row_distances in the same pass (res: scratch of nc floats; out may be P_0's row,
-// which row_residuals has read before the first write: not __restrict).
-FB_MULTIVERSION void row_scaled_volumes(const Products& P, int64_t off, int64_t nc, float a_sq,
-                                        const float* __restrict span_vol, float scale, float* __restrict res,
-                                        float* out) {
-  row_residuals(P, off, nc, a_sq, res);
-#pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) out[j] = gram_scaled_volume(scale, span_vol[j], gram_distance_from_residual(res[j]));
-}
-
-FB_MULTIVERSION float row_max(const float* __restrict x, int64_t n) {
+// out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ); returns the
+// row's max of out (NaN ignored, as a max over the row after it) and, with col_max, folds out into
+// col_max_j = max(col_max_j, out_j). out may be P_0's row (each element is read before it is written).
+template <int R, bool kExact>
+FB_HD float scaled_volumes_loop(const Products& P, int64_t off, int64_t nc, float a_sq, const float* __restrict sv,
+                                float scale, float* out, float* __restrict col_max) {
+  const RowOperands<R, kExact> o(P, off);
   float m = -std::numeric_limits<float>::infinity();
+  if (col_max == nullptr) {
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    for (int64_t j = 0; j < nc; ++j) {
+      const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+      const float x = gram_scaled_volume(scale, sv[j], d);
+      out[j] = x;
+      m = x > m ? x : m;
+    }
+    return m;
+  }
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < nc; ++j) {
+    const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+    const float x = gram_scaled_volume(scale, sv[j], d);
+    out[j] = x;
+    m = x > m ? x : m;
+    col_max[j] = x > col_max[j] ? x : col_max[j];
+  }
   return m;
 }
 
-// Σ_{j≠skip} exp(x_j − shift) and Σ_j x_j (skip: the positive, added back exactly by
-// ce_from_stats in fastbind/saturated_ce.h; -1 or out of range: none).
-FB_MULTIVERSION void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, int64_t skip, float* exp_sum,
-                                   float* sum) {
-  float es = 0.f, s = 0.f;
+// Calls f.run<R, exact>() for the products of P. f is a functor with an FB_HD member (not a lambda:
+// a lambda's body is a function of its own, compiled for the baseline ISA unless inlined into each
+// FB_MULTIVERSION clone, which nothing forces).
+template <class F>
+FB_HD auto row_pass(const Products& P, const F& f) {
+  const bool exact = P.coef != nullptr;
+  switch (P.n) {
+#define FB_GRAM_ROW_CASE(R) \
+  case R:                   \
+    return exact ? f.template run<R, true>() : f.template run<R, false>();
+    FB_GRAM_ROW_CASE(1)
+    FB_GRAM_ROW_CASE(2)
+    FB_GRAM_ROW_CASE(3)
+    FB_GRAM_ROW_CASE(4)
+    FB_GRAM_ROW_CASE(5)
+    FB_GRAM_ROW_CASE(6)
+#undef FB_GRAM_ROW_CASE
+    default:
+      return exact ? f.template run<kMaxProducts, true>() : f.template run<kMaxProducts, false>();
+  }
+}
+
+struct DistancesRow {
+  const Products& P;
+  int64_t off, nc;
+  float a_sq;
+  float* dist;
+  template <int R, bool kExact>
+  FB_HD void run() const {
+    distances_loop<R, kExact>(P, off, nc, a_sq, dist);
+  }
+};
+
+struct ScaledVolumesRow {
+  const Products& P;
+  int64_t off, nc;
+  float a_sq;
+  const float* span_vol;
+  float scale;
+  float* out;
+  float* col_max;
+  template <int R, bool kExact>
+  FB_HD float run() const {
+    return scaled_volumes_loop<R, kExact>(P, off, nc, a_sq, span_vol, scale, out, col_max);
+  }
+};
+
+FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
+  row_pass(P, DistancesRow{P, off, nc, a_sq, dist});
+}
+
+FB_MULTIVERSION float row_scaled_volumes(const Products& P, int64_t off, int64_t nc, float a_sq,
+                                         const float* __restrict span_vol, float scale, float* out,
+                                         float* __restrict col_max = nullptr) {
+  return row_pass(P, ScaledVolumesRow{P, off, nc, a_sq, span_vol, scale, out, col_max});
+}
+
+// The exp passes below skip the positive column `skip` (its term is added back exactly by
+// ce_from_stats, fastbind/saturated_ce.h) by running their loop on the two ranges [0, skip) and
+// (skip, n), not by a test per element (a 64-bit index compare per lane: the hottest instructions
+// of the pass). skip = -1 or out of range: no positive in this tile row, one range [0, n).
+struct AroundSkip {
+  int64_t end0, begin1, n;  // the ranges [0, end0) and [begin1, n)
+  bool has;                 // skip lies in [0, n)
+};
+FB_HD AroundSkip around_skip(int64_t n, int64_t skip) {
+  const bool has = skip >= 0 && skip < n;
+  return AroundSkip{has ? skip : n, has ? skip + 1 : n, n, has};
+}
+
+FB_HD void exp_sum_range(const float* __restrict x, int64_t j0, int64_t j1, float shift, float& es, float& s) {
 #pragma omp simd reduction(+ : es, s)
-  for (int64_t j = 0; j < n; ++j) {
-    es += j != skip ? fast_exp(x[j] - shift) : 0.f;
+  for (int64_t j = j0; j < j1; ++j) {
+    es += fast_exp(x[j] - shift);
     s += x[j];
   }
+}
+
+// Σ_{j≠skip} exp(x_j − shift) and Σ_j x_j.
+FB_MULTIVERSION void exp_sum_and_sum(const float* __restrict x, int64_t n, float shift, int64_t skip, float* exp_sum,
+                                     float* sum) {
+  const AroundSkip r = around_skip(n, skip);
+  float es = 0.f, s = 0.f;
+  exp_sum_range(x, 0, r.end0, shift, es, s);
+  exp_sum_range(x, r.begin1, n, shift, es, s);
+  if (r.has) s += x[skip];
   *exp_sum = es;
   *sum = s;
+}
+
+FB_HD void exp_sum_rows_and_cols_range(const float* __restrict x, int64_t j0, int64_t j1, float shift, float w,
+                                       float& es, float& s, float* __restrict col_exp, float* __restrict col_sum) {
+#pragma omp simd reduction(+ : es, s)
+  for (int64_t j = j0; j < j1; ++j) {
+    const float e = fast_exp(x[j] - shift);
+    es += e;
+    s += x[j];
+    col_exp[j] += w * e;
+    col_sum[j] += x[j];
+  }
 }
 
 // The one-exp pass of a loss tile whose rows and columns both need sums (gram_loss_forward_cpu):
@@ -139,17 +248,77 @@ FB_MULTIVERSION void exp_sum_and_sum(const float* __restrict x, int64_t n, float
 FB_MULTIVERSION void exp_sum_rows_and_cols(const float* __restrict x, int64_t n, float shift, float w, int64_t skip,
                                            float* exp_sum, float* sum, float* __restrict col_exp,
                                            float* __restrict col_sum) {
+  const AroundSkip r = around_skip(n, skip);
   float es = 0.f, s = 0.f;
-#pragma omp simd reduction(+ : es, s)
-  for (int64_t j = 0; j < n; ++j) {
-    const float e = j != skip ? fast_exp(x[j] - shift) : 0.f;
-    es += e;
-    s += x[j];
-    col_exp[j] += w * e;
-    col_sum[j] += x[j];
+  exp_sum_rows_and_cols_range(x, 0, r.end0, shift, w, es, s, col_exp, col_sum);
+  exp_sum_rows_and_cols_range(x, r.begin1, n, shift, w, es, s, col_exp, col_sum);
+  if (r.has) {
+    s += x[skip];
+    col_sum[skip] += x[skip];
   }
   *exp_sum = es;
   *sum = s;
+}
+
+// ---- the one-pass loss forward (logits with a known bound) ---------------------------------------
+// logit_ij = −r_j·dist_ij/τ with 0 <= dist_ij <= ‖a_i‖, so |logit_ij| <= ‖a_i‖·r_j/τ is known before
+// any GEMM. Where that bound is at most kSharedShiftRange for the whole call (always for unit-norm
+// inputs and τ > 1/60), every exp(logit) lies in [e^-60, e^60]: no shift is needed for range or
+// precision, and the row and column statistics are kept with the shift 0 (LSE pair (0, Σ exp(l))).
+// Then each tile row is one pass: products -> logit -> exp -> the row's and the columns' sums, with
+// no logit written back, no maxima and no second pass over the tile.
+//   col_scale_j = −r_j/τ of the tile's columns (the product gram_scaled_volume forms first, so the
+//   logits are bitwise those of the other paths and of the backward's recomputation);
+//   keep_j = 1, and 0 at the row's positive: its exp is left out of both exp sums by the factor (an
+//   FMA either way: as cheap as the plain sum), not by an index test per element or by splitting the
+//   loop around it (two scalar remainders per row, most of the work at small batches).
+template <int R, bool kExact, bool kCols>
+FB_HD void unshifted_sums_loop(const RowOperands<R, kExact>& o, int64_t nc, float a_sq,
+                               const float* __restrict col_scale, const float* __restrict keep, float& es, float& s,
+                               float* __restrict col_exp, float* __restrict col_sum) {
+#pragma omp simd reduction(+ : es, s)
+  for (int64_t j = 0; j < nc; ++j) {
+    const float x = col_scale[j] * gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+    const float e = fast_exp_bounded(x) * keep[j];  // |x| <= 60 or NaN here
+    es += e;
+    s += x;
+    if constexpr (kCols) {
+      col_exp[j] += e;
+      col_sum[j] += x;
+    }
+  }
+}
+
+struct UnshiftedSumsRow {
+  const Products& P;
+  int64_t off, nc, pos;
+  float a_sq;
+  const float *col_scale, *keep;
+  float *exp_sum, *sum, *col_exp, *col_sum;
+  template <int R, bool kExact, bool kCols>
+  FB_HD float run_cols() const {
+    const RowOperands<R, kExact> o(P, off);
+    float es = 0.f, s = 0.f;
+    unshifted_sums_loop<R, kExact, kCols>(o, nc, a_sq, col_scale, keep, es, s, col_exp, col_sum);
+    *exp_sum = es;
+    *sum = s;
+    if (pos < 0 || pos >= nc) return 0.f;
+    return col_scale[pos] * gram_distance_from_residual(product_residual<R, kExact, false>(o, pos, a_sq));
+  }
+  template <int R, bool kExact>
+  FB_HD float run() const {
+    return col_exp != nullptr ? run_cols<R, kExact, true>() : run_cols<R, kExact, false>();
+  }
+};
+
+// One tile row of the one-pass forward: logits l_j = col_scale_j·dist_j (j < nc), the row's
+// Σ_j keep_j·exp(l_j) and Σ_j l_j, and with col_exp col_exp_j += keep_j·exp(l_j), col_sum_j += l_j.
+// Returns the logit l_pos of the row's positive (0 if pos is not in [0, nc); keep_pos = 0).
+FB_MULTIVERSION float row_unshifted_sums(const Products& P, int64_t off, int64_t nc, float a_sq,
+                                         const float* __restrict col_scale, const float* __restrict keep, int64_t pos,
+                                         float* exp_sum, float* sum, float* __restrict col_exp,
+                                         float* __restrict col_sum) {
+  return row_pass(P, UnshiftedSumsRow{P, off, nc, pos, a_sq, col_scale, keep, exp_sum, sum, col_exp, col_sum});
 }
 
 // Whether a tile's column sums may share one shift (see gram_loss_forward_cpu): the column maxima
@@ -168,20 +337,39 @@ bool shared_column_shift(const float* col_max, int64_t nc, const float* row_max,
   return std::isfinite(hi) && std::isfinite(rlo) && hi - lo <= kSharedShiftRange;
 }
 
-// col_max_j = max(col_max_j, x_j).
-FB_MULTIVERSION void max_into(const float* __restrict x, int64_t n, float* __restrict col_max) {
+FB_HD void exp_sum_into_range(const float* __restrict x, const float* __restrict col_max, int64_t j0, int64_t j1,
+                               float* __restrict col_exp, float* __restrict col_sum) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) col_max[j] = x[j] > col_max[j] ? x[j] : col_max[j];
+  for (int64_t j = j0; j < j1; ++j) {
+    col_exp[j] += fast_exp(x[j] - col_max[j]);
+    col_sum[j] += x[j];
+  }
+}
+
+// The bound max_ij |logit_ij| <= max_i ‖a_i‖ · max_j |r_j| / τ of the one-pass forward (see
+// row_unshifted_sums); +inf if any ‖a_i‖², r_j or the bound is not finite.
+float logit_bound(const float* a_sq, int64_t b1, const float* span_vol, int64_t b2, float neg_inv_tau) {
+  float amax = 0.f, rmax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < b1; ++i) {
+    finite = finite && std::isfinite(a_sq[i]);
+    amax = std::max(amax, a_sq[i]);
+  }
+  for (int64_t j = 0; j < b2; ++j) {
+    finite = finite && std::isfinite(span_vol[j]);
+    rmax = std::max(rmax, std::abs(span_vol[j]));
+  }
+  const float bound = std::sqrt(amax) * rmax * std::abs(neg_inv_tau);
+  return finite && std::isfinite(bound) ? bound : std::numeric_limits<float>::infinity();
 }
 
 // col_exp_j += exp(x_j − col_max_j) for j ≠ skip (the positive, as above); col_sum_j += x_j.
 FB_MULTIVERSION void exp_sum_into(const float* __restrict x, const float* __restrict col_max, int64_t n, int64_t skip,
-                                float* __restrict col_exp, float* __restrict col_sum) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    col_exp[j] += j != skip ? fast_exp(x[j] - col_max[j]) : 0.f;
-    col_sum[j] += x[j];
-  }
+                                  float* __restrict col_exp, float* __restrict col_sum) {
+  const AroundSkip r = around_skip(n, skip);
+  exp_sum_into_range(x, col_max, 0, r.end0, col_exp, col_sum);
+  exp_sum_into_range(x, col_max, r.begin1, n, col_exp, col_sum);
+  if (r.has) col_sum[skip] += x[skip];
 }
 
 // One backward row of a tile. For each column j (global column c0 + j, positive column `diag`):
@@ -323,6 +511,8 @@ struct Operands {
   at::Tensor gemm_anchor;
   std::vector<at::Tensor> gemm_b;
   at::Tensor coef;  // exact form: C_rs,j at [r, s, j] (s <= r), float32
+  // gemm_b in the microkernel's layout, packed once per call for all slabs (pack_operands)
+  std::vector<at::Tensor> gemm_bk;
   // bf16 only: the anchor as it is (operand of the backward's dQ GEMM).
   at::Tensor anchor_bf16;
   at::TensorOptions opts;  // float32 CPU tensors (outputs, gradients)
@@ -335,7 +525,7 @@ struct Operands {
 template <class Epilogue>
 void stream_chunk(const Operands& o, int64_t r0, int64_t nr, Epilogue&& epilogue) {
   const std::vector<at::Tensor> A(o.R, o.gemm_anchor.narrow(0, r0, nr));
-  stream_tiles(A, o.gemm_b, epilogue, o.row_block, kColBlock);
+  stream_tiles(A, o.gemm_b, o.gemm_bk, epilogue, o.row_block, kColBlock);
 }
 
 Products products_of(const Operands& o, const Tile& t, const std::vector<at::Tensor>& prods) {
@@ -488,8 +678,10 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
                   o.B2, ", ", o.D, "], got ", m.sizes());
       TORCH_CHECK(m.device().is_cpu(), op, ": the CPU kernels take CPU tensors");
       mods_bf16 = mods_bf16 && m.scalar_type() == at::kBFloat16;
-      mods.push_back(m.detach().contiguous());
     }
+    // contiguous copies only where they are used (a non-contiguous modality is copied, else viewed)
+    if (o.bf16 && mods_bf16)
+      for (const at::Tensor& m : *modalities) mods.push_back(m.detach().contiguous());
   }
   if (o.bf16) {
     o.anchor_bf16 = anchor.detach().contiguous();
@@ -506,6 +698,7 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
     o.gemm_anchor = o.anchor;
     for (int64_t r = 0; r < o.R; ++r) o.gemm_b.push_back(o.basis[r]);
   }
+  o.gemm_bk = pack_operands(o.gemm_b);
   return o;
 }
 
@@ -675,12 +868,11 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   for_each_slab(row_chunks(o.B1, o.B2, o.D, o.R), [&](int64_t, int64_t r0, int64_t nr) {
-    std::vector<float> dist(kColBlock);
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
-        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, dist.data(), out + gi * o.B2 + t.c0);
+        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, out + gi * o.B2 + t.c0);
       }
     });
   });
@@ -735,17 +927,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   std::fill(col_max, col_exp, ninf);
   const float* rv = o.span_vol.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
+  const bool unshifted = logit_bound(asq, B1, rv, B2, neg_inv_tau) <= kSharedShiftRange;
+  if (unshifted) std::fill(col_max, col_exp, 0.f);  // the columns' LSE pairs (0, Σ exp(l))
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
-    // per tile column: distances, max, Σ exp, Σ x; per chunk row: running max and Σ exp; per tile
-    // row: its max
-    std::vector<float> scratch(4 * kColBlock + 2 * nr + o.row_block);
-    float *dist = scratch.data(), *tmax = dist + kColBlock, *texp = tmax + kColBlock, *tsum = texp + kColBlock;
+    // per tile column: max, Σ exp, Σ x; per chunk row: running max and Σ exp; per tile row: its max
+    std::vector<float> scratch(3 * kColBlock + 2 * nr + o.row_block);
+    float *tmax = scratch.data(), *texp = tmax + kColBlock, *tsum = texp + kColBlock;
     float *rmax = tsum + kColBlock, *rexp = rmax + nr, *tile_rmax = rexp + nr;
     std::fill(rmax, rexp, ninf);
     std::fill(rexp, rexp + nr, 0.f);
     float* cmax = col_max + c * B2;
     float* cexp = col_exp + c * B2;
     float* csum = col_sum + c * B2;
+    if (unshifted) {  // one pass per tile row, the LSE pairs (0, Σ exp(l)); see row_unshifted_sums
+      std::fill(rmax, rexp, 0.f);
+      std::vector<float> col_scale(kColBlock), keep(kColBlock, 1.f);
+      stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
+        const Products P = products_of(o, t, prods);
+        for (int64_t j = 0; j < t.nc; ++j) col_scale[j] = neg_inv_tau * rv[t.c0 + j];
+        for (int64_t i = 0; i < t.nr; ++i) {
+          const int64_t li = t.r0 + i, gi = r0 + li;
+          const int64_t pos = gi + diag_offset - t.c0;
+          const bool has_pos = pos >= 0 && pos < t.nc;
+          if (has_pos) keep[pos] = 0.f;
+          float es, s;
+          const float x = row_unshifted_sums(P, i * t.nc, t.nc, asq[gi], col_scale.data(), keep.data(), pos, &es, &s,
+                                             cols ? cexp + t.c0 : nullptr, csum + t.c0);
+          if (has_pos) {
+            keep[pos] = 1.f;
+            rpos[gi] = x;
+            cpos[gi + diag_offset] = x;
+          }
+          rexp[li] += es;
+          rsum[gi] += s;
+        }
+      });
+    } else {
     // The row statistics of one tile row with its own exps (tile max r of the row).
     auto row_stats = [&](int64_t li, int64_t gi, const float* logit, int64_t nc, int64_t pos, float r) {
       const float m = std::max(rmax[li], r);
@@ -771,15 +988,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
-        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, dist, logit);
+        // the row's max and the columns' running maxima in the same pass
+        tile_rmax[i] = row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, logit,
+                                          cols ? tmax : nullptr);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
           rpos[gi] = logit[pos];
           cpos[gi + diag_offset] = logit[pos];
         }
-        if (rows) tile_rmax[i] = row_max(logit, t.nc);
         if (rows && !both) row_stats(li, gi, logit, t.nc, pos, tile_rmax[i]);
-        if (cols) max_into(logit, t.nc, tmax);
       }
       if (!cols) return;
       float shift = 0.f;
@@ -805,6 +1022,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
         csum[gj] += tsum[j];
       }
     });
+    }
     if (rows) {
       for (int64_t li = 0; li < nr; ++li) {
         rlse[r0 + li] = rmax[li];

@@ -79,6 +79,35 @@ double lse_double(const std::vector<float>& v) {
   return m + std::log(s);
 }
 
+// fast_exp_bounded: exp(x) for |x| <= 87 or NaN (the GRAM loss's one-pass forward), against double
+// exp and fast_exp, vectorised clone and scalar call.
+FB_MULTIVERSION void exp_bounded_loop(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = fastbind::fast_exp_bounded(x[i]);
+}
+
+void check_exp_bounded() {
+  std::vector<float> xs;
+  for (float x = -87.f; x <= 87.f; x += 0.00071f) xs.push_back(x);
+  for (float x : {-87.f, -60.f, -1e-30f, -0.f, 0.f, 1e-30f, 60.f, 87.f, kNaN, -kNaN}) xs.push_back(x);
+  std::vector<float> ys(xs.size());
+  exp_bounded_loop(xs.data(), ys.data(), static_cast<int64_t>(xs.size()));
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const float x = xs[i], got = fastbind::fast_exp_bounded(x);
+    if (std::isnan(x)) {
+      expect(std::isnan(got) && std::isnan(ys[i]), "bounded exp: NaN -> NaN", x, got);
+      continue;
+    }
+    const bool same_clone = ys[i] == got || std::fabs(ys[i] - got) <= 2.5e-7 * std::fabs(got);
+    expect(same_clone, "bounded exp: clone = scalar", ys[i], got);
+    const double want = std::exp(static_cast<double>(x));
+    expect(std::fabs(got - want) / want < 2.5e-7, "bounded exp: relative error", x, got);
+    const float same = fastbind::fast_exp(x);  // the same e^r, one power of two instead of two
+    expect(std::fabs(got - same) <= 1.5e-7 * std::fabs(same), "bounded exp = fast_exp", got, same);
+  }
+  expect(fastbind::fast_exp_bounded(0.f) == 1.f, "bounded exp(0) = 1");
+}
+
 void check_lse() {
   std::mt19937 gen(7);
   std::normal_distribution<float> normal(0.f, 30.f);
@@ -197,6 +226,7 @@ int main(int argc, char** argv) {
   const char* group = argc > 1 ? argv[1] : "all";
   const bool all = std::strcmp(group, "all") == 0;
   if (all || std::strcmp(group, "exp") == 0) check_exp();
+  if (all || std::strcmp(group, "exp_bounded") == 0) check_exp_bounded();
   if (all || std::strcmp(group, "lse") == 0) check_lse();
   if (all || std::strcmp(group, "gram") == 0) check_gram();
   if (all || std::strcmp(group, "topk") == 0) check_topk();

@@ -25,6 +25,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -202,28 +203,40 @@ inline void gemm_f32_tn(int64_t M, int64_t N, int64_t K, const float* At, int64_
 // p·kMicroN·D, each a dense D × w matrix: element (d, j) at d·w + j for float32 (K×N), and at
 // ((d/2)·w + j)·2 + d%2 for bfloat16 (the VNNI layout of the bf16 kernel: pairs of consecutive d
 // interleaved; cpublas::pack does this only on AMX machines). Each call then reads one dense panel
-// (~5% faster than strided reads of a plain transpose); a hand loop, since pad + transpose +
-// contiguous cost ~120 µs for a 64 × 256 operand, more than its GEMM.
+// (~5% faster than strided reads of a plain transpose).
+// A panel is a transpose of 32-bit words: float32 elements, or for bfloat16 the word pairs (d, d+1)
+// of a source row, which the VNNI layout keeps together, so both go through transpose_into (8 × 8
+// register blocks; pad + transpose + contiguous cost ~120 µs for a 64 × 256 operand, more than its
+// GEMM, and a scalar element loop was 4% of a bf16 GRAM forward at B = 4096). Pure data movement.
+// Panels [p0, p1) only (a caller may split the panels over threads); `out` holds C·D elements.
+template <class T>
+void pack_panels_into(const at::Tensor& B, at::Tensor& out, int64_t p0, int64_t p1) {
+  constexpr bool kVnni = std::is_same_v<T, at::BFloat16>;
+  const int64_t C = B.size(0), D = B.size(1), ld = B.stride(0);
+  const T* src = B.const_data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  // bf16 words: a row's pair (d, d+1) is one aligned 32-bit word when the rows start on even elements
+  const bool words = !kVnni || (ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0);
+  for (int64_t c0 = p0 * kMicroN; c0 < std::min(C, p1 * kMicroN); c0 += kMicroN) {
+    const int64_t w = std::min(kMicroN, C - c0);
+    T* panel = dst + c0 * D;
+    if (words) {
+      const int64_t step = kVnni ? 2 : 1;  // elements per word
+      transpose_into(reinterpret_cast<const float*>(src + c0 * ld), ld / step, w, D / step,
+                     reinterpret_cast<float*>(panel), w);
+      continue;
+    }
+    for (int64_t j = 0; j < w; ++j)  // an odd bf16 row stride: element by element
+      for (int64_t d = 0; d < D; ++d) panel[(d / 2) * w * 2 + j * 2 + (d % 2)] = src[(c0 + j) * ld + d];
+  }
+}
+
 template <class T>
 at::Tensor pack_panels(const at::Tensor& B) {
   constexpr bool kVnni = std::is_same_v<T, at::BFloat16>;
-  const int64_t C = B.size(0), D = B.size(1), ld = B.stride(0);
-  TORCH_CHECK(B.stride(1) == 1 && (!kVnni || D % 2 == 0), "pack_panels: bad operand");
-  at::Tensor out = at::empty({C * D}, B.options());
-  const T* src = B.const_data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  for (int64_t c0 = 0; c0 < C; c0 += kMicroN) {
-    const int64_t w = std::min(kMicroN, C - c0);
-    T* panel = dst + c0 * D;
-    for (int64_t j0 = 0; j0 < w; j0 += 16) {  // 16 source rows at a time: sequential reads and writes
-      const int64_t j1 = std::min(w, j0 + 16);
-      for (int64_t d = 0; d < D; ++d) {
-        T* row = kVnni ? panel + (d / 2) * w * 2 + (d % 2) : panel + d * w;
-        const int64_t step = kVnni ? 2 : 1;
-        for (int64_t j = j0; j < j1; ++j) row[j * step] = src[(c0 + j) * ld + d];
-      }
-    }
-  }
+  TORCH_CHECK(B.stride(1) == 1 && (!kVnni || B.size(1) % 2 == 0), "pack_panels: bad operand");
+  at::Tensor out = at::empty({B.size(0) * B.size(1)}, B.options());
+  pack_panels_into<T>(B, out, 0, (B.size(0) + kMicroN - 1) / kMicroN);
   return out;
 }
 
@@ -254,6 +267,35 @@ void gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const
 // GEMMs (no-op elsewhere).
 inline void gemm_done() { at::native::cpublas::brgemm_release(true); }
 
+// The B operands of stream_tiles in the microkernel's layout (pack_panels), or undefined tensors
+// where the tiles run at::mm_out on B as it is (float32 without brgemm). A caller that streams
+// several row slabs against the same B packs it once here (the panels split over the ATen threads)
+// instead of once per slab and thread.
+inline std::vector<at::Tensor> pack_operands(const std::vector<at::Tensor>& B) {
+  const int64_t P = static_cast<int64_t>(B.size());
+  std::vector<at::Tensor> Bk(P);
+  if (P == 0) return Bk;
+  const bool bf16 = B[0].scalar_type() == at::kBFloat16;
+  if (!bf16 && !use_brgemm()) return Bk;
+  const int64_t panels = (B[0].size(0) + kMicroN - 1) / kMicroN;
+  for (int64_t p = 0; p < P; ++p) {
+    TORCH_CHECK(B[p].stride(1) == 1 && (!bf16 || B[p].size(1) % 2 == 0), "pack_operands: bad operand");
+    Bk[p] = at::empty({B[p].size(0) * B[p].size(1)}, B[p].options());
+  }
+  // 4 panels (a 1024 × D operand) per task at least: a small B is packed on the calling thread
+  at::parallel_for(0, P * panels, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / panels, q = i % panels;
+      if (bf16) {
+        pack_panels_into<at::BFloat16>(B[p], Bk[p], q, q + 1);
+      } else {
+        pack_panels_into<float>(B[p], Bk[p], q, q + 1);
+      }
+    }
+  });
+  return Bk;
+}
+
 // Calls `epilogue(tile, products)` for every tile in row-major tile order (all column tiles of
 // row block 0, then row block 1, ...). `products[p]` is a contiguous float32 [nr, nc] tensor
 // holding A_p[r0:r0+nr] · B_p[c0:c0+nc]ᵀ. The order is deterministic, so column statistics
@@ -261,30 +303,24 @@ inline void gemm_done() { at::native::cpublas::brgemm_release(true); }
 //
 // A and B are float32 or bfloat16 (both the same) matrices with unit column stride and equal D per
 // pair; all A_p share R rows and all B_p share C rows. bfloat16 pairs run the bf16 microkernel
-// (callers check use_bf16_gemm(D) first).
+// (callers check use_bf16_gemm(D) first). Bk: pack_operands(B).
 template <class Epilogue>
-void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, Epilogue&& epilogue,
-                  int64_t row_block, int64_t col_block) {
-  TORCH_CHECK(!A.empty() && A.size() == B.size(), "stream_tiles: need P >= 1 pairs of matrices");
+void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
+                  const std::vector<at::Tensor>& Bk, Epilogue&& epilogue, int64_t row_block, int64_t col_block) {
+  TORCH_CHECK(!A.empty() && A.size() == B.size() && B.size() == Bk.size(),
+              "stream_tiles: need P >= 1 pairs of matrices");
   const int64_t P = static_cast<int64_t>(A.size());
   const int64_t R = A[0].size(0), C = B[0].size(0), D = A[0].size(1);
   const bool bf16 = A[0].scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!bf16 || Bk[0].defined(), "stream_tiles: bf16 operands must be packed");
   row_block = std::max<int64_t>(1, std::min(row_block, R));
   col_block = std::max<int64_t>(1, std::min(col_block, C));
   TORCH_CHECK(col_block == C || col_block % kMicroN == 0, "stream_tiles: column blocks must be multiples of ",
               kMicroN);
   at::Tensor scratch = at::empty({P, row_block * col_block}, A[0].options().dtype(at::kFloat));
   std::vector<at::Tensor> products(P);
-  // The B side in the layout of the microkernel, once per call: O(C·D) against O(R·C·D) of GEMM.
-  std::vector<at::Tensor> Bk(P);
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < P; ++p)
     TORCH_CHECK(A[p].scalar_type() == B[p].scalar_type() && A[p].stride(1) == 1, "stream_tiles: bad operands");
-    if (bf16) {
-      Bk[p] = pack_panels<at::BFloat16>(B[p]);
-    } else if (use_brgemm()) {
-      Bk[p] = pack_panels<float>(B[p]);
-    }
-  }
   for (int64_t r0 = 0; r0 < R; r0 += row_block) {
     const int64_t nr = std::min(row_block, R - r0);
     for (int64_t c0 = 0; c0 < C; c0 += col_block) {
@@ -307,6 +343,22 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
     }
   }
   if (bf16) gemm_done();
+}
+
+// The same, packing B itself (a caller with one slab per B, or whose slabs each have their own B).
+template <class Epilogue>
+void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, Epilogue&& epilogue,
+                  int64_t row_block, int64_t col_block) {
+  std::vector<at::Tensor> Bk(B.size());
+  const bool bf16 = !B.empty() && B[0].scalar_type() == at::kBFloat16;
+  for (size_t p = 0; p < B.size(); ++p) {
+    if (bf16) {
+      Bk[p] = pack_panels<at::BFloat16>(B[p]);
+    } else if (use_brgemm()) {
+      Bk[p] = pack_panels<float>(B[p]);
+    }
+  }
+  stream_tiles(A, B, Bk, epilogue, row_block, col_block);
 }
 
 }  // namespace cpu
