@@ -150,7 +150,10 @@ at::Tensor anchor_gradient(at::Tensor& d_a, const at::Tensor& a_op, const at::Te
 }
 
 // The modalities operand of gram_loss_fwd/_bwd: passed for a bfloat16 anchor only, where the CPU
-// kernels can run their products against them (csrc/cpu/gram.cpp, Operands); none otherwise.
+// kernels can run their products against them (csrc/cpu/gram.cpp, Operands); none otherwise, so
+// that they are neither saved for the backward nor looked at by the kernels. The one place this is
+// decided: gram_volume in fastbind/ops/gram.py passes them on every call, and the kernels ignore
+// them where they cannot use them.
 dispatch::OptTensorList bf16_modalities(const at::Tensor& anchor, at::TensorList modalities) {
   if (anchor.scalar_type() != at::kBFloat16) return std::nullopt;
   return modalities;

@@ -361,8 +361,11 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
     check_no_functorch(fn, name, [anchor, *modalities])
     volume_op = VOLUME.forward_op(name)
     operands = _prepare(anchor, modalities, VOLUME.rows[name], name)
-    # bf16 on the cpu backend: the modalities too, the operands of its exact bf16 products (csrc/cpu/gram.cpp)
-    if name == "cpu" and anchor.dtype == torch.bfloat16:
+    # The cpu kernels take the modalities too, the operands of their exact bf16 products, and decide
+    # themselves where they can use them (a bf16 anchor; csrc/cpu/gram.cpp, Operands). Passed on
+    # every call: which anchors that is is decided in C++ only (the fused loss skips them for the
+    # others, bf16_modalities in csrc/cpu/gram_autograd.cpp). The Triton ops have no such operand.
+    if name == "cpu":
         operands = (*operands, list(modalities))
     return volume_op(*operands).to(anchor.dtype)
 
