@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include "fastbind/gram_dispatch.h"
+#include "fastbind/simd.h"
 
 #include <cstdint>
 #include <vector>
@@ -30,6 +31,21 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 const char* const kOp = "fastbind::gram_loss_fused_fwd";
+// saved_data keys: the integer arguments (kModalityDtypes of them, then the modalities' dtypes) and
+// the floating ones (label_smoothing, weight).
+const char* const kInts = "ints";
+const char* const kFloats = "floats";
+constexpr int64_t kModalityDtypes = 6;
+
+// g += alpha·a over d floats (a: float32 or bfloat16 bits), compiled per SIMD level.
+FB_MULTIVERSION void scaled_add(float* __restrict g, const float* __restrict a, float alpha, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) g[j] += alpha * a[j];
+}
+FB_MULTIVERSION void scaled_add_bf16(float* __restrict g, const uint16_t* __restrict a, float alpha, int64_t d) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) g[j] += alpha * bf16_to_float(a[j]);
+}
 
 // t as float32 / contiguous, the tensor itself when it already is: below autograd an op must not
 // return its input (aten::to and aten::contiguous would), so such calls are kept out of the forward.
@@ -107,8 +123,37 @@ at::Tensor upstream(const at::Tensor& grad, bool enabled, bool reduce, double we
   return out;
 }
 
+// ‖a‖² = Σ a²: the anchor gradient d_a + 2·a·d‖a‖², summed in float32 before the one rounding to
+// the input dtype. d_a is the backward's own float32 [B1, D] result (written in place); a_op the
+// forward's GEMM operand (float32, or the bfloat16 anchor itself). One loop instead of addcmul_ on a
+// broadcast view (and, for bf16, a float32 copy of the anchor): at B = 64 those small ATen ops were
+// a visible part of the backward (issue 14). Fake tensors (torch.compile): the same with ATen ops.
+at::Tensor anchor_gradient(at::Tensor& d_a, const at::Tensor& a_op, const at::Tensor& d_asq,
+                           at::ScalarType anchor_dtype) {
+  if (!has_data(d_a) || !has_data(a_op) || !has_data(d_asq) || !d_a.is_contiguous() || !a_op.is_contiguous() ||
+      d_a.scalar_type() != at::kFloat || d_asq.scalar_type() != at::kFloat ||
+      (a_op.scalar_type() != at::kFloat && a_op.scalar_type() != at::kBFloat16)) {
+    return d_a.addcmul_(as_float(a_op), d_asq.unsqueeze(1), 2.0).to(anchor_dtype);
+  }
+  const int64_t b1 = d_a.size(0), d = d_a.size(1);
+  const at::Tensor d_asq_c = as_contiguous(d_asq);
+  float* g = d_a.data_ptr<float>();
+  const float* s = d_asq_c.const_data_ptr<float>();
+  if (a_op.scalar_type() == at::kFloat) {
+    const float* a = a_op.const_data_ptr<float>();
+    for (int64_t i = 0; i < b1; ++i) scaled_add(g + i * d, a + i * d, 2.f * s[i], d);
+  } else {
+    const auto* a = reinterpret_cast<const uint16_t*>(a_op.const_data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < b1; ++i) scaled_add_bf16(g + i * d, a + i * d, 2.f * s[i], d);
+  }
+  return d_a.to(anchor_dtype);
+}
+
 // The modalities operand of gram_loss_fwd/_bwd: passed for a bfloat16 anchor only, where the CPU
-// kernels can run their products against them (csrc/cpu/gram.cpp, Operands); none otherwise.
+// kernels can run their products against them (csrc/cpu/gram.cpp, Operands); none otherwise, so
+// that they are neither saved for the backward nor looked at by the kernels. The one place this is
+// decided: gram_volume in fastbind/ops/gram.py passes them on every call, and the kernels ignore
+// them where they cannot use them.
 dispatch::OptTensorList bf16_modalities(const at::Tensor& anchor, at::TensorList modalities) {
   if (anchor.scalar_type() != at::kBFloat16) return std::nullopt;
   return modalities;
@@ -145,17 +190,13 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     std::vector<at::Tensor> saved{f.a_op, f.basis, f.span_vol, f.anchor_sq, f.tau, f.row_lse, f.col_lse, f.norms, f.coefs};
     if (const auto mods = bf16_modalities(anchor, modalities)) saved.insert(saved.end(), mods->begin(), mods->end());
     ctx->save_for_backward(saved);
-    c10::List<int64_t> dtypes;
-    for (const at::Tensor& m : modalities) dtypes.push_back(static_cast<int64_t>(m.scalar_type()));
-    ctx->saved_data["modality_dtypes"] = dtypes;
-    ctx->saved_data["anchor_dtype"] = static_cast<int64_t>(anchor.scalar_type());
-    ctx->saved_data["temperature_dtype"] = static_cast<int64_t>(temperature.scalar_type());
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["diag_offset"] = diag_offset;
-    ctx->saved_data["rows"] = rows;
-    ctx->saved_data["cols"] = cols;
-    ctx->saved_data["weight"] = weight;
-    ctx->saved_data["reduce"] = reduce;
+    // The backward's arguments in two saved_data entries (each entry is a string-keyed hash-map
+    // insertion and lookup: at small B ten of them were a measurable part of the call).
+    c10::List<int64_t> ints({diag_offset, rows, cols, reduce, static_cast<int64_t>(anchor.scalar_type()),
+                             static_cast<int64_t>(temperature.scalar_type())});
+    for (const at::Tensor& m : modalities) ints.push_back(static_cast<int64_t>(m.scalar_type()));
+    ctx->saved_data[kInts] = std::move(ints);
+    ctx->saved_data[kFloats] = c10::List<double>({label_smoothing, weight});
     return combine(f.row_loss, f.col_loss, rows, cols, weight, reduce);
   }
 
@@ -173,26 +214,25 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     const at::Tensor &a_op = s[0], &basis = s[1], &span_vol = s[2], &anchor_sq = s[3], &tau = s[4];
     const at::Tensor &row_lse = s[5], &col_lse = s[6], &norms = s[7], &coefs = s[8];
     const std::vector<at::Tensor> mods(s.begin() + 9, s.end());  // bf16_modalities of the forward
-    const bool rows = ctx->saved_data["rows"].toBool(), cols = ctx->saved_data["cols"].toBool();
-    const double weight = ctx->saved_data["weight"].toDouble();
+    const c10::List<int64_t> ints = ctx->saved_data[kInts].toIntList();
+    const c10::List<double> floats = ctx->saved_data[kFloats].toDoubleList();
+    const int64_t diag_offset = ints.get(0);
+    const bool rows = ints.get(1) != 0, cols = ints.get(2) != 0, reduce = ints.get(3) != 0;
+    const auto anchor_dtype = static_cast<at::ScalarType>(ints.get(4));
+    const auto temperature_dtype = static_cast<at::ScalarType>(ints.get(5));
+    const double label_smoothing = floats.get(0), weight = floats.get(1);
     const int64_t b1 = a_op.size(0), b2 = basis.size(1);
     // d out / d row_loss_i = weight·grad (grad: the scalar of a summed loss or the row's entry);
     // a disabled direction's upstream is ignored by the kernel but must have its shape.
-    const bool reduce = ctx->saved_data["reduce"].toBool();
     const at::Tensor grad_row = upstream(grads[0], rows, reduce, weight, b1, row_lse);
     const at::Tensor grad_col = upstream(grads[0], cols, reduce, weight, b2, col_lse);
     auto [d_a, d_basis, d_span, d_asq, d_tau] =
         dispatch::gram_loss_bwd(grad_row, grad_col, a_op, basis, span_vol, anchor_sq, tau, row_lse, col_lse,
-                                ctx->saved_data["label_smoothing"].toDouble(), ctx->saved_data["diag_offset"].toInt(),
-                                rows, cols, mods.empty() ? dispatch::OptTensorList() : dispatch::OptTensorList(mods));
+                                label_smoothing, diag_offset, rows, cols,
+                                mods.empty() ? dispatch::OptTensorList() : dispatch::OptTensorList(mods));
 
-    const auto anchor_dtype = static_cast<at::ScalarType>(ctx->saved_data["anchor_dtype"].toInt());
-    // ‖a‖² = Σ a²: d_anchor += 2·a·d‖a‖², summed in float32 (in place: d_a is the backward's own
-    // float32 result) before the one rounding to the input dtype.
-    const at::Tensor d_anchor = d_a.addcmul_(as_float(a_op), d_asq.unsqueeze(1), 2.0).to(anchor_dtype);
-
-    const c10::List<int64_t> dtypes = ctx->saved_data["modality_dtypes"].toIntList();
-    const int64_t n = static_cast<int64_t>(dtypes.size());
+    const at::Tensor d_anchor = anchor_gradient(d_a, a_op, d_asq, anchor_dtype);
+    const int64_t n = static_cast<int64_t>(ints.size()) - kModalityDtypes;
     variable_list out;
     out.reserve(n + 6);
     out.push_back(d_anchor);
@@ -200,11 +240,13 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     for (int64_t i = 0; i < n; ++i) any_modality = any_modality || ctx->needs_input_grad(1 + i);
     if (any_modality) {
       std::vector<at::Tensor> d_mods = dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
-      for (int64_t i = 0; i < n; ++i) out.push_back(d_mods[i].to(static_cast<at::ScalarType>(dtypes.get(i))));
+      for (int64_t i = 0; i < n; ++i) {
+        out.push_back(d_mods[i].to(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i))));
+      }
     } else {
       for (int64_t i = 0; i < n; ++i) out.emplace_back();
     }
-    out.push_back(d_tau.to(static_cast<at::ScalarType>(ctx->saved_data["temperature_dtype"].toInt())));
+    out.push_back(d_tau.to(temperature_dtype));
     for (int i = 0; i < 6; ++i) out.emplace_back();  // label_smoothing … reduce: not differentiable
     return out;
   }

@@ -6,9 +6,10 @@
 // sequential over the earlier vectors (u ← u − (u·q_t)·q_t, coefficient taken on the updated u):
 //   u = m_i;  for p in 0, 1: for t < i: c_{p,i,t} = u·q_t;  u ← u − c_{p,i,t}·q_t
 //   norm_i = ‖u‖,   q_i = u / max(norm_i, kTinyNorm),   volume = Π_i norm_i  (= sqrt(det M)).
-// This is the computation of fastbind.ops.gram.span_basis (its torch version), in float32,
-// operation for operation, so that the forward matches it to round-off and the backward is the
-// gradient torch autograd takes through it, including the degenerate cases: a zero residual
+// This is the computation of fastbind.ops.gram.span_basis (its torch version), in float32, with
+// its element-wise operations (u / s taken as u·(1/s)) and dot products summed in another order, so
+// that the forward matches it to round-off and the backward is the gradient torch autograd takes
+// through it, including the degenerate cases: a zero residual
 // (a zero or dependent modality) gives q_i = 0 and contributes norm_i = 0; the clamp stops the
 // gradient through 1/max(norm, tiny) and ∂‖u‖/∂u is taken as 0 at u = 0, as torch does.
 //
@@ -25,18 +26,16 @@
 #include <torch/library.h>
 
 #include "fastbind/gram_dispatch.h"
+#include "fastbind/simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-// The D loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at load time (the
-// extension is built without -march flags), as the GRAM epilogues in csrc/cpu/gram.cpp.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FB_SPAN_SIMD __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-math-errno", "no-trapping-math")))
-#else
-#define FB_SPAN_SIMD
-#endif
+// The per-sample loops are compiled once per SIMD level and picked at load time (FB_MULTIVERSION,
+// simd.h; the extension is built without -march flags), as the GRAM epilogues in csrc/cpu/gram.cpp:
+// one call per sample, the D loops below FB_HD (inlined into each clone).
 
 namespace fastbind {
 namespace cpu {
@@ -47,61 +46,214 @@ constexpr int64_t kMaxModalities = 8;
 // the float32 round-off of any nonzero one) is clamped.
 constexpr float kTinyNorm = 1e-30f;
 // Samples per parallel chunk: about 256k flops (tens of µs) of per-sample work, so that a small
-// batch (B = 64, k = 3: about 10 µs in all) runs inline instead of paying a fork/join, which on a
+// batch (B = 64, k = 3: a few µs in all) runs inline instead of paying a fork/join, which on a
 // busy machine waits for the other threads to be scheduled.
 constexpr int64_t kChunkFlops = 1 << 18;
+// Partial sums of every dot product below: kLanes independent accumulators (four AVX-512 vectors),
+// so that the FMAs of one dot do not each wait for the previous one's result (one accumulator made
+// a D = 256 dot latency-bound, 4 cycles per 16 elements). The order of the additions is float32
+// round-off, not the torch version's either.
+constexpr int64_t kLanes = 64;
 
-FB_SPAN_SIMD float dot(const float* __restrict x, const float* __restrict y, int64_t d) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < d; ++j) s += x[j] * y[j];
-  return s;
+// Σ_l acc[l] + tail: the end of every dot below.
+FB_HD float lanes_sum(const float* __restrict acc, float tail) {
+#pragma omp simd reduction(+ : tail)
+  for (int64_t l = 0; l < kLanes; ++l) tail += acc[l];
+  return tail;
 }
 
-// y += alpha·x
-FB_SPAN_SIMD void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t d) {
+// The D loops, each one pass over a row (at small B the per-sample work is a few such passes per
+// modality, so passes that can share a loop do). The element-wise operations are those of the torch
+// version (span_basis), in its order, except x/s written as x·(1/s) (one division per row instead
+// of one per element; round-off).
+
+// Σ_j x_j·y_j
+FB_HD float dot(const float* __restrict x, const float* __restrict y, int64_t d) {
+  float acc[kLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= d; j0 += kLanes) {
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) y[j] += alpha * x[j];
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[j0 + l] * y[j0 + l];
+  }
+  float tail = 0.f;
+  for (int64_t j = j0; j < d; ++j) tail += x[j] * y[j];
+  return lanes_sum(acc, tail);
 }
 
-// y = alpha·x
-FB_SPAN_SIMD void scale_into(float alpha, const float* __restrict x, float* __restrict y, int64_t d) {
+// One Gram–Schmidt step and the next one's coefficient: u = src − c·q, returns u·next (src may be u:
+// in place; next may be u itself, for the squared norm). Not __restrict: those aliases.
+FB_HD float step_dot(const float* src, float c, const float* __restrict q, float* u, const float* next, int64_t d) {
+  float acc[kLanes] = {};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= d; j0 += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float uj = src[j0 + l] - c * q[j0 + l];
+      u[j0 + l] = uj;
+      acc[l] += uj * (next == u ? uj : next[j0 + l]);
+    }
+  }
+  float tail = 0.f;
+  for (int64_t j = j0; j < d; ++j) {
+    const float uj = src[j] - c * q[j];
+    u[j] = uj;
+    tail += uj * (next == u ? uj : next[j]);
+  }
+  return lanes_sum(acc, tail);
+}
+
+// y = alpha·x (x may be y)
+FB_HD void scale_into(float alpha, const float* x, float* y, int64_t d) {
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) y[j] = alpha * x[j];
 }
 
-// y = x / s (a division, as torch's u / norm)
-FB_SPAN_SIMD void divide_into(const float* __restrict x, float s, float* __restrict y, int64_t d) {
-#pragma omp simd
-  for (int64_t j = 0; j < d; ++j) y[j] = x[j] / s;
-}
-
-FB_SPAN_SIMD void divide_in_place(float* __restrict x, float s, int64_t d) {
-#pragma omp simd
-  for (int64_t j = 0; j < d; ++j) x[j] /= s;
-}
-
-// One backward step of u' = u − c·q (c = u·q) given ū' in ub and u' in u: rebuilds u in place,
-// then qb += −c·ū' − (ū'·q)·u and ub ← ū' − (ū'·q)·q.
-FB_SPAN_SIMD void projection_backward(float c, const float* __restrict q, float* __restrict u, float* __restrict ub,
-                                      float* __restrict qb, int64_t d) {
-  float g = 0.f;
-#pragma omp simd reduction(+ : g)
-  for (int64_t j = 0; j < d; ++j) {
-    u[j] += c * q[j];
-    g += ub[j] * q[j];
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < d; ++j) {
-    qb[j] -= c * ub[j] + g * u[j];
-    ub[j] -= g * q[j];
-  }
-}
-
 // NaN-propagating max(norm, kTinyNorm), as torch's clamp_min.
-inline float clamped_norm(float norm) { return norm < kTinyNorm ? kTinyNorm : norm; }
+FB_HD float clamped_norm(float norm) { return norm < kTinyNorm ? kTinyNorm : norm; }
 
 int64_t chunk_size(int64_t n, int64_t d) { return std::max<int64_t>(1, kChunkFlops / std::max<int64_t>(1, 4 * n * n * d)); }
+
+// The Gram–Schmidt steps of modality i, in the forward's order: pass p = 0, 1, basis vector t < i.
+struct Step {
+  int64_t p, t;
+};
+FB_HD Step forward_step(int64_t s, int64_t i) { return {s / i, s % i}; }
+
+// Forward of sample b (see the top of this file): q_i, norm_i, c_{p,i,t} and the volume. Modality
+// i >= 1 takes 2i + 2 passes: the first coefficient, each step fused with the next coefficient (the
+// last with ‖u‖²), the scaling. m: the modality rows of this sample; q: basis row (i, b) at
+// q + i·stride; c: this sample's [2, n, n] coefficients.
+FB_MULTIVERSION float basis_forward_sample(const float* const* m, float* q, int64_t stride, float* nrm,
+                                           int64_t nrm_stride, float* c, int64_t n, int64_t d) {
+  float v = 1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float* u = q + i * stride;  // the residual is built in place of q_i
+    float norm2;
+    if (i == 0) {
+      norm2 = dot(m[0], m[0], d);
+    } else {
+      float ct = dot(m[i], q, d);  // step (0, 0) on m_i itself
+      c[i * n] = ct;
+      const float* src = m[i];
+      for (int64_t s = 1; s < 2 * i; ++s) {
+        const Step prev = forward_step(s - 1, i), next = forward_step(s, i);
+        ct = step_dot(src, ct, q + prev.t * stride, u, q + next.t * stride, d);
+        c[(next.p * n + i) * n + next.t] = ct;
+        src = u;
+      }
+      norm2 = step_dot(src, ct, q + (i - 1) * stride, u, u, d);  // the last step: (1, i - 1)
+    }
+    const float norm = __builtin_sqrtf(norm2);  // (std::sqrt is not inlined into the clones: a call)
+    nrm[i * nrm_stride] = norm;
+    scale_into(1.f / clamped_norm(norm), i == 0 ? m[0] : u, u, d);
+    v *= norm;
+  }
+  return v;
+}
+
+// Backward of sample b: g[i] holds ∂L/∂q_i on entry (its row of grad_basis plus what the later
+// modalities' projections added) and ∂L/∂m_i on return, for i = n−1 … 0. Reverse mode of the
+// forward, per modality i:
+//   q_i = u/s:           ū = q̄_i/s,  norm̄ −= (q̄_i·q_i)/s (where the clamp is inactive)
+//   norm = ‖u‖:          ū += norm̄·u/norm (0 at u = 0, torch's convention)
+//   u' = u − c·q_t:      (walking the steps back) u = u' + c·q_t rebuilt; g = ū'·q_t;
+//                        q̄_t −= c·ū' + g·u;  ū = ū' − g·q_t
+// with the final residual u = q_i·s. Each step's two halves are split across passes so that one
+// pass finishes a step and starts the next (L + 2 passes for L = 2i steps). u, ub: scratch of d.
+FB_MULTIVERSION void basis_backward_sample(const float* q, int64_t stride, const float* norms, int64_t nrm_stride,
+                                           const float* c, float gv, float* const* g, float* __restrict u,
+                                           float* __restrict ub, int64_t n, int64_t d) {
+  // ∂volume/∂norm_i = Π_{j≠i} norm_j, as prefix·suffix products (no division: zeros allowed).
+  float prefix[kMaxModalities];
+  float run = 1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    prefix[i] = run;
+    run *= norms[i * nrm_stride];
+  }
+  float suffix = gv;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    const float norm = norms[i * nrm_stride];
+    const float s = clamped_norm(norm), inv_s = 1.f / s;
+    const float* qi = q + i * stride;
+    float* gi = g[i];
+    float norm_bar = suffix * prefix[i];
+    suffix *= norm;
+    if (!(norm < kTinyNorm)) norm_bar -= dot(gi, qi, d) * inv_s;
+    const float alpha = norm != 0.f ? norm_bar / norm : 0.f;  // (u = 0 there: alpha·u adds nothing)
+    const int64_t steps = 2 * i;
+    if (steps == 0) {  // ū, written straight into ∂L/∂m_i
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) gi[j] = gi[j] * inv_s + alpha * (qi[j] * s);
+      continue;
+    }
+    // Step k backwards is forward step steps − 1 − k; its first half (rebuild u, g = ū·q_t) ends the
+    // pass that finished the previous one.
+    const auto step = [&](int64_t k) { return forward_step(steps - 1 - k, i); };
+    Step cur = step(0);
+    float cc = c[(cur.p * n + i) * n + cur.t];
+    const float* qc = q + cur.t * stride;
+    float acc[kLanes] = {};
+    int64_t j0 = 0;
+    for (; j0 + kLanes <= d; j0 += kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t j = j0 + l;
+        const float ubj = gi[j] * inv_s + alpha * (qi[j] * s);
+        ub[j] = ubj;
+        u[j] = qi[j] * s + cc * qc[j];
+        acc[l] += ubj * qc[j];
+      }
+    }
+    float tail = 0.f;
+    for (int64_t j = j0; j < d; ++j) {
+      const float ubj = gi[j] * inv_s + alpha * (qi[j] * s);
+      ub[j] = ubj;
+      u[j] = qi[j] * s + cc * qc[j];
+      tail += ubj * qc[j];
+    }
+    float gc = lanes_sum(acc, tail);
+    for (int64_t k = 1; k < steps; ++k) {  // second half of step k − 1 (cur), first half of step k (nxt)
+      const Step nxt = step(k);
+      const float cn = c[(nxt.p * n + i) * n + nxt.t];
+      const float* qn = q + nxt.t * stride;
+      float* qb = g[cur.t];
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] = 0.f;
+      j0 = 0;
+      for (; j0 + kLanes <= d; j0 += kLanes) {
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t j = j0 + l;
+          qb[j] -= cc * ub[j] + gc * u[j];
+          const float ubj = ub[j] - gc * qc[j];
+          ub[j] = ubj;
+          u[j] += cn * qn[j];
+          acc[l] += ubj * qn[j];
+        }
+      }
+      tail = 0.f;
+      for (int64_t j = j0; j < d; ++j) {
+        qb[j] -= cc * ub[j] + gc * u[j];
+        const float ubj = ub[j] - gc * qc[j];
+        ub[j] = ubj;
+        u[j] += cn * qn[j];
+        tail += ubj * qn[j];
+      }
+      gc = lanes_sum(acc, tail);
+      cur = nxt;
+      cc = cn;
+      qc = qn;
+    }
+    // second half of the last step (forward step (0, 0)); ū is then ∂L/∂m_i
+    float* qb = g[cur.t];
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) {
+      qb[j] -= cc * ub[j] + gc * u[j];
+      gi[j] = ub[j] - gc * qc[j];
+    }
+  }
+}
+
 
 // The modalities as float32 contiguous [B, D] tensors (bf16/fp16 upcast, as the torch version's
 // m.float()), after the shape checks.
@@ -146,25 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_basis_fwd_cpu(at
   float* cf = coefs.data_ptr<float>();
   at::parallel_for(0, B, chunk_size(n, D), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      float v = 1.f;
-      float* c = cf + b * 2 * n * n;
-      for (int64_t i = 0; i < n; ++i) {
-        float* u = q + (i * B + b) * D;  // the residual is built in place of q_i
-        std::copy(m_ptr[i] + b * D, m_ptr[i] + (b + 1) * D, u);
-        for (int64_t p = 0; p < 2; ++p) {
-          for (int64_t t = 0; t < i; ++t) {
-            const float* qt = q + (t * B + b) * D;
-            const float ct = dot(u, qt, D);
-            c[(p * n + i) * n + t] = ct;
-            axpy(-ct, qt, u, D);
-          }
-        }
-        const float norm = std::sqrt(dot(u, u, D));
-        nrm[i * B + b] = norm;
-        divide_in_place(u, clamped_norm(norm), D);
-        v *= norm;
-      }
-      vol[b] = v;
+      const float* m[kMaxModalities];
+      for (int64_t i = 0; i < n; ++i) m[i] = m_ptr[i] + b * D;
+      vol[b] = basis_forward_sample(m, q + b * D, B * D, nrm + b, B, cf + b * 2 * n * n, n, D);
     }
   });
   return {basis, volume, norms, coefs};
@@ -193,52 +329,33 @@ std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad
   const at::Tensor gq = has_gq ? grad_basis_in->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor gv = has_gv ? grad_volume_in->to(at::kFloat).contiguous() : at::Tensor();
 
-  // grads[i] holds ∂L/∂q_i (from grad_basis and from the later modalities' projections) until
-  // modality i is processed, then ∂L/∂m_i.
+  // grads[i][b] holds ∂L/∂q_i (its grad_basis row, copied in when sample b starts, plus what the
+  // later modalities' projections add) until modality i is processed, then ∂L/∂m_i.
   std::vector<at::Tensor> grads;
   grads.reserve(n);
-  for (int64_t i = 0; i < n; ++i) grads.push_back(has_gq ? gq[i].clone() : at::zeros({B, D}, basis.options()));
+  for (int64_t i = 0; i < n; ++i) grads.push_back(at::empty({B, D}, basis.options()));
   float* g_ptr[kMaxModalities];
   for (int64_t i = 0; i < n; ++i) g_ptr[i] = grads[i].data_ptr<float>();
   const float* q = basis.data_ptr<float>();
   const float* nrm = norms.data_ptr<float>();
   const float* cf = coefs.data_ptr<float>();
+  const float* gq_ptr = has_gq ? gq.data_ptr<float>() : nullptr;
   const float* gv_ptr = has_gv ? gv.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, B, chunk_size(n, D), [&](int64_t b0, int64_t b1) {
     std::vector<float> scratch(2 * D);
-    float* u = scratch.data();  // residual, rebuilt backwards step by step
-    float* ub = u + D;          // ∂L/∂u
     for (int64_t b = b0; b < b1; ++b) {
-      const float* c = cf + b * 2 * n * n;
-      // ∂volume/∂norm_i = Π_{j≠i} norm_j, as prefix·suffix products (no division: zeros allowed).
-      float prefix[kMaxModalities];
-      float run = 1.f;
+      float* g[kMaxModalities];
       for (int64_t i = 0; i < n; ++i) {
-        prefix[i] = run;
-        run *= nrm[i * B + b];
-      }
-      float suffix = gv_ptr != nullptr ? gv_ptr[b] : 0.f;
-      for (int64_t i = n - 1; i >= 0; --i) {
-        const float norm = nrm[i * B + b];
-        const float s = clamped_norm(norm);
-        const float* qi = q + (i * B + b) * D;
-        float* gi = g_ptr[i] + b * D;
-        float norm_bar = suffix * prefix[i];
-        suffix *= norm;
-        // q_i = u / s:  ū = q̄/s,  s̄ = −(q̄·q_i)/s (reaches the norm only where the clamp is inactive)
-        if (!(norm < kTinyNorm)) norm_bar -= dot(gi, qi, D) / s;
-        divide_into(gi, s, ub, D);
-        scale_into(s, qi, u, D);  // u = q_i·s, the final residual
-        // norm = ‖u‖: ū += norm̄·u/norm, 0 at u = 0 (torch's convention)
-        if (norm != 0.f) axpy(norm_bar / norm, u, ub, D);
-        for (int64_t p = 1; p >= 0; --p) {
-          for (int64_t t = i - 1; t >= 0; --t) {
-            projection_backward(c[(p * n + i) * n + t], q + (t * B + b) * D, u, ub, g_ptr[t] + b * D, D);
-          }
+        g[i] = g_ptr[i] + b * D;
+        if (gq_ptr != nullptr) {
+          std::copy(gq_ptr + (i * B + b) * D, gq_ptr + (i * B + b + 1) * D, g[i]);
+        } else {
+          std::fill(g[i], g[i] + D, 0.f);
         }
-        std::copy(ub, ub + D, gi);
       }
+      basis_backward_sample(q + b * D, B * D, nrm + b, B, cf + b * 2 * n * n, gv_ptr != nullptr ? gv_ptr[b] : 0.f,
+                            g, scratch.data(), scratch.data() + D, n, D);
     }
   });
   return grads;

@@ -174,6 +174,27 @@ def check_loss_args(fn: str, temperature, label_smoothing, direction, reduction,
     check_choice(fn, "reduction", reduction, REDUCTIONS)
 
 
+# The 0-d float32 CPU tensors of float temperatures handed out by cpu_temperature, one per value.
+_CPU_TEMPERATURES: dict[float, torch.Tensor] = {}
+_CPU_TEMPERATURES_KEPT = 16
+
+
+def cpu_temperature(value: float) -> torch.Tensor:
+    """``temperature_tensor(value, x)`` for float32 CPU x, made once per value and then reused: at
+    small batches making a 0-d tensor per call was a visible part of the call (issue 14). For ops
+    that only read it (the fused cpu ops: their input, never written, no gradient). A few values
+    are kept; a temperature that changes on every call replaces them."""
+    tau = _CPU_TEMPERATURES.get(value)
+    if tau is None:
+        if len(_CPU_TEMPERATURES) >= _CPU_TEMPERATURES_KEPT:
+            _CPU_TEMPERATURES.clear()
+        # a normal tensor even when first asked for under inference mode: the op saves it for backward
+        with torch.inference_mode(False):
+            tau = torch.tensor(value, dtype=torch.float32, device="cpu")
+        _CPU_TEMPERATURES[value] = tau
+    return tau
+
+
 def temperature_tensor(temperature, like: torch.Tensor) -> torch.Tensor:
     """The temperature as a 0-d float32 tensor (float64 for float64 inputs) on like's device."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32

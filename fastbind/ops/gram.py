@@ -22,6 +22,7 @@ the backward clamps dist_ij at 1e-4 ||a_i|| (forward values are exact). See csrc
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,14 +30,16 @@ import torch
 from fastbind._backend import extension_loaded, resolve, triton_installed
 from fastbind._constants import GRAM_K_RANGE
 from fastbind.ops._checks import (
+    MIN_TEMPERATURE,
     check_loss_args,
     check_modalities,
     check_no_functorch,
     check_same_rows,
+    cpu_temperature,
     shape_str,
     temperature_tensor,
 )
-from fastbind.ops._loss import directions, loss_weight, per_row, reduce
+from fastbind.ops._loss import DIRECTIONS, REDUCTIONS, directions, loss_weight, per_row, reduce
 from fastbind.ops._registry import (
     AS_GIVEN,
     FUSED_DTYPES,
@@ -358,8 +361,11 @@ def gram_volume(anchor: torch.Tensor, *modalities: torch.Tensor, backend: str | 
     check_no_functorch(fn, name, [anchor, *modalities])
     volume_op = VOLUME.forward_op(name)
     operands = _prepare(anchor, modalities, VOLUME.rows[name], name)
-    # bf16 on the cpu backend: the modalities too, the operands of its exact bf16 products (csrc/cpu/gram.cpp)
-    if name == "cpu" and anchor.dtype == torch.bfloat16:
+    # The cpu kernels take the modalities too, the operands of their exact bf16 products, and decide
+    # themselves where they can use them (a bf16 anchor; csrc/cpu/gram.cpp, Operands). Passed on
+    # every call: which anchors that is is decided in C++ only (the fused loss skips them for the
+    # others, bf16_modalities in csrc/cpu/gram_autograd.cpp). The Triton ops have no such operand.
+    if name == "cpu":
         operands = (*operands, list(modalities))
     return volume_op(*operands).to(anchor.dtype)
 
@@ -398,6 +404,67 @@ def _ce_blocks_reference(anchor, modalities, anchor_g, modalities_g, offset, tau
     return row_ce, col_ce
 
 
+# The fast path of gram_loss (below): (direction, reduction) -> (rows, cols, reduced) of the fused op.
+_LOSS_FLAGS = {(d, r): (*directions(d), r != "none") for d in DIRECTIONS for r in REDUCTIONS}
+# Exact types the fast path takes for tensors (a subclass with __torch_function__ may redefine
+# what the checks read; nn.Parameter disables it) and for a float temperature (bool is an int).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_NUMBERS = (float, int)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _cpu_loss_fast(anchor, modalities, temperature, label_smoothing, direction, reduction, backend):
+    """gram_loss without gather on the cpu backend for a call that passes every check, in few
+    Python operations; None where any condition below fails, and gram_loss then takes its full path,
+    which runs the checks and raises their errors (so the conditions imply the checks pass; what
+    they do not cover just takes the full path). At B = 64 the Python work of a call cost more than
+    its own time: the checks' code also slowed the op and its backward (measured: issue 14, DESIGN
+    §2.2). Conditions: a built cpu row asked for by name or by the default; 1..7 modalities, each
+    of the anchor's exact shape, dtype (a fused one) and device (CPU); a float temperature (one
+    cached 0-d tensor per value) or a 0-d float32 CPU tensor, in [MIN_TEMPERATURE, inf); a
+    label_smoothing in [0, 1]; known direction and reduction; no torch.compile trace, no torch.func
+    wrapper. Same op call as the full path (tests/test_s20small_fast_path.py)."""
+    if torch.compiler.is_compiling():  # (first: dynamo traces none of the checks below)
+        return None
+    fused = LOSS_FUSED.built_op("cpu")
+    if fused is None or not (backend is None or backend == "cpu") or not 0 < len(modalities) < K_RANGE[1]:
+        return None
+    flags = _LOSS_FLAGS.get((direction, reduction)) if type(direction) is str and type(reduction) is str else None
+    if flags is None or type(label_smoothing) not in _NUMBERS or not 0 <= label_smoothing <= 1:
+        return None
+    if type(anchor) not in _PLAIN_TENSORS or _is_wrapped(anchor):
+        return None
+    dtype, device, shape = anchor.dtype, anchor.device, anchor.shape
+    if device.type != "cpu" or dtype not in FUSED_DTYPES or len(shape) != 2 or not shape[0] or not shape[1]:
+        return None
+    for m in modalities:
+        if type(m) not in _PLAIN_TENSORS or m.shape != shape or m.dtype != dtype or m.device != device:
+            return None
+        if _is_wrapped(m):
+            return None
+    if type(temperature) in _NUMBERS:
+        value = float(temperature)
+        tau = cpu_temperature(value) if MIN_TEMPERATURE <= value < math.inf else None
+    elif (
+        type(temperature) in _PLAIN_TENSORS
+        and temperature.dtype == torch.float32
+        and temperature.device.type == "cpu"
+        and not temperature.dim()
+        and not _is_wrapped(temperature)
+    ):
+        tau = temperature if MIN_TEMPERATURE <= temperature.item() < math.inf else None
+    else:
+        tau = None
+    if tau is None:
+        return None
+    # what the full path's resolve() returns (and raises) for these inputs
+    if resolve("gram_loss", backend, device, dtype, supported=LOSS.supported) != "cpu":
+        return None
+    rows, cols, reduced = flags
+    weight = loss_weight(direction, reduction, shape[0])
+    return fused(anchor, list(modalities), tau, float(label_smoothing), 0, rows, cols, weight, reduced)
+
+
 def gram_loss(
     anchor: torch.Tensor,
     *modalities: torch.Tensor,
@@ -423,6 +490,10 @@ def gram_loss(
     the single-process loss on the concatenated batch (equal batches: each process's loss is the mean
     over its own rows and columns), so DDP's gradient averaging gives the single-process gradients.
     """
+    if not gather:
+        loss = _cpu_loss_fast(anchor, modalities, temperature, label_smoothing, direction, reduction, backend)
+        if loss is not None:
+            return loss
     fn = "gram_loss"
     _check_gram_inputs(fn, anchor, modalities)
     if modalities[0].shape[0] != anchor.shape[0]:
