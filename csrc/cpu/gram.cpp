@@ -191,6 +191,10 @@ FB_MULTIVERSION void exp_sum_into(const float* __restrict x, const float* __rest
 //   T_r,ij    = −coef_ij·P_r,ij            (written over P_r in place)
 //   da_sq    += coef_ij/2,  dr_j += dvol_ij·dist_ij
 // The volume backward is the special case dvol = grad (`grad` non-null; no softmax, no τ).
+//
+// The two softmax terms need exp(l − lse_row_i) and exp(l − lse_col_j). With `col_factor` (one exp
+// per element, see one_exp_factors) the second is e·(f_i·h_j) from the first, e = exp(l − lse_row_i),
+// f_i = exp(lse_row_i − c) (`row_factor`) and h_j = exp(c − lse_col_j) (col_factor[j]).
 struct RowGrad {
   float g_row, lse_row;  // upstream weight of the row's CE and its LSE (g_row = 0: no row CE)
   float row_smooth;      // ε / B2
@@ -198,8 +202,17 @@ struct RowGrad {
   float one_minus_eps;
   float neg_inv_tau;
   float eps_dist;
-  int64_t diag;  // tile-local positive column, or -1
+  int64_t diag;          // tile-local positive column, or -1
+  float row_factor;      // f_i, or negative: this row takes two exps
 };
+
+// min_j x[j] over n > 0 values (−1 markers of one_exp_factors; its factors are never NaN)
+FB_MULTIVERSION float min_factor(const float* __restrict x, int64_t n) {
+  float m = x[0];
+#pragma omp simd reduction(min : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] < m ? x[j] : m;
+  return m;
+}
 
 //
 // With `t16` (the bf16 path), T_r is written rounded to bfloat16 into t16[r][0, nc) (zero pad up to
@@ -209,7 +222,8 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
                                 const float* __restrict span_vol, const float* __restrict g_col,
                                 const float* __restrict lse_col, const float* __restrict grad, const RowGrad& rg,
                                 float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau,
-                                uint16_t* const* t16 = nullptr, int64_t ncp = 0) {
+                                uint16_t* const* t16 = nullptr, int64_t ncp = 0,
+                                const float* __restrict col_factor = nullptr) {
   row_distances(P, off, nc, a_sq, dist);
   const float g_row = rg.g_row, lse_row = rg.lse_row, row_smooth = rg.row_smooth, col_smooth = rg.col_smooth;
   const float one_minus_eps = rg.one_minus_eps, neg_inv_tau = rg.neg_inv_tau, eps_dist = rg.eps_dist;
@@ -219,6 +233,21 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
 #pragma omp simd reduction(+ : da)
     for (int64_t j = 0; j < nc; ++j) {
       const float dvol = grad[j];
+      dr[j] += dvol * dist[j];
+      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
+      da += coef;
+      dist[j] = -coef;
+    }
+  } else if (col_factor != nullptr) {
+    const float f = rg.row_factor;
+#pragma omp simd reduction(+ : da, dt)
+    for (int64_t j = 0; j < nc; ++j) {
+      const float logit = gram_scaled_volume(neg_inv_tau, span_vol[j], dist[j]);
+      const float delta = j == diag ? one_minus_eps : 0.f;
+      const float e = fast_exp(logit - lse_row);
+      const float g = g_row * (e - row_smooth - delta) + g_col[j] * (e * (f * col_factor[j]) - col_smooth - delta);
+      const float dvol = g * neg_inv_tau;
+      dt += g * logit;
       dr[j] += dvol * dist[j];
       const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
       da += coef;
@@ -552,7 +581,8 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
 // Returns (d_anchor, d_basis, d_span_vol, d_anchor_sq) and the Σ g·logit for dτ.
 template <class MakeRowGrad, class GradRow>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tiles(
-    const Operands& o, const float* g_col, const float* lse_col, MakeRowGrad&& make_row_grad, GradRow&& grad_row) {
+    const Operands& o, const float* g_col, const float* lse_col, const float* col_factor, MakeRowGrad&& make_row_grad,
+    GradRow&& grad_row) {
   const auto opts = o.opts;
   const int64_t D = o.D;
   at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
@@ -618,6 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       const int64_t ncp = t.nc + (t.nc & 1);  // even depth of the bf16 dA GEMM
+      // one exp per element on this tile's rows whose factor is in range, if every column's is
+      const float* cf = col_factor != nullptr && min_factor(col_factor + t.c0, t.nc) >= 0.f ? col_factor + t.c0 : nullptr;
       float dt = 0.f;
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
@@ -626,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ncp;
         backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
-                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp);
+                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp, rg.row_factor >= 0.f ? cf : nullptr);
         if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
           for (int64_t r = 0; r < o.R; ++r)
             vnni_pair(rows16[r] + (i - 1) * ncp, rows16[r] + i * ncp, t.nc, pairs32[r] + (i / 2) * t.nc);
@@ -698,11 +730,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_
   const float* g = grad.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   auto [d_anchor, d_basis, d_span, d_asq, unused] = backward_tiles(
-      o, nullptr, nullptr,
+      o, nullptr, nullptr, nullptr,
       [&](int64_t gi, int64_t, int64_t) {
         RowGrad rg{};
         rg.eps_dist = gram_distance_eps(asq[gi]);
         rg.diag = -1;
+        rg.row_factor = -1.f;
         return rg;
       },
       [&](int64_t gi, int64_t c0) { return g + gi * o.B2 + c0; });
@@ -835,6 +868,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   return {row_loss, col_loss, row_lse, col_lse};
 }
 
+namespace {
+
+// The factors of the backward's one exp per element (RowGrad): row_factor [B1] then col_factor [B2]
+// into `out`; returns false when no row can use them (one direction of columns only: the row LSE
+// are zeros then, and exp(l − 0) may underflow where exp(l − lse_col) does not).
+//  * both directions: c is the midpoint of the finite LSE; a row (column) whose LSE lies within
+//    kOneExpRange of c gets f_i = exp(lse_row_i − c) (h_j = exp(c − lse_col_j)), every other one −1
+//    and then takes two exps: that row, and every tile holding that column (NaN / ±inf LSE too, so a
+//    NaN still reaches the gradient through its own exps). What the product form e·f_i·h_j loses is
+//    where e = exp(l − lse_row_i) underflows (l − lse_row_i < −87): there the column term
+//    exp(l − lse_col_j) < e^-87 · e^(2·kOneExpRange) = e^-27, below 2^-38 of its column's softmax
+//    sum (1), the bound the forward's shared column shift drops too. With B1 = B2 = 1 (ε > 0: an
+//    exact zero gradient) lse_row = lse_col = c, so f = h = e = 1 exactly and it stays zero.
+//  * rows only: the column weights are zero, f = h = 0 (one exp, the row's).
+constexpr float kOneExpRange = 30.f;
+
+bool one_exp_factors(const float* row_lse, int64_t B1, const float* col_lse, int64_t B2, bool rows, bool cols,
+                     float* out) {
+  if (!rows) return false;
+  if (!cols) {
+    std::fill(out, out + B1 + B2, 0.f);
+    return true;
+  }
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (const auto& [x, n] : {std::pair{row_lse, B1}, std::pair{col_lse, B2}}) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(x[i])) continue;
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
+  }
+  const float c = lo <= hi ? 0.5f * lo + 0.5f * hi : 0.f;
+  const auto factor = [&](float shift) { return std::abs(shift) <= kOneExpRange ? fast_exp(shift) : -1.f; };
+  for (int64_t i = 0; i < B1; ++i) out[i] = factor(row_lse[i] - c);
+  for (int64_t j = 0; j < B2; ++j) out[B1 + j] = factor(c - col_lse[j]);
+  return true;
+}
+
+}  // namespace
+
 // Gradients of Σ_i grad_row_i·row_loss_i + Σ_j grad_col_j·col_loss_j, recomputing every tile:
 // ∂/∂logit_ij = grad_row_i·(softmax_row_ij − (1−ε)δ − ε/B2) + grad_col_j·(softmax_col_ij − (1−ε)δ − ε/B1).
 // Returns (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1], d_temperature []).
@@ -855,12 +928,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
   const float* rlse = row_lse.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   const float row_smooth = eps / static_cast<float>(o.B2), col_smooth = eps / static_cast<float>(o.B1);
+  std::vector<float> factors(o.B1 + o.B2);
+  const float* rf = factors.data();
+  const bool one_exp = one_exp_factors(rlse, o.B1, col_lse.data_ptr<float>(), o.B2, rows, cols, factors.data());
   auto [d_anchor, d_basis, d_span, d_asq, dtau] = backward_tiles(
-      o, grad_col.data_ptr<float>(), col_lse.data_ptr<float>(),
+      o, grad_col.data_ptr<float>(), col_lse.data_ptr<float>(), one_exp ? rf + o.B1 : nullptr,
       [&](int64_t gi, int64_t c0, int64_t nc) {
         const int64_t pos = gi + diag_offset - c0;
         return RowGrad{grow[gi],    rlse[gi],           row_smooth, col_smooth, 1.0f - eps, -1.0f / tau,
-                       gram_distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1};
+                       gram_distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1, rf[gi]};
       },
       [](int64_t, int64_t) -> const float* { return nullptr; });
   at::Tensor d_tau = at::full({}, -dtau / tau, temperature.options().dtype(at::kFloat));
