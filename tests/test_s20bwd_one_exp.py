@@ -49,7 +49,8 @@ def _check(xs, tau, dtype, direction="both"):
     rel = 2e-4 if dtype == torch.float32 else 2e-2
     for i, (g, w) in enumerate(zip(got, want)):
         err, scale = (g.double() - w).abs().max(), w.abs().max()
-        assert err <= rel * scale + 1e-7, f"tau={tau} {dtype} {direction} gradient {i}: {err:.3g} > {rel:g} x {scale:.3g}"
+        what = f"tau={tau} {dtype} {direction} gradient {i}"
+        assert err <= rel * scale + 1e-7, f"{what}: {err:.3g} > {rel:g} x {scale:.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
