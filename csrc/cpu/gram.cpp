@@ -538,9 +538,16 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   return o;
 }
 
+// Row strides of the bf16 T_r tiles: rows of ncp + kTilePad elements, VNNI pairs of nc + kTilePad / 2
+// (64 bytes more than the row). Unpadded, a tile's rows lie 2 KiB (rows) and 4 KiB (pairs) apart
+// and the same 64 bytes of the 16 rows of an AMX tile load fall into 2 (1) of the 64 L1 sets.
+constexpr int64_t kTilePad = 32;
+constexpr int64_t kTileLd = kColBlock + kTilePad;
+
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
 // into d_anchor [B1, D] and dQᵀ [R, D, B2]. `row` is the tile's first global row.
-void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, const at::Tensor& t_rows,
+void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, int64_t ldt, int64_t ldp,
+                         const at::Tensor& t_rows,
                          const at::Tensor& t_pairs, const std::vector<at::Tensor>& q_vnni,
                          const at::Tensor& anchor_t16, int64_t B2p, float* da, float* dqt) {
   const int64_t D = o.D, B2 = o.B2;
@@ -553,20 +560,20 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
     // dA[rows] += T_r · Q_hi,r[cols]: depth ncp from column c0 of the packed panels (c0 even)
     for (int64_t j0 = 0; j0 < D; j0 += kMicroN) {
       const int64_t w = std::min(kMicroN, D - j0);
-      at::native::cpublas::brgemm(t.nr, w, ncp, ncp, w, D, true, rows16, qv + j0 * B2p + t.c0 * w,
+      at::native::cpublas::brgemm(t.nr, w, ncp, ldt, w, D, true, rows16, qv + j0 * B2p + t.c0 * w,
                                   da + row * D + j0, /*is_vnni=*/true);
     }
     // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r over the even part of the rows ...
     if (nr_even > 0) {
       for (int64_t j0 = 0; j0 < t.nc; j0 += kMicroN)
-        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, t.nc, B2, true,
+        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, ldp, B2, true,
                                     anchor_t16.const_data_ptr<at::BFloat16>() + row, pairs16 + 2 * j0, dq + j0,
                                     /*is_vnni=*/true);
     }
     // ... and the odd last row of a tile (no VNNI pair) as a rank-1 update
     if (t.nr & 1) {
       const at::BFloat16* a = o.anchor_bf16.const_data_ptr<at::BFloat16>() + (row + t.nr - 1) * D;
-      const at::BFloat16* last = rows16 + (t.nr - 1) * ncp;
+      const at::BFloat16* last = rows16 + (t.nr - 1) * ldt;
       for (int64_t d = 0; d < D; ++d) {
         const float ad = static_cast<float>(a[d]);
         float* out = dq + d * B2;
@@ -635,11 +642,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     uint16_t* rows16[kMaxProducts];  // T_r rows (bf16) and their VNNI pairs, per product
     uint32_t* pairs32[kMaxProducts];
     if (o.bf16) {
-      t_rows = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
-      t_pairs = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
+      t_rows = at::empty({o.R, o.row_block * kTileLd}, o.anchor_bf16.options());
+      t_pairs = at::empty({o.R, o.row_block * kTileLd}, o.anchor_bf16.options());
       for (int64_t r = 0; r < o.R; ++r) {
-        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * o.row_block * kColBlock;
-        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * o.row_block * kColBlock);
+        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * o.row_block * kTileLd;
+        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * o.row_block * kTileLd);
       }
     }
     float* dr = d_span_part[c].data_ptr<float>();
@@ -648,6 +655,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       const int64_t ncp = t.nc + (t.nc & 1);  // even depth of the bf16 dA GEMM
+      const int64_t ldt = ncp + kTilePad, ldp = t.nc + kTilePad / 2;  // row strides of T_r rows / pairs
       // one exp per element on this tile's rows whose factor is in range, if every column's is
       const float* cf = col_factor != nullptr && min_factor(col_factor + t.c0, t.nc) >= 0.f ? col_factor + t.c0 : nullptr;
       float dt = 0.f;
@@ -655,19 +663,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         const int64_t gi = r0 + t.r0 + i;
         const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
         uint16_t* t16[kMaxProducts];  // bf16: this row of each T_r, written by backward_row
-        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ncp;
+        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ldt;
         backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
                      dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp, rg.row_factor >= 0.f ? cf : nullptr);
         if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
           for (int64_t r = 0; r < o.R; ++r)
-            vnni_pair(rows16[r] + (i - 1) * ncp, rows16[r] + i * ncp, t.nc, pairs32[r] + (i / 2) * t.nc);
+            vnni_pair(rows16[r] + (i - 1) * ldt, rows16[r] + i * ldt, t.nc, pairs32[r] + (i / 2) * ldp);
         }
       }
       dtau += dt;
       const int64_t row = r0 + t.r0;
       if (o.bf16) {
-        bf16_gradient_gemms(o, t, row, ncp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
+        bf16_gradient_gemms(o, t, row, ncp, ldt, ldp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
         return;
       }
       for (int64_t r = 0; r < o.R; ++r) {
