@@ -544,6 +544,10 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
 constexpr int64_t kTilePad = 32;
 constexpr int64_t kTileLd = kColBlock + kTilePad;
 
+// Depth of one dA microkernel call: 32 rows of T_r at this depth (16 KiB) stay in L1 across the N
+// blocks of the call; at the tile's whole width (1024) they were reloaded from L2 for each.
+constexpr int64_t kDaDepth = 256;
+
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
 // into d_anchor [B1, D] and dQᵀ [R, D, B2]. `row` is the tile's first global row.
 void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, int64_t ldt, int64_t ldp,
@@ -560,8 +564,9 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
     // dA[rows] += T_r · Q_hi,r[cols]: depth ncp from column c0 of the packed panels (c0 even)
     for (int64_t j0 = 0; j0 < D; j0 += kMicroN) {
       const int64_t w = std::min(kMicroN, D - j0);
-      at::native::cpublas::brgemm(t.nr, w, ncp, ldt, w, D, true, rows16, qv + j0 * B2p + t.c0 * w,
-                                  da + row * D + j0, /*is_vnni=*/true);
+      for (int64_t k0 = 0; k0 < ncp; k0 += kDaDepth)
+        at::native::cpublas::brgemm(t.nr, w, std::min(kDaDepth, ncp - k0), ldt, w, D, true, rows16 + k0,
+                                    qv + j0 * B2p + (t.c0 + k0) * w, da + row * D + j0, /*is_vnni=*/true);
     }
     // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r over the even part of the rows ...
     if (nr_even > 0) {
