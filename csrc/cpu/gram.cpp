@@ -379,6 +379,10 @@ FB_MULTIVERSION void exp_sum_into(const float* __restrict x, const float* __rest
 //   T_r,ij    = −coef_ij·P_r,ij            (written over P_r in place)
 //   da_sq    += coef_ij/2,  dr_j += dvol_ij·dist_ij
 // The volume backward is the special case dvol = grad (`grad` non-null; no softmax, no τ).
+//
+// The two softmax terms need exp(l − lse_row_i) and exp(l − lse_col_j). With `col_factor` (one exp
+// per element, see one_exp_factors) the second is e·(f_i·h_j) from the first, e = exp(l − lse_row_i),
+// f_i = exp(lse_row_i − c) (`row_factor`) and h_j = exp(c − lse_col_j) (col_factor[j]).
 struct RowGrad {
   float g_row, lse_row;  // upstream weight of the row's CE and its LSE (g_row = 0: no row CE)
   float row_smooth;      // ε / B2
@@ -386,8 +390,17 @@ struct RowGrad {
   float one_minus_eps;
   float neg_inv_tau;
   float eps_dist;
-  int64_t diag;  // tile-local positive column, or -1
+  int64_t diag;          // tile-local positive column, or -1
+  float row_factor;      // f_i, or negative: this row takes two exps
 };
+
+// min_j x[j] over n > 0 values (−1 markers of one_exp_factors; its factors are never NaN)
+FB_MULTIVERSION float min_factor(const float* __restrict x, int64_t n) {
+  float m = x[0];
+#pragma omp simd reduction(min : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] < m ? x[j] : m;
+  return m;
+}
 
 //
 // With `t16` (the bf16 path), T_r is written rounded to bfloat16 into t16[r][0, nc) (zero pad up to
@@ -397,7 +410,8 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
                                 const float* __restrict span_vol, const float* __restrict g_col,
                                 const float* __restrict lse_col, const float* __restrict grad, const RowGrad& rg,
                                 float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau,
-                                uint16_t* const* t16 = nullptr, int64_t ncp = 0) {
+                                uint16_t* const* t16 = nullptr, int64_t ncp = 0,
+                                const float* __restrict col_factor = nullptr) {
   row_distances(P, off, nc, a_sq, dist);
   const float g_row = rg.g_row, lse_row = rg.lse_row, row_smooth = rg.row_smooth, col_smooth = rg.col_smooth;
   const float one_minus_eps = rg.one_minus_eps, neg_inv_tau = rg.neg_inv_tau, eps_dist = rg.eps_dist;
@@ -407,6 +421,21 @@ FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, fl
 #pragma omp simd reduction(+ : da)
     for (int64_t j = 0; j < nc; ++j) {
       const float dvol = grad[j];
+      dr[j] += dvol * dist[j];
+      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
+      da += coef;
+      dist[j] = -coef;
+    }
+  } else if (col_factor != nullptr) {
+    const float f = rg.row_factor;
+#pragma omp simd reduction(+ : da, dt)
+    for (int64_t j = 0; j < nc; ++j) {
+      const float logit = gram_scaled_volume(neg_inv_tau, span_vol[j], dist[j]);
+      const float delta = j == diag ? one_minus_eps : 0.f;
+      const float e = fast_exp(logit - lse_row);
+      const float g = g_row * (e - row_smooth - delta) + g_col[j] * (e * (f * col_factor[j]) - col_smooth - delta);
+      const float dvol = g * neg_inv_tau;
+      dt += g * logit;
       dr[j] += dvol * dist[j];
       const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
       da += coef;
@@ -702,9 +731,20 @@ Operands operands(const char* op, const at::Tensor& anchor, const at::Tensor& ba
   return o;
 }
 
+// Row strides of the bf16 T_r tiles: rows of ncp + kTilePad elements, VNNI pairs of nc + kTilePad / 2
+// (64 bytes more than the row). Unpadded, a tile's rows lie 2 KiB (rows) and 4 KiB (pairs) apart
+// and the same 64 bytes of the 16 rows of an AMX tile load fall into 2 (1) of the 64 L1 sets.
+constexpr int64_t kTilePad = 32;
+constexpr int64_t kTileLd = kColBlock + kTilePad;
+
+// Depth of one dA microkernel call: 32 rows of T_r at this depth (16 KiB) stay in L1 across the N
+// blocks of the call; at the tile's whole width (1024) they were reloaded from L2 for each.
+constexpr int64_t kDaDepth = 256;
+
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
 // into d_anchor [B1, D] and dQᵀ [R, D, B2]. `row` is the tile's first global row.
-void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, const at::Tensor& t_rows,
+void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, int64_t ldt, int64_t ldp,
+                         const at::Tensor& t_rows,
                          const at::Tensor& t_pairs, const std::vector<at::Tensor>& q_vnni,
                          const at::Tensor& anchor_t16, int64_t B2p, float* da, float* dqt) {
   const int64_t D = o.D, B2 = o.B2;
@@ -717,20 +757,21 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
     // dA[rows] += T_r · Q_hi,r[cols]: depth ncp from column c0 of the packed panels (c0 even)
     for (int64_t j0 = 0; j0 < D; j0 += kMicroN) {
       const int64_t w = std::min(kMicroN, D - j0);
-      at::native::cpublas::brgemm(t.nr, w, ncp, ncp, w, D, true, rows16, qv + j0 * B2p + t.c0 * w,
-                                  da + row * D + j0, /*is_vnni=*/true);
+      for (int64_t k0 = 0; k0 < ncp; k0 += kDaDepth)
+        at::native::cpublas::brgemm(t.nr, w, std::min(kDaDepth, ncp - k0), ldt, w, D, true, rows16 + k0,
+                                    qv + j0 * B2p + (t.c0 + k0) * w, da + row * D + j0, /*is_vnni=*/true);
     }
     // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r over the even part of the rows ...
     if (nr_even > 0) {
       for (int64_t j0 = 0; j0 < t.nc; j0 += kMicroN)
-        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, t.nc, B2, true,
+        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, ldp, B2, true,
                                     anchor_t16.const_data_ptr<at::BFloat16>() + row, pairs16 + 2 * j0, dq + j0,
                                     /*is_vnni=*/true);
     }
     // ... and the odd last row of a tile (no VNNI pair) as a rank-1 update
     if (t.nr & 1) {
       const at::BFloat16* a = o.anchor_bf16.const_data_ptr<at::BFloat16>() + (row + t.nr - 1) * D;
-      const at::BFloat16* last = rows16 + (t.nr - 1) * ncp;
+      const at::BFloat16* last = rows16 + (t.nr - 1) * ldt;
       for (int64_t d = 0; d < D; ++d) {
         const float ad = static_cast<float>(a[d]);
         float* out = dq + d * B2;
@@ -745,7 +786,8 @@ void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t 
 // Returns (d_anchor, d_basis, d_span_vol, d_anchor_sq) and the Σ g·logit for dτ.
 template <class MakeRowGrad, class GradRow>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tiles(
-    const Operands& o, const float* g_col, const float* lse_col, MakeRowGrad&& make_row_grad, GradRow&& grad_row) {
+    const Operands& o, const float* g_col, const float* lse_col, const float* col_factor, MakeRowGrad&& make_row_grad,
+    GradRow&& grad_row) {
   const auto opts = o.opts;
   const int64_t D = o.D;
   at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
@@ -798,11 +840,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     uint16_t* rows16[kMaxProducts];  // T_r rows (bf16) and their VNNI pairs, per product
     uint32_t* pairs32[kMaxProducts];
     if (o.bf16) {
-      t_rows = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
-      t_pairs = at::empty({o.R, o.row_block * kColBlock}, o.anchor_bf16.options());
+      t_rows = at::empty({o.R, o.row_block * kTileLd}, o.anchor_bf16.options());
+      t_pairs = at::empty({o.R, o.row_block * kTileLd}, o.anchor_bf16.options());
       for (int64_t r = 0; r < o.R; ++r) {
-        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * o.row_block * kColBlock;
-        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * o.row_block * kColBlock);
+        rows16[r] = reinterpret_cast<uint16_t*>(t_rows.data_ptr<at::BFloat16>()) + r * o.row_block * kTileLd;
+        pairs32[r] = reinterpret_cast<uint32_t*>(t_pairs.data_ptr<at::BFloat16>() + r * o.row_block * kTileLd);
       }
     }
     float* dr = d_span_part[c].data_ptr<float>();
@@ -811,24 +853,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
       const Products P = products_of(o, t, prods);
       const int64_t ncp = t.nc + (t.nc & 1);  // even depth of the bf16 dA GEMM
+      const int64_t ldt = ncp + kTilePad, ldp = t.nc + kTilePad / 2;  // row strides of T_r rows / pairs
+      // one exp per element on this tile's rows whose factor is in range, if every column's is
+      const float* cf = col_factor != nullptr && min_factor(col_factor + t.c0, t.nc) >= 0.f ? col_factor + t.c0 : nullptr;
       float dt = 0.f;
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
         const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
         uint16_t* t16[kMaxProducts];  // bf16: this row of each T_r, written by backward_row
-        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ncp;
+        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ldt;
         backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
-                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp);
+                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp, rg.row_factor >= 0.f ? cf : nullptr);
         if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
           for (int64_t r = 0; r < o.R; ++r)
-            vnni_pair(rows16[r] + (i - 1) * ncp, rows16[r] + i * ncp, t.nc, pairs32[r] + (i / 2) * t.nc);
+            vnni_pair(rows16[r] + (i - 1) * ldt, rows16[r] + i * ldt, t.nc, pairs32[r] + (i / 2) * ldp);
         }
       }
       dtau += dt;
       const int64_t row = r0 + t.r0;
       if (o.bf16) {
-        bf16_gradient_gemms(o, t, row, ncp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
+        bf16_gradient_gemms(o, t, row, ncp, ldt, ldp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
         return;
       }
       for (int64_t r = 0; r < o.R; ++r) {
@@ -890,11 +935,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_volume_backward_
   const float* g = grad.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   auto [d_anchor, d_basis, d_span, d_asq, unused] = backward_tiles(
-      o, nullptr, nullptr,
+      o, nullptr, nullptr, nullptr,
       [&](int64_t gi, int64_t, int64_t) {
         RowGrad rg{};
         rg.eps_dist = gram_distance_eps(asq[gi]);
         rg.diag = -1;
+        rg.row_factor = -1.f;
         return rg;
       },
       [&](int64_t gi, int64_t c0) { return g + gi * o.B2 + c0; });
@@ -1053,6 +1099,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
   return {row_loss, col_loss, row_lse, col_lse};
 }
 
+namespace {
+
+// The factors of the backward's one exp per element (RowGrad): row_factor [B1] then col_factor [B2]
+// into `out`; returns false when no row can use them (one direction of columns only: the row LSE
+// are zeros then, and exp(l − 0) may underflow where exp(l − lse_col) does not).
+//  * both directions: c is the midpoint of the finite LSE; a row (column) whose LSE lies within
+//    kOneExpRange of c gets f_i = exp(lse_row_i − c) (h_j = exp(c − lse_col_j)), every other one −1
+//    and then takes two exps: that row, and every tile holding that column (NaN / ±inf LSE too, so a
+//    NaN still reaches the gradient through its own exps). What the product form e·f_i·h_j loses is
+//    where e = exp(l − lse_row_i) underflows (l − lse_row_i < −87): there the column term
+//    exp(l − lse_col_j) < e^-87 · e^(2·kOneExpRange) = e^-27, below 2^-38 of its column's softmax
+//    sum (1), the bound the forward's shared column shift drops too. With B1 = B2 = 1 (ε > 0: an
+//    exact zero gradient) lse_row = lse_col = c, so f = h = e = 1 exactly and it stays zero.
+//  * rows only: the column weights are zero, f = h = 0 (one exp, the row's).
+constexpr float kOneExpRange = 30.f;
+
+bool one_exp_factors(const float* row_lse, int64_t B1, const float* col_lse, int64_t B2, bool rows, bool cols,
+                     float* out) {
+  if (!rows) return false;
+  if (!cols) {
+    std::fill(out, out + B1 + B2, 0.f);
+    return true;
+  }
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  for (const auto& [x, n] : {std::pair{row_lse, B1}, std::pair{col_lse, B2}}) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isfinite(x[i])) continue;
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
+  }
+  const float c = lo <= hi ? 0.5f * lo + 0.5f * hi : 0.f;
+  const auto factor = [&](float shift) { return std::abs(shift) <= kOneExpRange ? fast_exp(shift) : -1.f; };
+  for (int64_t i = 0; i < B1; ++i) out[i] = factor(row_lse[i] - c);
+  for (int64_t j = 0; j < B2; ++j) out[B1 + j] = factor(c - col_lse[j]);
+  return true;
+}
+
+}  // namespace
+
 // Gradients of Σ_i grad_row_i·row_loss_i + Σ_j grad_col_j·col_loss_j, recomputing every tile:
 // ∂/∂logit_ij = grad_row_i·(softmax_row_ij − (1−ε)δ − ε/B2) + grad_col_j·(softmax_col_ij − (1−ε)δ − ε/B1).
 // Returns (d_anchor [B1,D], d_basis [k-1,B2,D], d_span_vol [B2], d_anchor_sq [B1], d_temperature []).
@@ -1073,12 +1159,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss
   const float* rlse = row_lse.data_ptr<float>();
   const float* asq = o.anchor_sq.data_ptr<float>();
   const float row_smooth = eps / static_cast<float>(o.B2), col_smooth = eps / static_cast<float>(o.B1);
+  std::vector<float> factors(o.B1 + o.B2);
+  const float* rf = factors.data();
+  const bool one_exp = one_exp_factors(rlse, o.B1, col_lse.data_ptr<float>(), o.B2, rows, cols, factors.data());
   auto [d_anchor, d_basis, d_span, d_asq, dtau] = backward_tiles(
-      o, grad_col.data_ptr<float>(), col_lse.data_ptr<float>(),
+      o, grad_col.data_ptr<float>(), col_lse.data_ptr<float>(), one_exp ? rf + o.B1 : nullptr,
       [&](int64_t gi, int64_t c0, int64_t nc) {
         const int64_t pos = gi + diag_offset - c0;
         return RowGrad{grow[gi],    rlse[gi],           row_smooth, col_smooth, 1.0f - eps, -1.0f / tau,
-                       gram_distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1};
+                       gram_distance_eps(asq[gi]), (pos >= 0 && pos < nc) ? pos : -1, rf[gi]};
       },
       [](int64_t, int64_t) -> const float* { return nullptr; });
   at::Tensor d_tau = at::full({}, -dtau / tau, temperature.options().dtype(at::kFloat));
