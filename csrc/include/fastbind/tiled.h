@@ -247,25 +247,28 @@ at::Tensor pack_panels(const at::Tensor& B) {
 void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc, uint32_t* __restrict out);
 at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts);
 
-// Height of one bf16 microkernel call. Measured on the AMX Xeon (1 thread, two 4096 × 4096 × 256
-// products in 256 × 1024 tiles, padded C rows, each product row read once after its tile): calls of
-// 32 rows × kMicroN ran the two products in 14.0 ms, of 256 rows 17.6 ms (16 rows: 17.8 ms). A
-// 32-row call keeps its A strip (32 × K bf16, 16 KiB at K = 256) and its C strip in L1 while it
-// sweeps the B panel. Not measured on an avx512_bf16 machine without AMX.
+// Height of one bf16 microkernel call into padded C rows (stream_tiles with row_pad > 0). Measured
+// on the AMX Xeon (1 thread, two 4096 × 4096 × 256 products in 256 × 1024 tiles, C rows 1040 floats
+// apart, each product row read once after its tile): calls of 32 rows × kMicroN ran the two
+// products in 14.0 ms, of 256 rows 17.6 ms (16 rows: 17.8 ms). A 32-row call keeps its A strip
+// (32 × K bf16, 16 KiB at K = 256) and its C strip in L1 while it sweeps the B panel. Into C rows
+// 4096 floats apart (tile_mm's whole output) 32-row calls were slower than 256-row ones (4096 ×
+// 4096 × 256: 11.2 against 8.6 ms): the strip's rows share L1 sets there. Not measured on an
+// avx512_bf16 machine without AMX.
 constexpr int64_t kMicroMBf16 = 32;
 
 // C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a pack_panels operand of C_total columns
-// (c0 a multiple of kMicroN), fp32 accumulation. bf16 calls in strips of kMicroMBf16 rows (each C
-// element is the same microkernel dot product either way).
+// (c0 a multiple of kMicroN), fp32 accumulation, in microkernel calls of `strip` rows (all M rows by
+// default; each C element is the same microkernel dot product either way).
 template <class T>
 void gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bk, int64_t C_total, int64_t c0,
-                 float* C, int64_t ldc) {
+                 float* C, int64_t ldc, int64_t strip = 0) {
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
   constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
-  const int64_t strip = kBf16 ? kMicroMBf16 : M;
+  if (strip <= 0) strip = M;
   for (int64_t m0 = 0; m0 < M; m0 += strip) {
     for (int64_t j0 = 0; j0 < N; j0 += kMicroN) {
       const int64_t w = std::min(kMicroN, C_total - c0 - j0);
@@ -319,7 +322,8 @@ inline std::vector<at::Tensor> pack_operands(const std::vector<at::Tensor>& B) {
 // (callers check use_bf16_gemm(D) first). Bk: pack_operands(B).
 // row_pad: a caller whose epilogue takes the row stride may pad the product rows; a row stride of
 // 1024 floats (4 KiB) puts the same columns of every row of a microkernel's C block into one L1 set
-// (bf16 tiles: see kProductPadBf16 in gram.cpp).
+// (bf16 tiles: see kProductPadBf16 in gram.cpp). bf16 tiles with padded rows run the microkernel in
+// kMicroMBf16-row calls; unpadded ones (InfoNCE, the lookup) in whole-tile calls as before.
 template <class Epilogue>
 void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
                   const std::vector<at::Tensor>& Bk, Epilogue&& epilogue, int64_t row_block, int64_t col_block,
@@ -349,7 +353,7 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
         const int64_t lda = A[p].stride(0);
         if (bf16) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<at::BFloat16>() + r0 * lda, lda,
-                      Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, ldc);
+                      Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, ldc, row_pad > 0 ? kMicroMBf16 : nr);
         } else if (Bk[p].defined()) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<float>() + r0 * lda, lda, Bk[p].const_data_ptr<float>(), C, c0,
                       out, ldc);
