@@ -53,6 +53,11 @@ constexpr int64_t kColBlock = 1024;
 // per product ran at ~560 GFLOP/s, 256 × 1024 at ~940, the whole output (what tile_mm writes) at
 // ~360. The dQ GEMM's depth (the tile's rows) stays 256, a full AMX depth.
 constexpr int64_t kRowBlockBf16 = 256;
+// Row padding of the bf16 tiles' products (floats; rows kColBlock + 16 floats apart): unpadded, the
+// 4 KiB row stride put the same 64 bytes of the 32 rows of a microkernel call's C strip into one L1
+// set. Measured on the AMX Xeon (1 thread, the two products of 4096 × 4096 × 256 in 256 × 1024 tiles,
+// 32-row calls, each product row read once after its tile): 19.2 ms unpadded, 14.0 ms padded.
+constexpr int64_t kProductPadBf16 = 16;
 
 // Per-tile pointers to the k-1 products (row-major [nr, nc]). With `coef` (the exact-operand bf16
 // path, see Operands) the GEMMs wrote S_s = A·M_sᵀ against the modalities, and the products are
@@ -60,6 +65,7 @@ constexpr int64_t kRowBlockBf16 = 256;
 struct Products {
   float* p[kMaxProducts];
   int n;
+  int64_t ld;  // row stride of the products (the tile's nc, padded on the bf16 path: kProductPadBf16)
   const float* coef;
   int64_t ldc;
 };
@@ -554,12 +560,13 @@ struct Operands {
 template <class Epilogue>
 void stream_chunk(const Operands& o, int64_t r0, int64_t nr, Epilogue&& epilogue) {
   const std::vector<at::Tensor> A(o.R, o.gemm_anchor.narrow(0, r0, nr));
-  stream_tiles(A, o.gemm_b, o.gemm_bk, epilogue, o.row_block, kColBlock);
+  stream_tiles(A, o.gemm_b, o.gemm_bk, epilogue, o.row_block, kColBlock, o.bf16 ? kProductPadBf16 : 0);
 }
 
 Products products_of(const Operands& o, const Tile& t, const std::vector<at::Tensor>& prods) {
   Products out{};
   out.n = static_cast<int>(prods.size());
+  out.ld = prods[0].stride(0);
   for (int r = 0; r < out.n; ++r) out.p[r] = prods[r].data_ptr<float>();
   if (o.exact) {
     out.coef = o.coef.const_data_ptr<float>() + t.c0;
@@ -862,7 +869,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
         uint16_t* t16[kMaxProducts];  // bf16: this row of each T_r, written by backward_row
         for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ldt;
-        backward_row(P, i * t.nc, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
+        backward_row(P, i * P.ld, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
                      lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
                      dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp, rg.row_factor >= 0.f ? cf : nullptr);
         if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
@@ -877,7 +884,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
         return;
       }
       for (int64_t r = 0; r < o.R; ++r) {
-        const float* T = P.p[r];  // [nr, nc]
+        const float* T = P.p[r];  // [nr, nc], contiguous (no row padding on the float32 path)
         // dA[rows] += T_r · Q_r[cols]
         gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, true);
         if (dq_rows) {  // dQ_r[cols] (+)= T_rᵀ · A[rows]: written by the chunk's first row block
@@ -917,7 +924,7 @@ at::Tensor gram_volume_cpu(const at::Tensor& anchor_in, const at::Tensor& basis_
       const Products P = products_of(o, t, prods);
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t gi = r0 + t.r0 + i;
-        row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, 1.0f, out + gi * o.B2 + t.c0);
+        row_scaled_volumes(P, i * P.ld, t.nc, asq[gi], rv + t.c0, 1.0f, out + gi * o.B2 + t.c0);
       }
     });
   });
@@ -997,7 +1004,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
           const bool has_pos = pos >= 0 && pos < t.nc;
           if (has_pos) keep[pos] = 0.f;
           float es, s;
-          const float x = row_unshifted_sums(P, i * t.nc, t.nc, asq[gi], col_scale.data(), keep.data(), pos, &es, &s,
+          const float x = row_unshifted_sums(P, i * P.ld, t.nc, asq[gi], col_scale.data(), keep.data(), pos, &es, &s,
                                              cols ? cexp + t.c0 : nullptr, csum + t.c0);
           if (has_pos) {
             keep[pos] = 1.f;
@@ -1033,9 +1040,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       }
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
-        float* logit = P.p[0] + i * t.nc;  // logits overwrite the first product in place
+        float* logit = P.p[0] + i * P.ld;  // logits overwrite the first product in place
         // the row's max and the columns' running maxima in the same pass
-        tile_rmax[i] = row_scaled_volumes(P, i * t.nc, t.nc, asq[gi], rv + t.c0, neg_inv_tau, logit,
+        tile_rmax[i] = row_scaled_volumes(P, i * P.ld, t.nc, asq[gi], rv + t.c0, neg_inv_tau, logit,
                                           cols ? tmax : nullptr);
         const int64_t pos = gi + diag_offset - t.c0;
         if (pos >= 0 && pos < t.nc) {
@@ -1050,7 +1057,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
       for (int64_t i = 0; i < t.nr; ++i) {
         const int64_t li = t.r0 + i, gi = r0 + li;
         const int64_t pos = gi + diag_offset - t.c0;  // this tile row's positive column
-        const float* logit = P.p[0] + i * t.nc;
+        const float* logit = P.p[0] + i * P.ld;
         if (shared) {
           float es, s;
           exp_sum_rows_and_cols(logit, t.nc, tile_rmax[i], fast_exp(tile_rmax[i] - shift), pos, &es, &s, texp,

@@ -247,19 +247,34 @@ at::Tensor pack_panels(const at::Tensor& B) {
 void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc, uint32_t* __restrict out);
 at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts);
 
+// Height of one bf16 microkernel call into padded C rows (stream_tiles with row_pad > 0). Measured
+// on the AMX Xeon (1 thread, two 4096 × 4096 × 256 products in 256 × 1024 tiles, C rows 1040 floats
+// apart, each product row read once after its tile): calls of 32 rows × kMicroN ran the two
+// products in 14.0 ms, of 256 rows 17.6 ms (16 rows: 17.8 ms). A 32-row call keeps its A strip
+// (32 × K bf16, 16 KiB at K = 256) and its C strip in L1 while it sweeps the B panel. Into C rows
+// 4096 floats apart (tile_mm's whole output) 32-row calls were slower than 256-row ones (4096 ×
+// 4096 × 256: 11.2 against 8.6 ms): the strip's rows share L1 sets there. Not measured on an
+// avx512_bf16 machine without AMX.
+constexpr int64_t kMicroMBf16 = 32;
+
 // C[M, N] (ldc) = A[M, K] (lda) · columns [c0, c0 + N) of a pack_panels operand of C_total columns
-// (c0 a multiple of kMicroN), fp32 accumulation.
+// (c0 a multiple of kMicroN), fp32 accumulation, in microkernel calls of `strip` rows (all M rows by
+// default; each C element is the same microkernel dot product either way).
 template <class T>
 void gemm_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* Bk, int64_t C_total, int64_t c0,
-                 float* C, int64_t ldc) {
+                 float* C, int64_t ldc, int64_t strip = 0) {
   if (K == 0) {
     for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
     return;
   }
-  for (int64_t j0 = 0; j0 < N; j0 += kMicroN) {
-    const int64_t w = std::min(kMicroN, C_total - c0 - j0);
-    at::native::cpublas::brgemm(M, std::min(w, N - j0), K, lda, w, ldc, false, A, Bk + (c0 + j0) * K, C + j0,
-                                /*is_vnni=*/std::is_same_v<T, at::BFloat16>);
+  constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  if (strip <= 0) strip = M;
+  for (int64_t m0 = 0; m0 < M; m0 += strip) {
+    for (int64_t j0 = 0; j0 < N; j0 += kMicroN) {
+      const int64_t w = std::min(kMicroN, C_total - c0 - j0);
+      at::native::cpublas::brgemm(std::min(strip, M - m0), std::min(w, N - j0), K, lda, w, ldc, false, A + m0 * lda,
+                                  Bk + (c0 + j0) * K, C + m0 * ldc + j0, /*is_vnni=*/kBf16);
+    }
   }
 }
 
@@ -297,16 +312,22 @@ inline std::vector<at::Tensor> pack_operands(const std::vector<at::Tensor>& B) {
 }
 
 // Calls `epilogue(tile, products)` for every tile in row-major tile order (all column tiles of
-// row block 0, then row block 1, ...). `products[p]` is a contiguous float32 [nr, nc] tensor
-// holding A_p[r0:r0+nr] · B_p[c0:c0+nc]ᵀ. The order is deterministic, so column statistics
-// merged across row blocks give bit-identical results run to run.
+// row block 0, then row block 1, ...). `products[p]` is a float32 [nr, nc] tensor holding
+// A_p[r0:r0+nr] · B_p[c0:c0+nc]ᵀ, its rows nc + row_pad floats apart (contiguous for row_pad = 0).
+// The order is deterministic, so column statistics merged across row blocks give bit-identical
+// results run to run.
 //
 // A and B are float32 or bfloat16 (both the same) matrices with unit column stride and equal D per
 // pair; all A_p share R rows and all B_p share C rows. bfloat16 pairs run the bf16 microkernel
 // (callers check use_bf16_gemm(D) first). Bk: pack_operands(B).
+// row_pad: a caller whose epilogue takes the row stride may pad the product rows; a row stride of
+// 1024 floats (4 KiB) puts the same columns of every row of a microkernel's C block into one L1 set
+// (bf16 tiles: see kProductPadBf16 in gram.cpp). bf16 tiles with padded rows run the microkernel in
+// kMicroMBf16-row calls; unpadded ones (InfoNCE, the lookup) in whole-tile calls as before.
 template <class Epilogue>
 void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B,
-                  const std::vector<at::Tensor>& Bk, Epilogue&& epilogue, int64_t row_block, int64_t col_block) {
+                  const std::vector<at::Tensor>& Bk, Epilogue&& epilogue, int64_t row_block, int64_t col_block,
+                  int64_t row_pad = 0) {
   TORCH_CHECK(!A.empty() && A.size() == B.size() && B.size() == Bk.size(),
               "stream_tiles: need P >= 1 pairs of matrices");
   const int64_t P = static_cast<int64_t>(A.size());
@@ -317,24 +338,25 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
   col_block = std::max<int64_t>(1, std::min(col_block, C));
   TORCH_CHECK(col_block == C || col_block % kMicroN == 0, "stream_tiles: column blocks must be multiples of ",
               kMicroN);
-  at::Tensor scratch = at::empty({P, row_block * col_block}, A[0].options().dtype(at::kFloat));
+  TORCH_CHECK(row_pad >= 0, "stream_tiles: negative row_pad");
+  at::Tensor scratch = at::empty({P, row_block * (col_block + row_pad)}, A[0].options().dtype(at::kFloat));
   std::vector<at::Tensor> products(P);
   for (int64_t p = 0; p < P; ++p)
     TORCH_CHECK(A[p].scalar_type() == B[p].scalar_type() && A[p].stride(1) == 1, "stream_tiles: bad operands");
   for (int64_t r0 = 0; r0 < R; r0 += row_block) {
     const int64_t nr = std::min(row_block, R - r0);
     for (int64_t c0 = 0; c0 < C; c0 += col_block) {
-      const int64_t nc = std::min(col_block, C - c0);
+      const int64_t nc = std::min(col_block, C - c0), ldc = nc + row_pad;
       for (int64_t p = 0; p < P; ++p) {
-        products[p] = scratch[p].narrow(0, 0, nr * nc).view({nr, nc});
+        products[p] = scratch[p].narrow(0, 0, nr * ldc).view({nr, ldc}).narrow(1, 0, nc);
         float* out = products[p].data_ptr<float>();
         const int64_t lda = A[p].stride(0);
         if (bf16) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<at::BFloat16>() + r0 * lda, lda,
-                      Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, nc);
+                      Bk[p].const_data_ptr<at::BFloat16>(), C, c0, out, ldc, row_pad > 0 ? kMicroMBf16 : nr);
         } else if (Bk[p].defined()) {
           gemm_panels(nr, nc, D, A[p].const_data_ptr<float>() + r0 * lda, lda, Bk[p].const_data_ptr<float>(), C, c0,
-                      out, nc);
+                      out, ldc);
         } else {
           at::mm_out(products[p], A[p].narrow(0, r0, nr), B[p].narrow(0, c0, nc).t());
         }
