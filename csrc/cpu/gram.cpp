@@ -117,30 +117,20 @@ FB_HD void distances_loop(const Products& P, int64_t off, int64_t nc, float a_sq
 }
 
 // out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ); returns the
-// row's max of out (NaN ignored, as a max over the row after it) and, with col_max, folds out into
+// row's max of out (NaN ignored, as a max over the row after it) and, with kColMax, folds out into
 // col_max_j = max(col_max_j, out_j). out may be P_0's row (each element is read before it is written).
-template <int R, bool kExact>
+template <int R, bool kExact, bool kColMax>
 FB_HD float scaled_volumes_loop(const Products& P, int64_t off, int64_t nc, float a_sq, const float* __restrict sv,
                                 float scale, float* out, float* __restrict col_max) {
   const RowOperands<R, kExact> o(P, off);
   float m = -std::numeric_limits<float>::infinity();
-  if (col_max == nullptr) {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < nc; ++j) {
-      const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
-      const float x = gram_scaled_volume(scale, sv[j], d);
-      out[j] = x;
-      m = x > m ? x : m;
-    }
-    return m;
-  }
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < nc; ++j) {
     const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
     const float x = gram_scaled_volume(scale, sv[j], d);
     out[j] = x;
     m = x > m ? x : m;
-    col_max[j] = x > col_max[j] ? x : col_max[j];
+    if constexpr (kColMax) col_max[j] = x > col_max[j] ? x : col_max[j];
   }
   return m;
 }
@@ -188,7 +178,9 @@ struct ScaledVolumesRow {
   float* col_max;
   template <int R, bool kExact>
   FB_HD float run() const {
-    return scaled_volumes_loop<R, kExact>(P, off, nc, a_sq, span_vol, scale, out, col_max);
+    return col_max != nullptr
+               ? scaled_volumes_loop<R, kExact, true>(P, off, nc, a_sq, span_vol, scale, out, col_max)
+               : scaled_volumes_loop<R, kExact, false>(P, off, nc, a_sq, span_vol, scale, out, col_max);
   }
 };
 
@@ -536,7 +528,7 @@ struct Operands {
   // * exact-operand bf16 (`exact`; a bf16 anchor, the bf16 modalities passed to the op, and
   //   product coefficients accurate enough, see product_coefficients): A = the anchor, B_r = the
   //   modality M_r itself, so each GEMM is depth D on exact bf16 operands (fp32 accumulation), and
-  //   the epilogue forms P_r = A·Q_rᵀ = Σ_{s<=r} C_rs,j·(A·M_sᵀ) per column (row_combine), with
+  //   the epilogue forms P_r = A·Q_rᵀ = Σ_{s<=r} C_rs,j·(A·M_sᵀ) per column (product_residual), with
   //   C_j = R_j⁻¹ from Q_j = C_j·M_j (coef [R, R, B2]).
   // * split bf16 (a bf16 anchor otherwise, the fallback of the exact form): the float32 basis split
   //   into bfloat16 hi + lo parts (Q ≈ Q_hi + Q_lo to ~2^-17) so that A·Q_rᵀ = [A, A]·[Q_hi, Q_lo]ᵀ
