@@ -371,16 +371,7 @@ void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor
 template <class Epilogue>
 void stream_tiles(const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, Epilogue&& epilogue,
                   int64_t row_block, int64_t col_block) {
-  std::vector<at::Tensor> Bk(B.size());
-  const bool bf16 = !B.empty() && B[0].scalar_type() == at::kBFloat16;
-  for (size_t p = 0; p < B.size(); ++p) {
-    if (bf16) {
-      Bk[p] = pack_panels<at::BFloat16>(B[p]);
-    } else if (use_brgemm()) {
-      Bk[p] = pack_panels<float>(B[p]);
-    }
-  }
-  stream_tiles(A, B, Bk, epilogue, row_block, col_block);
+  stream_tiles(A, B, pack_operands(B), epilogue, row_block, col_block);
 }
 
 }  // namespace cpu
