@@ -8,20 +8,13 @@ gradient of B = 1 with label smoothing, and NaN in -> NaN out.
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_gram_forward_one_exp import _inputs  # k = 3, modalities scaled per sample
 
 import fastbind as fb
 from fastbind.reference import gram as ref
 
 F64 = torch.float64
 ONE_EXP_RANGE = 30.0  # kOneExpRange in csrc/cpu/gram.cpp
-
-
-def _inputs(b, d, seed, col_scale):
-    """k = 3; sample j's two modalities scaled by col_scale[j] (its volumes by col_scale[j]²)."""
-    g = torch.Generator().manual_seed(seed)
-    xs = [F.normalize(torch.randn(b, d, generator=g, dtype=F64), dim=-1) for _ in range(3)]
-    return [xs[0]] + [x * col_scale[:, None] for x in xs[1:]]
 
 
 def _lse_spread(xs, tau):
