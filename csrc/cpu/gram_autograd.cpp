@@ -42,9 +42,12 @@ FB_MULTIVERSION void scaled_add(float* __restrict g, const float* __restrict a, 
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) g[j] += alpha * a[j];
 }
-FB_MULTIVERSION void scaled_add_bf16(float* __restrict g, const uint16_t* __restrict a, float alpha, int64_t d) {
+// out = bf16(g + alpha·a) (a: bfloat16 bits): the bf16 anchor's gradient rounded as it is formed,
+// no float32 result and .to(bfloat16) pass after it (bf16_bits rounds as that cast does).
+FB_MULTIVERSION void scaled_add_bf16(uint16_t* __restrict out, const float* __restrict g,
+                                     const uint16_t* __restrict a, float alpha, int64_t d) {
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) g[j] += alpha * bf16_to_float(a[j]);
+  for (int64_t j = 0; j < d; ++j) out[j] = bf16_bits(g[j] + alpha * bf16_to_float(a[j]));
 }
 
 // t as float32 / contiguous, the tensor itself when it already is: below autograd an op must not
@@ -142,11 +145,15 @@ at::Tensor anchor_gradient(at::Tensor& d_a, const at::Tensor& a_op, const at::Te
   if (a_op.scalar_type() == at::kFloat) {
     const float* a = a_op.const_data_ptr<float>();
     for (int64_t i = 0; i < b1; ++i) scaled_add(g + i * d, a + i * d, 2.f * s[i], d);
-  } else {
-    const auto* a = reinterpret_cast<const uint16_t*>(a_op.const_data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < b1; ++i) scaled_add_bf16(g + i * d, a + i * d, 2.f * s[i], d);
+    return d_a.to(anchor_dtype);
   }
-  return d_a.to(anchor_dtype);
+  // a bfloat16 GEMM operand is the bfloat16 anchor itself (run_forward): its gradient is bfloat16
+  TORCH_CHECK(anchor_dtype == at::kBFloat16, "anchor_gradient: a bfloat16 operand of a ", anchor_dtype, " anchor");
+  at::Tensor out = at::empty({b1, d}, a_op.options());
+  const auto* a = reinterpret_cast<const uint16_t*>(a_op.const_data_ptr<at::BFloat16>());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < b1; ++i) scaled_add_bf16(o + i * d, g + i * d, a + i * d, 2.f * s[i], d);
+  return out;
 }
 
 // The modalities operand of gram_loss_fwd/_bwd: passed for a bfloat16 anchor only, where the CPU
