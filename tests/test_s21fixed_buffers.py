@@ -117,3 +117,25 @@ def test_two_chunks_deterministic(dtype):
     again = _threads(2, lambda: _loss_grads(anchor, mods, dtype))
     for x, y in zip(first, again):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(("n", "b", "d"), [(1, 3, 2), (2, 5, 33), (3, 70, 64)])
+def test_basis_bf16_rows_and_gradients_exact(n, b, d):
+    """gram_basis_fwd widens bf16 modalities per sample (no float32 copy): bit-identical to the op on
+    their float32 values. Its autograd writes bf16 gradients from float32 rows: bit-identical to the
+    float32 gradient op rounded with .to(bfloat16)."""
+    g = torch.Generator().manual_seed(n * b + d)
+    mods = [(torch.randn(b, d, generator=g) * 3).to(BF16) for _ in range(n)]
+    op = torch.ops.fastbind
+    got = op.gram_basis_fwd(mods)
+    want = op.gram_basis_fwd([m.float() for m in mods])
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32 and torch.equal(x, y)
+    leaves = [m.clone().requires_grad_(True) for m in mods]
+    basis, volume, norms, coefs = op.gram_basis_fwd(leaves)
+    w_basis = torch.randn(basis.shape, generator=g)
+    w_volume = torch.randn(volume.shape, generator=g)
+    grads = torch.autograd.grad((basis * w_basis).sum() + (volume * w_volume).sum(), leaves)
+    expect = op.gram_basis_bwd(w_basis, w_volume, basis.detach(), norms, coefs)
+    for x, y in zip(grads, expect):
+        assert x.dtype == BF16 and torch.equal(x, y.to(BF16))

@@ -25,6 +25,13 @@
 
 namespace fastbind {
 namespace cpu {
+
+// csrc/cpu/span_basis.cpp: gram_basis_bwd's CPU kernel with bf16 gradients written by the kernel
+std::vector<at::Tensor> gram_basis_bwd_cpu_as(const std::optional<at::Tensor>& grad_basis_in,
+                                              const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
+                                              const at::Tensor& norms_in, const at::Tensor& coefs_in,
+                                              const std::vector<at::ScalarType>& out_dtypes);
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -246,10 +253,15 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     bool any_modality = false;
     for (int64_t i = 0; i < n; ++i) any_modality = any_modality || ctx->needs_input_grad(1 + i);
     if (any_modality) {
-      std::vector<at::Tensor> d_mods = dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
-      for (int64_t i = 0; i < n; ++i) {
-        out.push_back(d_mods[i].to(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i))));
-      }
+      std::vector<at::ScalarType> dtypes;
+      for (int64_t i = 0; i < n; ++i) dtypes.push_back(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i)));
+      // real CPU tensors: the kernel itself, which writes bf16 gradients directly (no float32
+      // gradient and cast per modality); fake tensors: the dispatcher's op and a cast
+      const bool direct = has_data(d_basis) && has_data(d_span) && has_data(basis) && has_data(norms) &&
+                          has_data(coefs);
+      std::vector<at::Tensor> d_mods = direct ? gram_basis_bwd_cpu_as(d_basis, d_span, basis, norms, coefs, dtypes)
+                                              : dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
+      for (int64_t i = 0; i < n; ++i) out.push_back(d_mods[i].to(dtypes[i]));
     } else {
       for (int64_t i = 0; i < n; ++i) out.emplace_back();
     }
