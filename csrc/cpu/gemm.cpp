@@ -12,6 +12,18 @@
 namespace fastbind {
 namespace cpu {
 
+// body(c0, w) for each panel of kMicroN columns of an N-column operand of depth K, the panels spread
+// over the ATen threads (at least ~2^16 elements per task: a small operand stays on the calling
+// thread). Panels are disjoint: the packed result does not depend on the split.
+template <class Body>
+void for_each_panel(int64_t N, int64_t K, const Body& body) {
+  const int64_t panels = (N + kMicroN - 1) / kMicroN;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, K * kMicroN));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) body(p * kMicroN, std::min(kMicroN, N - p * kMicroN));
+  });
+}
+
 // Two consecutive rows (depth indices 2i, 2i+1) of a bf16 B operand in the VNNI layout of the bf16
 // microkernel: element j of the pair is (even[j], odd[j]) at out[2j], out[2j + 1] (little endian).
 FB_MULTIVERSION void vnni_pair(const uint16_t* __restrict even, const uint16_t* __restrict odd, int64_t nc,
@@ -29,14 +41,38 @@ at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t
   at::Tensor out = at::empty({Kp * N}, opts);
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
   const std::vector<uint16_t> zeros(N, 0);
-  for (int64_t c0 = 0; c0 < N; c0 += kMicroN) {
-    const int64_t w = std::min(kMicroN, N - c0);
+  for_each_panel(N, Kp, [&](int64_t c0, int64_t w) {
     uint32_t* panel = dst + c0 * Kp / 2;
     for (int64_t d = 0; d < Kp; d += 2) {
       const uint16_t* odd = d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data();
       vnni_pair(src + d * ld + c0, odd, w, panel + (d / 2) * w);
     }
+  });
+  return out;
+}
+
+// pack_vnni_rows from a float32 B [K, N] (row stride ld), each element rounded to bf16 as it is
+// packed (bf16_bits: the rounding of .to(bfloat16), so the panels are those of pack_vnni_rows on
+// the rounded copy, without that copy: the bf16 backward's Q_r operand on the exact path, issue
+// 14). The panels are spread over the ATen threads.
+FB_MULTIVERSION void vnni_pair_f32(const float* __restrict even, const float* __restrict odd, int64_t nc,
+                                   uint32_t* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < nc; ++j) {
+    const uint32_t hi = odd != nullptr ? bf16_bits(odd[j]) : 0u;
+    out[j] = static_cast<uint32_t>(bf16_bits(even[j])) | (hi << 16);
   }
+}
+
+at::Tensor pack_vnni_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
+  const int64_t Kp = rows + (rows & 1);
+  at::Tensor out = at::empty({Kp * N}, opts.dtype(at::kBFloat16));
+  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
+  for_each_panel(N, Kp, [&](int64_t c0, int64_t w) {
+    uint32_t* panel = dst + c0 * Kp / 2;
+    for (int64_t d = 0; d < Kp; d += 2)
+      vnni_pair_f32(src + d * ld + c0, d + 1 < rows ? src + (d + 1) * ld + c0 : nullptr, w, panel + (d / 2) * w);
+  });
   return out;
 }
 

@@ -742,39 +742,46 @@ constexpr int64_t kDaDepth = 256;
 
 // The gradient GEMMs of one backward tile on bf16 operands (see backward_tiles), fp32 accumulation
 // into d_anchor [B1, D] and dQᵀ [R, D, B2]. `row` is the tile's first global row.
+// (Raw pointers: T_r's rows and pairs, Q_hi,r's panels, the transposed anchor; per-tile select of
+// their tensors was a visible part of a call.)
 void bf16_gradient_gemms(const Operands& o, const Tile& t, int64_t row, int64_t ncp, int64_t ldt, int64_t ldp,
-                         const at::Tensor& t_rows,
-                         const at::Tensor& t_pairs, const std::vector<at::Tensor>& q_vnni,
-                         const at::Tensor& anchor_t16, int64_t B2p, float* da, float* dqt) {
+                         const uint16_t* const* t_rows, const uint32_t* const* t_pairs,
+                         const at::BFloat16* const* q_vnni, const at::BFloat16* anchor_t16, int64_t B2p, float* da,
+                         float* dqt) {
   const int64_t D = o.D, B2 = o.B2;
   const int64_t nr_even = t.nr & ~int64_t{1};
+  // First writes instead of zeroed outputs (backward_tiles): a row block's first column tile
+  // writes its dA rows, a chunk's first row block its dQᵀ columns.
+  const bool da_first = t.c0 == 0, dq_first = t.r0 == 0;
   for (int64_t r = 0; r < o.R; ++r) {
-    const at::BFloat16* rows16 = t_rows[r].const_data_ptr<at::BFloat16>();
-    const at::BFloat16* pairs16 = t_pairs[r].const_data_ptr<at::BFloat16>();
-    const at::BFloat16* qv = q_vnni[r].const_data_ptr<at::BFloat16>();
+    const auto* rows16 = reinterpret_cast<const at::BFloat16*>(t_rows[r]);
+    const auto* pairs16 = reinterpret_cast<const at::BFloat16*>(t_pairs[r]);
+    const at::BFloat16* qv = q_vnni[r];
     float* dq = dqt + r * D * B2 + t.c0;
     // dA[rows] += T_r · Q_hi,r[cols]: depth ncp from column c0 of the packed panels (c0 even)
     for (int64_t j0 = 0; j0 < D; j0 += kMicroN) {
       const int64_t w = std::min(kMicroN, D - j0);
       for (int64_t k0 = 0; k0 < ncp; k0 += kDaDepth)
-        at::native::cpublas::brgemm(t.nr, w, std::min(kDaDepth, ncp - k0), ldt, w, D, true, rows16 + k0,
+        at::native::cpublas::brgemm(t.nr, w, std::min(kDaDepth, ncp - k0), ldt, w, D,
+                                    !(da_first && r == 0 && k0 == 0), rows16 + k0,
                                     qv + j0 * B2p + (t.c0 + k0) * w, da + row * D + j0, /*is_vnni=*/true);
     }
     // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r over the even part of the rows ...
     if (nr_even > 0) {
       for (int64_t j0 = 0; j0 < t.nc; j0 += kMicroN)
-        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, ldp, B2, true,
-                                    anchor_t16.const_data_ptr<at::BFloat16>() + row, pairs16 + 2 * j0, dq + j0,
+        at::native::cpublas::brgemm(D, std::min(kMicroN, t.nc - j0), nr_even, o.B1, ldp, B2, !dq_first,
+                                    anchor_t16 + row, pairs16 + 2 * j0, dq + j0,
                                     /*is_vnni=*/true);
     }
     // ... and the odd last row of a tile (no VNNI pair) as a rank-1 update
-    if (t.nr & 1) {
+    if (t.nr & 1) {  // (it writes the columns itself in a chunk of one row: no GEMM above then)
       const at::BFloat16* a = o.anchor_bf16.const_data_ptr<at::BFloat16>() + (row + t.nr - 1) * D;
       const at::BFloat16* last = rows16 + (t.nr - 1) * ldt;
+      const bool write = dq_first && nr_even == 0;
       for (int64_t d = 0; d < D; ++d) {
         const float ad = static_cast<float>(a[d]);
         float* out = dq + d * B2;
-        for (int64_t j = 0; j < t.nc; ++j) out[j] += ad * static_cast<float>(last[j]);
+        for (int64_t j = 0; j < t.nc; ++j) out[j] = (write ? 0.f : out[j]) + ad * static_cast<float>(last[j]);
       }
     }
   }
@@ -789,7 +796,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
     GradRow&& grad_row) {
   const auto opts = o.opts;
   const int64_t D = o.D;
-  at::Tensor d_anchor = at::zeros({o.B1, D}, opts);
+  // d_anchor's rows are written by their row block's first column tile, the dQ parts' columns by
+  // their chunk's first row block (first writes, no zero fill of [B1, D] and R·D·B2 floats per chunk:
+  // a visible part of the call, issue 14); zeros only where no tile writes them (B1 or B2 = 0).
+  const bool written = o.B1 > 0 && o.B2 > 0;
+  at::Tensor d_anchor = written ? at::empty({o.B1, D}, opts) : at::zeros({o.B1, D}, opts);
   at::Tensor d_span = at::zeros({o.B2}, opts), d_asq = at::zeros({o.B1}, opts);
   const std::vector<int64_t> chunks = row_chunks(o.B1, o.B2, o.D, o.R);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
@@ -812,8 +823,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   float* da_p = d_anchor.data_ptr<float>();
   for (int64_t c = 0; c < nchunks; ++c) {
     // (no rows: nothing writes the part, which is the zero gradient then)
-    d_basis_part[c] = dq_rows ? (o.B1 > 0 ? at::empty({o.R, o.B2, D}, opts) : at::zeros({o.R, o.B2, D}, opts))
-                              : at::zeros({o.R, D, o.B2}, opts);
+    const std::vector<int64_t> shape = dq_rows ? std::vector<int64_t>{o.R, o.B2, D} : std::vector<int64_t>{o.R, D, o.B2};
+    d_basis_part[c] = written ? at::empty(shape, opts) : at::zeros(shape, opts);
     d_span_part[c] = c == 0 ? d_span : at::zeros({o.B2}, opts);  // (chunk 0 accumulates into d_span itself)
   }
   // bf16 inputs: the gradient GEMMs in bf16 too (fp32 accumulation), with T_r = dL/dP_r rounded to
@@ -826,12 +837,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   const int64_t B2p = o.B2 + (o.B2 & 1);
   std::vector<at::Tensor> q_vnni(o.bf16 ? o.R : 0);
   for (int64_t r = 0; r < static_cast<int64_t>(q_vnni.size()); ++r) {
-    // Q_hi,r: the first D columns of the split operand's rows, or (exact path) Q_r rounded here
-    const at::Tensor hi_rows = o.exact ? o.basis[r].to(at::kBFloat16) : o.gemm_b[r];
-    const uint16_t* hi = reinterpret_cast<const uint16_t*>(hi_rows.const_data_ptr<at::BFloat16>());
-    q_vnni[r] = pack_vnni_rows(hi, hi_rows.stride(0), o.B2, D, o.anchor_bf16.options());
+    // Q_hi,r: the first D columns of the split operand's rows, or (exact path) Q_r rounded while
+    // packed (the same bf16 values, no rounded copy first)
+    if (o.exact) {
+      q_vnni[r] = pack_vnni_rows_f32(o.basis.const_data_ptr<float>() + r * o.B2 * D, D, o.B2, D, o.opts);
+      continue;
+    }
+    const uint16_t* hi = reinterpret_cast<const uint16_t*>(o.gemm_b[r].const_data_ptr<at::BFloat16>());
+    q_vnni[r] = pack_vnni_rows(hi, o.gemm_b[r].stride(0), o.B2, D, o.anchor_bf16.options());
   }
-  const at::Tensor anchor_t16 = o.bf16 ? o.anchor_bf16.t().contiguous() : at::Tensor();
+  const at::Tensor anchor_t16 = o.bf16 ? transposed_copy_16(o.anchor_bf16) : at::Tensor();
+  std::vector<const at::BFloat16*> qv_p;
+  for (const at::Tensor& q : q_vnni) qv_p.push_back(q.const_data_ptr<at::BFloat16>());
+  const at::BFloat16* at16_p = o.bf16 ? anchor_t16.const_data_ptr<at::BFloat16>() : nullptr;
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
     std::vector<float> buf(kColBlock);
     // bf16 T_r of one tile: row-major [nr, kColBlock] and VNNI [nr/2, nc, 2] per product
@@ -872,33 +890,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
       dtau += dt;
       const int64_t row = r0 + t.r0;
       if (o.bf16) {
-        bf16_gradient_gemms(o, t, row, ncp, ldt, ldp, t_rows, t_pairs, q_vnni, anchor_t16, B2p, da_p, dqt);
+        bf16_gradient_gemms(o, t, row, ncp, ldt, ldp, rows16, pairs32, qv_p.data(), at16_p, B2p, da_p, dqt);
         return;
       }
       for (int64_t r = 0; r < o.R; ++r) {
         const float* T = P.p[r];  // [nr, nc], contiguous (no row padding on the float32 path)
-        // dA[rows] += T_r · Q_r[cols]
-        gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, true);
+        // dA[rows] (+)= T_r · Q_r[cols]: written by the row block's first tile
+        gemm_f32(t.nr, D, t.nc, T, t.nc, q_p + (r * o.B2 + t.c0) * D, D, da_p + row * D, D, r > 0 || t.c0 > 0);
         if (dq_rows) {  // dQ_r[cols] (+)= T_rᵀ · A[rows]: written by the chunk's first row block
           mm_strided(t.nc, D, t.nr, T, 1, t.nc, a_p + row * D, D, dqt + (r * o.B2 + t.c0) * D, D, t.r0 > 0);
           continue;
         }
-        // dQ_rᵀ[:, cols] += Aᵀ[:, rows] · T_r
-        gemm_f32(D, t.nc, t.nr, at_p + row, o.B1, T, t.nc, dqt + r * D * o.B2 + t.c0, o.B2, true);
+        // dQ_rᵀ[:, cols] (+)= Aᵀ[:, rows] · T_r: written by the chunk's first row block
+        gemm_f32(D, t.nc, t.nr, at_p + row, o.B1, T, t.nc, dqt + r * D * o.B2 + t.c0, o.B2, t.r0 > 0);
       }
     });
     dtau_part[c] = dtau;
   });
   double dtau = 0.0;
-  at::Tensor d_basis_t = d_basis_part[0];
   for (int64_t c = 0; c < nchunks; ++c) {
     if (c > 0) {
-      d_basis_t.add_(d_basis_part[c]);
+      if (dq_rows) d_basis_part[0].add_(d_basis_part[c]);
       d_span.add_(d_span_part[c]);
     }
     dtau += dtau_part[c];
   }
-  return {d_anchor, dq_rows ? d_basis_t : transposed_copy(d_basis_t), d_span, d_asq, dtau};
+  // dQᵀ parts: merged in chunk order and transposed back in one pass
+  return {d_anchor, dq_rows ? d_basis_part[0] : transposed_sum(d_basis_part), d_span, d_asq, dtau};
 }
 
 }  // namespace

@@ -25,6 +25,13 @@
 
 namespace fastbind {
 namespace cpu {
+
+// csrc/cpu/span_basis.cpp: gram_basis_bwd's CPU kernel with bf16 gradients written by the kernel
+std::vector<at::Tensor> gram_basis_bwd_cpu_as(const std::optional<at::Tensor>& grad_basis_in,
+                                              const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
+                                              const at::Tensor& norms_in, const at::Tensor& coefs_in,
+                                              const std::vector<at::ScalarType>& out_dtypes);
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -42,9 +49,12 @@ FB_MULTIVERSION void scaled_add(float* __restrict g, const float* __restrict a, 
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) g[j] += alpha * a[j];
 }
-FB_MULTIVERSION void scaled_add_bf16(float* __restrict g, const uint16_t* __restrict a, float alpha, int64_t d) {
+// out = bf16(g + alpha·a) (a: bfloat16 bits): the bf16 anchor's gradient rounded as it is formed,
+// no float32 result and .to(bfloat16) pass after it (bf16_bits rounds as that cast does).
+FB_MULTIVERSION void scaled_add_bf16(uint16_t* __restrict out, const float* __restrict g,
+                                     const uint16_t* __restrict a, float alpha, int64_t d) {
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) g[j] += alpha * bf16_to_float(a[j]);
+  for (int64_t j = 0; j < d; ++j) out[j] = bf16_bits(g[j] + alpha * bf16_to_float(a[j]));
 }
 
 // t as float32 / contiguous, the tensor itself when it already is: below autograd an op must not
@@ -142,11 +152,15 @@ at::Tensor anchor_gradient(at::Tensor& d_a, const at::Tensor& a_op, const at::Te
   if (a_op.scalar_type() == at::kFloat) {
     const float* a = a_op.const_data_ptr<float>();
     for (int64_t i = 0; i < b1; ++i) scaled_add(g + i * d, a + i * d, 2.f * s[i], d);
-  } else {
-    const auto* a = reinterpret_cast<const uint16_t*>(a_op.const_data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < b1; ++i) scaled_add_bf16(g + i * d, a + i * d, 2.f * s[i], d);
+    return d_a.to(anchor_dtype);
   }
-  return d_a.to(anchor_dtype);
+  // a bfloat16 GEMM operand is the bfloat16 anchor itself (run_forward): its gradient is bfloat16
+  TORCH_CHECK(anchor_dtype == at::kBFloat16, "anchor_gradient: a bfloat16 operand of a ", anchor_dtype, " anchor");
+  at::Tensor out = at::empty({b1, d}, a_op.options());
+  const auto* a = reinterpret_cast<const uint16_t*>(a_op.const_data_ptr<at::BFloat16>());
+  auto* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t i = 0; i < b1; ++i) scaled_add_bf16(o + i * d, g + i * d, a + i * d, 2.f * s[i], d);
+  return out;
 }
 
 // The modalities operand of gram_loss_fwd/_bwd: passed for a bfloat16 anchor only, where the CPU
@@ -239,10 +253,15 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     bool any_modality = false;
     for (int64_t i = 0; i < n; ++i) any_modality = any_modality || ctx->needs_input_grad(1 + i);
     if (any_modality) {
-      std::vector<at::Tensor> d_mods = dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
-      for (int64_t i = 0; i < n; ++i) {
-        out.push_back(d_mods[i].to(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i))));
-      }
+      std::vector<at::ScalarType> dtypes;
+      for (int64_t i = 0; i < n; ++i) dtypes.push_back(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i)));
+      // real CPU tensors: the kernel itself, which writes bf16 gradients directly (no float32
+      // gradient and cast per modality); fake tensors: the dispatcher's op and a cast
+      const bool direct = has_data(d_basis) && has_data(d_span) && has_data(basis) && has_data(norms) &&
+                          has_data(coefs);
+      std::vector<at::Tensor> d_mods = direct ? gram_basis_bwd_cpu_as(d_basis, d_span, basis, norms, coefs, dtypes)
+                                              : dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
+      for (int64_t i = 0; i < n; ++i) out.push_back(d_mods[i].to(dtypes[i]));
     } else {
       for (int64_t i = 0; i < n; ++i) out.emplace_back();
     }

@@ -255,8 +255,9 @@ FB_MULTIVERSION void basis_backward_sample(const float* q, int64_t stride, const
 }
 
 
-// The modalities as float32 contiguous [B, D] tensors (bf16/fp16 upcast, as the torch version's
-// m.float()), after the shape checks.
+// The modalities as contiguous [B, D] tensors, float32 (fp16 upcast, as the torch version's
+// m.float()) or bfloat16 as they are (widened per sample, modality_rows: exact, the same
+// values without a float32 copy of each modality per call, issue 14), after the shape checks.
 std::vector<at::Tensor> float_modalities(const char* op, at::TensorList modalities) {
   const int64_t n = static_cast<int64_t>(modalities.size());
   TORCH_CHECK(n >= 1 && n <= kMaxModalities, op, ": expected 1..", kMaxModalities, " modalities, got ", n);
@@ -272,9 +273,31 @@ std::vector<at::Tensor> float_modalities(const char* op, at::TensorList modaliti
     const auto dt = m.scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
                 ": modalities must be float32, bfloat16 or float16, got ", dt);
-    out.push_back(m.to(at::kFloat).contiguous());
+    out.push_back(dt == at::kBFloat16 ? m.contiguous() : m.to(at::kFloat).contiguous());
   }
   return out;
+}
+
+FB_MULTIVERSION void round_to_bf16(const float* __restrict x, int64_t d, uint16_t* __restrict out) {
+#pragma omp simd
+  for (int64_t j = 0; j < d; ++j) out[j] = bf16_bits(x[j]);
+}
+
+// Sample b's modality rows as float32 pointers: float32 rows in place, bfloat16 rows widened into
+// `scratch` (n·D floats).
+void modality_rows(const std::vector<at::Tensor>& modalities, const void* const* ptr, int64_t b, int64_t D,
+                   float* scratch, const float** m) {
+  for (size_t i = 0; i < modalities.size(); ++i) {
+    if (modalities[i].scalar_type() == at::kFloat) {
+      m[i] = static_cast<const float*>(ptr[i]) + b * D;
+      continue;
+    }
+    const uint16_t* __restrict src = static_cast<const uint16_t*>(ptr[i]) + b * D;
+    float* __restrict dst = scratch + i * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = bf16_to_float(src[d]);
+    m[i] = dst;
+  }
 }
 
 }  // namespace
@@ -285,21 +308,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_basis_fwd_cpu(at
   const std::vector<at::Tensor> modalities = float_modalities("gram_basis_fwd", modalities_in);
   const int64_t n = static_cast<int64_t>(modalities.size());
   const int64_t B = modalities[0].size(0), D = modalities[0].size(1);
-  const auto opts = modalities[0].options();
+  const auto opts = modalities[0].options().dtype(at::kFloat);
   at::Tensor basis = at::empty({n, B, D}, opts);
   at::Tensor volume = at::empty({B}, opts);
   at::Tensor norms = at::empty({n, B}, opts);
   at::Tensor coefs = at::zeros({B, 2, n, n}, opts);
-  const float* m_ptr[kMaxModalities];
-  for (int64_t i = 0; i < n; ++i) m_ptr[i] = modalities[i].data_ptr<float>();
+  const void* m_ptr[kMaxModalities];
+  for (int64_t i = 0; i < n; ++i) m_ptr[i] = modalities[i].const_data_ptr();
   float* q = basis.data_ptr<float>();
   float* vol = volume.data_ptr<float>();
   float* nrm = norms.data_ptr<float>();
   float* cf = coefs.data_ptr<float>();
   at::parallel_for(0, B, chunk_size(n, D), [&](int64_t b0, int64_t b1) {
+    std::vector<float> widened(n * D);
     for (int64_t b = b0; b < b1; ++b) {
       const float* m[kMaxModalities];
-      for (int64_t i = 0; i < n; ++i) m[i] = m_ptr[i] + b * D;
+      modality_rows(modalities, m_ptr, b, D, widened.data(), m);
       vol[b] = basis_forward_sample(m, q + b * D, B * D, nrm + b, B, cf + b * 2 * n * n, n, D);
     }
   });
@@ -308,9 +332,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_basis_fwd_cpu(at
 
 // Gradient of gram_basis_fwd with respect to its modalities (float32 [B, D] each) from the
 // gradients of basis [n, B, D] and volume [B] (either may be absent: zero).
-std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad_basis_in,
-                                           const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
-                                           const at::Tensor& norms_in, const at::Tensor& coefs_in) {
+// out_dtypes (gram_basis_bwd_cpu_as): modalities whose gradient is bfloat16 get it rounded per sample
+// from a float32 scratch row (bf16_bits: the rounding of .to(bfloat16)), with no float32 [B, D]
+// gradient and cast pass per call (issue 14); every other one float32 as the op returns it.
+std::vector<at::Tensor> gram_basis_bwd_cpu_as(const std::optional<at::Tensor>& grad_basis_in,
+                                              const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
+                                              const at::Tensor& norms_in, const at::Tensor& coefs_in,
+                                              const std::vector<at::ScalarType>& out_dtypes) {
   const char* op = "gram_basis_bwd";
   TORCH_CHECK(basis_in.dim() == 3, op, ": basis must be [n, B, D]");
   const int64_t n = basis_in.size(0), B = basis_in.size(1), D = basis_in.size(2);
@@ -333,9 +361,16 @@ std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad
   // later modalities' projections add) until modality i is processed, then ∂L/∂m_i.
   std::vector<at::Tensor> grads;
   grads.reserve(n);
-  for (int64_t i = 0; i < n; ++i) grads.push_back(at::empty({B, D}, basis.options()));
+  TORCH_CHECK(out_dtypes.empty() || static_cast<int64_t>(out_dtypes.size()) == n, op, ": one dtype per modality");
+  bool bf16_out[kMaxModalities];
   float* g_ptr[kMaxModalities];
-  for (int64_t i = 0; i < n; ++i) g_ptr[i] = grads[i].data_ptr<float>();
+  uint16_t* g16_ptr[kMaxModalities];
+  for (int64_t i = 0; i < n; ++i) {
+    bf16_out[i] = !out_dtypes.empty() && out_dtypes[i] == at::kBFloat16;
+    grads.push_back(at::empty({B, D}, basis.options().dtype(bf16_out[i] ? at::kBFloat16 : at::kFloat)));
+    g_ptr[i] = bf16_out[i] ? nullptr : grads[i].data_ptr<float>();
+    g16_ptr[i] = bf16_out[i] ? reinterpret_cast<uint16_t*>(grads[i].data_ptr<at::BFloat16>()) : nullptr;
+  }
   const float* q = basis.data_ptr<float>();
   const float* nrm = norms.data_ptr<float>();
   const float* cf = coefs.data_ptr<float>();
@@ -343,11 +378,12 @@ std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad
   const float* gv_ptr = has_gv ? gv.data_ptr<float>() : nullptr;
 
   at::parallel_for(0, B, chunk_size(n, D), [&](int64_t b0, int64_t b1) {
-    std::vector<float> scratch(2 * D);
+    std::vector<float> scratch((2 + n) * D);
+    float* rows = scratch.data() + 2 * D;  // the float32 rows of the bf16 gradients
     for (int64_t b = b0; b < b1; ++b) {
       float* g[kMaxModalities];
       for (int64_t i = 0; i < n; ++i) {
-        g[i] = g_ptr[i] + b * D;
+        g[i] = bf16_out[i] ? rows + i * D : g_ptr[i] + b * D;
         if (gq_ptr != nullptr) {
           std::copy(gq_ptr + (i * B + b) * D, gq_ptr + (i * B + b + 1) * D, g[i]);
         } else {
@@ -356,9 +392,17 @@ std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad
       }
       basis_backward_sample(q + b * D, B * D, nrm + b, B, cf + b * 2 * n * n, gv_ptr != nullptr ? gv_ptr[b] : 0.f,
                             g, scratch.data(), scratch.data() + D, n, D);
+      for (int64_t i = 0; i < n; ++i)
+        if (bf16_out[i]) round_to_bf16(g[i], D, g16_ptr[i] + b * D);
     }
   });
   return grads;
+}
+
+std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad_basis_in,
+                                           const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
+                                           const at::Tensor& norms_in, const at::Tensor& coefs_in) {
+  return gram_basis_bwd_cpu_as(grad_basis_in, grad_volume_in, basis_in, norms_in, coefs_in, {});
 }
 
 namespace {
@@ -391,10 +435,20 @@ class GramBasis : public torch::autograd::Function<GramBasis> {
                 "fastbind::gram_basis_fwd: second-order gradients (create_graph=True, torch.func.grad of a "
                 "gradient) are not supported by the fused kernels; use backend='torch' for double backward");
     const variable_list saved = ctx->get_saved_variables();
-    std::vector<at::Tensor> out =
-        dispatch::gram_basis_bwd(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1], saved[2]);
     const c10::List<int64_t> dtypes = ctx->saved_data["dtypes"].toIntList();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = out[i].to(static_cast<at::ScalarType>(dtypes.get(i)));
+    std::vector<at::ScalarType> out_dtypes;
+    for (size_t i = 0; i < dtypes.size(); ++i) out_dtypes.push_back(static_cast<at::ScalarType>(dtypes.get(i)));
+    // CPU tensors with data (not fake/subclass: those take the dispatcher): the kernel writes bf16
+    // gradients itself
+    bool direct = true;
+    for (const at::Tensor& t : {grads[0], grads[1], saved[0], saved[1], saved[2]})
+      direct = direct && (!t.defined() || (t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python)));
+    std::vector<at::Tensor> out =
+        direct ? gram_basis_bwd_cpu_as(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
+                                       saved[2], out_dtypes)
+               : dispatch::gram_basis_bwd(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
+                                          saved[2]);
+    for (size_t i = 0; i < out.size(); ++i) out[i] = out[i].to(out_dtypes[i]);
     return out;
   }
 };
