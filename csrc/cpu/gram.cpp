@@ -90,30 +90,42 @@ struct RowOperands {
   }
 };
 
-template <int R, bool kExact, bool kStore>
-FB_HD float product_residual(const RowOperands<R, kExact>& o, int64_t j, float a_sq) {
+// The products P_r of element j into pr[0..R) and the residual ‖a‖² − Σ_r P_r²: p the row's R
+// product rows (S_s on the exact path), c its coefficient rows (RowOperands::c). The one formula of
+// the forward's and the backward's products and residuals (the backward's logits must be the
+// forward's bitwise: the exact zero gradient of B = 1 with label smoothing needs exp(l − lse) = 1).
+template <int R, bool kExact>
+FB_HD float element_products(const float* const* p, const float* const* c, int64_t j, float a_sq, float* pr) {
   float res = a_sq;
   if constexpr (kExact) {
     float sv[R];
-    for (int r = 0; r < R; ++r) sv[r] = o.p[r][j];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) sv[r] = p[r][j];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      float pr = sv[r] * o.c[r * R + r][j];
-      for (int s = 0; s < r; ++s) pr += o.c[r * R + s][j] * sv[s];
-      if constexpr (kStore) o.p[r][j] = pr;
-      res = gram_residual_sub(res, pr);
+      float x = sv[r] * c[r * R + r][j];
+#pragma GCC unroll 8
+      for (int s = 0; s < r; ++s) x += c[r * R + s][j] * sv[s];
+      pr[r] = x;
+      res = gram_residual_sub(res, x);
     }
   } else {
-    for (int r = 0; r < R; ++r) res = gram_residual_sub(res, o.p[r][j]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      pr[r] = p[r][j];
+      res = gram_residual_sub(res, pr[r]);
+    }
   }
   return res;
 }
 
-// dist_j = sqrt(max(a_sq − Σ_r P_r[off + j]², 0)) for j < nc; on the exact path P_r is left combined.
-template <int R, bool kExact>
-FB_HD void distances_loop(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
-  const RowOperands<R, kExact> o(P, off);
-#pragma omp simd
-  for (int64_t j = 0; j < nc; ++j) dist[j] = gram_distance_from_residual(product_residual<R, kExact, true>(o, j, a_sq));
+template <int R, bool kExact, bool kStore>
+FB_HD float product_residual(const RowOperands<R, kExact>& o, int64_t j, float a_sq) {
+  float pr[R];
+  const float res = element_products<R, kExact>(o.p, o.c, j, a_sq, pr);
+  if constexpr (kStore)
+    for (int r = 0; r < R; ++r) o.p[r][j] = pr[r];
+  return res;
 }
 
 // out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ); returns the
@@ -157,17 +169,6 @@ FB_HD auto row_pass(const Products& P, const F& f) {
   }
 }
 
-struct DistancesRow {
-  const Products& P;
-  int64_t off, nc;
-  float a_sq;
-  float* dist;
-  template <int R, bool kExact>
-  FB_HD void run() const {
-    distances_loop<R, kExact>(P, off, nc, a_sq, dist);
-  }
-};
-
 struct ScaledVolumesRow {
   const Products& P;
   int64_t off, nc;
@@ -183,10 +184,6 @@ struct ScaledVolumesRow {
                : scaled_volumes_loop<R, kExact, false>(P, off, nc, a_sq, span_vol, scale, out, col_max);
   }
 };
-
-FB_MULTIVERSION void row_distances(const Products& P, int64_t off, int64_t nc, float a_sq, float* __restrict dist) {
-  row_pass(P, DistancesRow{P, off, nc, a_sq, dist});
-}
 
 FB_MULTIVERSION float row_scaled_volumes(const Products& P, int64_t off, int64_t nc, float a_sq,
                                          const float* __restrict span_vol, float scale, float* out,
@@ -370,13 +367,14 @@ FB_MULTIVERSION void exp_sum_into(const float* __restrict x, const float* __rest
   if (r.has) col_sum[skip] += x[skip];
 }
 
-// One backward row of a tile. For each column j (global column c0 + j, positive column `diag`):
+// ---- the backward epilogue: one pass over one or two tile rows -----------------------------------
+// For each column j (global column c0 + j) of tile row i:
 //   g_ij      = ∂L/∂logit_ij from the saved row/column LSE (see gram_loss_backward)
 //   dvol_ij   = −g_ij/τ,   dtau += g_ij·logit_ij (then ·(−1/τ))
 //   coef_ij   = dvol_ij·r_j / max(dist_ij, eps)
-//   T_r,ij    = −coef_ij·P_r,ij            (written over P_r in place)
+//   T_r,ij    = −coef_ij·P_r,ij
 //   da_sq    += coef_ij/2,  dr_j += dvol_ij·dist_ij
-// The volume backward is the special case dvol = grad (`grad` non-null; no softmax, no τ).
+// The volume backward is the special case dvol = grad (no softmax, no τ).
 //
 // The two softmax terms need exp(l − lse_row_i) and exp(l − lse_col_j). With `col_factor` (one exp
 // per element, see one_exp_factors) the second is e·(f_i·h_j) from the first, e = exp(l − lse_row_i),
@@ -400,75 +398,229 @@ FB_MULTIVERSION float min_factor(const float* __restrict x, int64_t n) {
   return m;
 }
 
-//
-// With `t16` (the bf16 path), T_r is written rounded to bfloat16 into t16[r][0, nc) (zero pad up to
-// ncp) instead of over P_r: the gradient GEMMs read only that copy, so the float32 T_r would be one
-// more pass over the tile for nothing.
-FB_MULTIVERSION void backward_row(const Products& P, int64_t off, int64_t nc, float a_sq,
-                                const float* __restrict span_vol, const float* __restrict g_col,
-                                const float* __restrict lse_col, const float* __restrict grad, const RowGrad& rg,
-                                float* __restrict dist, float* __restrict dr, float* da_sq, float* dtau,
-                                uint16_t* const* t16 = nullptr, int64_t ncp = 0,
-                                const float* __restrict col_factor = nullptr) {
-  row_distances(P, off, nc, a_sq, dist);
-  const float g_row = rg.g_row, lse_row = rg.lse_row, row_smooth = rg.row_smooth, col_smooth = rg.col_smooth;
-  const float one_minus_eps = rg.one_minus_eps, neg_inv_tau = rg.neg_inv_tau, eps_dist = rg.eps_dist;
-  const int64_t diag = rg.diag;
-  float da = 0.f, dt = 0.f;
-  if (grad != nullptr) {
-#pragma omp simd reduction(+ : da)
-    for (int64_t j = 0; j < nc; ++j) {
-      const float dvol = grad[j];
-      dr[j] += dvol * dist[j];
-      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
-      da += coef;
-      dist[j] = -coef;
-    }
-  } else if (col_factor != nullptr) {
-    const float f = rg.row_factor;
-#pragma omp simd reduction(+ : da, dt)
-    for (int64_t j = 0; j < nc; ++j) {
-      const float logit = gram_scaled_volume(neg_inv_tau, span_vol[j], dist[j]);
-      const float delta = j == diag ? one_minus_eps : 0.f;
-      const float e = fast_exp(logit - lse_row);
-      const float g = g_row * (e - row_smooth - delta) + g_col[j] * (e * (f * col_factor[j]) - col_smooth - delta);
-      const float dvol = g * neg_inv_tau;
-      dt += g * logit;
-      dr[j] += dvol * dist[j];
-      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
-      da += coef;
-      dist[j] = -coef;
-    }
-  } else {
-#pragma omp simd reduction(+ : da, dt)
-    for (int64_t j = 0; j < nc; ++j) {
-      const float logit = gram_scaled_volume(neg_inv_tau, span_vol[j], dist[j]);
-      const float delta = j == diag ? one_minus_eps : 0.f;
-      const float g = g_row * (fast_exp(logit - lse_row) - row_smooth - delta) +
-                      g_col[j] * (fast_exp(logit - lse_col[j]) - col_smooth - delta);
-      const float dvol = g * neg_inv_tau;
-      dt += g * logit;
-      dr[j] += dvol * dist[j];
-      const float coef = gram_backward_coef(dvol, span_vol[j], dist[j], eps_dist);
-      da += coef;
-      dist[j] = -coef;  // reuse as the factor of P_r
-    }
-  }
-  for (int r = 0; r < P.n; ++r) {
-    float* __restrict pr = P.p[r] + off;
-    if (t16 != nullptr) {
-      uint16_t* __restrict out = t16[r];
-#pragma omp simd
-      for (int64_t j = 0; j < nc; ++j) out[j] = bf16_bits(pr[j] * dist[j]);
-      for (int64_t j = nc; j < ncp; ++j) out[j] = 0;
-      continue;
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < nc; ++j) pr[j] *= dist[j];
-  }
-  *da_sq += 0.5f * da;
-  *dtau += dt;
+// The positive's term (1 − ε)·δ_ij of g is a load, not an index test per element (a 64-bit compare
+// per lane and a blend): `delta` (kDeltaLen floats) is zero but for one_minus_eps at kDeltaCenter,
+// and delta_row(delta, diag) views it so that element diag holds that value and every other
+// element of the tile row 0 (diag = −1: all of [0, kColBlock) zero).
+constexpr int64_t kDeltaCenter = kColBlock;
+constexpr int64_t kDeltaLen = 2 * kColBlock + 1;
+FB_HD const float* delta_row(const float* delta, int64_t diag) {
+  return delta + (diag >= 0 ? kDeltaCenter - diag : kDeltaCenter + 1);
 }
+
+// The g policies of the element loop (∂L/∂vol of row q, column j, and with kTau its g·logit):
+// the volume's upstream gradient, or the loss's softmax terms with one or two exps.
+template <int kRows>
+struct VolumeGrad {
+  static constexpr bool kTau = false;
+  const float* grad[kRows];  // the rows of the upstream gradient
+  FB_HD float dvol(int q, int64_t j, float, float, float&) const { return grad[q][j]; }
+};
+
+template <int kRows, bool kOneExp>
+struct LossGrad {
+  static constexpr bool kTau = true;
+  const float* g_col;
+  const float* col_lse;     // two exps: lse_col_j
+  const float* col_factor;  // one exp: h_j
+  float g_row[kRows], lse_row[kRows], row_factor[kRows];
+  const float* delta[kRows];  // delta_row of each row
+  float row_smooth, col_smooth, neg_inv_tau;
+  FB_HD float dvol(int q, int64_t j, float span_vol, float dist, float& dt) const {
+    const float logit = gram_scaled_volume(neg_inv_tau, span_vol, dist);
+    const float d = delta[q][j];
+    const float e = fast_exp(logit - lse_row[q]);
+    const float col_e = kOneExp ? e * (row_factor[q] * col_factor[j]) : fast_exp(logit - col_lse[j]);
+    const float g = g_row[q] * (e - row_smooth - d) + g_col[j] * (col_e - col_smooth - d);
+    dt += g * logit;
+    return g * neg_inv_tau;
+  }
+};
+
+// The rows of one element loop: per row its R product rows (S_s on the exact path; the float32 path
+// writes T_r over them) and its ‖a‖² and distance floor; the tile's coefficient rows (exact path);
+// the bf16 path's T_r rows and, for two rows, their VNNI pairs.
+template <int R, bool kExact, int kRows>
+struct BackwardOperands {
+  float* p[kRows][R];
+  const float* c[kExact ? R * R : 1];
+  float a_sq[kRows], eps[kRows];
+  uint16_t* t16[kRows][R];
+  uint32_t* pairs[R];
+};
+
+// One pass over kRows (1 or 2) tile rows: products, distance, g (the policy), dr, coef, Σ coef and
+// T_r of every r per element; no distance buffer and, on the exact path, no products stored back.
+// Two rows load the column operands (span_vol, the policy's column terms, the coefficient rows, dr)
+// once for both and write T_r's VNNI pairs (row i in the low half) beside the two rows.
+// Element j of the kRows rows: products, distance, dvol (the policy), coef, T_r of every r written;
+// returns dr_j + Σ_q dvol·dist and the rows' coef and g·logit. (A function of its own, called with
+// values only: local arrays or references to locals in the body of the omp simd loop made gcc give
+// up on it — "no vectype for stmt" — and run it scalar.)
+struct ElementSums {
+  float dr, coef0, coef1, dt;
+};
+
+template <int R, bool kExact, int kRows, bool kBf16, class Grad>
+FB_HD ElementSums backward_element(const BackwardOperands<R, kExact, kRows>& o, const Grad& grad, int64_t j,
+                                   float sv, float dr) {
+  ElementSums out{dr, 0.f, 0.f, 0.f};
+  float p0[R], p1[R];
+  const float dist0 = gram_distance_from_residual(element_products<R, kExact>(o.p[0], o.c, j, o.a_sq[0], p0));
+  const float dvol0 = grad.dvol(0, j, sv, dist0, out.dt);
+  out.dr += dvol0 * dist0;
+  out.coef0 = gram_backward_coef(dvol0, sv, dist0, o.eps[0]);
+  if constexpr (kRows == 2) {
+    const float dist1 = gram_distance_from_residual(element_products<R, kExact>(o.p[1], o.c, j, o.a_sq[1], p1));
+    const float dvol1 = grad.dvol(1, j, sv, dist1, out.dt);
+    out.dr += dvol1 * dist1;
+    out.coef1 = gram_backward_coef(dvol1, sv, dist1, o.eps[1]);
+  }
+  const float t0 = -out.coef0, t1 = -out.coef1;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    if constexpr (kBf16 && kRows == 2) {
+      o.pairs[r][j] = bf16_word(p0[r] * t0) | (bf16_word(p1[r] * t1) << 16);
+    } else if constexpr (kBf16) {
+      o.t16[0][r][j] = bf16_bits(p0[r] * t0);
+    } else {
+      o.p[0][r][j] = p0[r] * t0;
+      if constexpr (kRows == 2) o.p[1][r][j] = p1[r] * t1;
+    }
+  }
+  return out;
+}
+
+// One function (and FB_MULTIVERSION clone set) per instantiation, one loop each (tests/test_s21bwd_epilogue.py
+// checks that every clone's loop is vectorised).
+// The operands and the policy are copied into locals first: read through the references, their row
+// pointers were reloaded per element (the loop's stores might alias them) and the loads became gathers.
+template <int R, bool kExact, int kRows, bool kBf16, class Grad>
+FB_MULTIVERSION void backward_rows_loop(const BackwardOperands<R, kExact, kRows>& operands, const Grad& policy,
+                                        const float* __restrict span_vol, float* __restrict dr, int64_t nc,
+                                        float* da, float* dtau) {
+  const BackwardOperands<R, kExact, kRows> o = operands;
+  const Grad grad = policy;
+  float da0 = 0.f, da1 = 0.f, dt = 0.f;
+#pragma omp simd reduction(+ : da0, da1, dt)
+  for (int64_t j = 0; j < nc; ++j) {
+    const ElementSums e = backward_element<R, kExact, kRows, kBf16>(o, grad, j, span_vol[j], dr[j]);
+    dr[j] = e.dr;
+    da0 += e.coef0;
+    if constexpr (kRows == 2) da1 += e.coef1;
+    if constexpr (Grad::kTau) dt += e.dt;
+  }
+  da[0] = da0;
+  if constexpr (kRows == 2) da[1] = da1;
+  if constexpr (Grad::kTau) *dtau += dt;
+}
+
+// The two bf16 rows of a VNNI row pair (row i in the low halves) for the dA GEMM, zero-padded from
+// n to np. backward_rows_loop writes only the pairs: with 16-bit stores in it, gcc vectorised it with
+// half as many lanes per vector (twice the registers: spills) and the loss backward ran slower.
+FB_MULTIVERSION void unpair_rows(const uint32_t* __restrict pairs, int64_t n, int64_t np, uint16_t* __restrict row0,
+                                 uint16_t* __restrict row1) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    row0[j] = static_cast<uint16_t>(pairs[j]);
+    row1[j] = static_cast<uint16_t>(pairs[j] >> 16);
+  }
+  for (int64_t j = n; j < np; ++j) row0[j] = row1[j] = 0;
+}
+
+// Tile rows i0 (and i0 + 1 with rows = 2) of a backward tile: the arguments of backward_rows.
+struct BackwardRows {
+  const Products& P;
+  int64_t i0;
+  int rows;          // 1 or 2
+  int64_t nc, ncp;   // the tile's columns; bf16: T_r rows zero-padded up to ncp
+  const float* a_sq;  // ‖a‖² of the rows
+  const RowGrad* rg;  // of the rows
+  const float* span_vol;
+  const float* grad[2];  // volume: the rows of the upstream gradient; the loss: nullptr
+  const float* g_col;
+  const float* col_lse;
+  const float* col_factor;  // one exp (every row's row_factor >= 0), else nullptr
+  const float* delta;       // see delta_row
+  uint16_t* const* t16;     // bf16: T_r's row i at t16[r] + i·ldt; float32: nullptr (T_r over P_r)
+  int64_t ldt;
+  uint32_t* const* pairs;   // bf16: T_r's VNNI pair of rows (i, i + 1) at pairs[r] + (i/2)·ldp
+  int64_t ldp;
+  float* dr;
+  float* da;  // da[q] = Σ_j coef of row q
+  float* dtau;
+
+  template <int R, bool kExact, int kRows, bool kBf16, class Grad>
+  FB_HD void loop(const Grad& g) const {
+    BackwardOperands<R, kExact, kRows> o{};
+    for (int q = 0; q < kRows; ++q) {
+      const int64_t i = i0 + q;
+      for (int r = 0; r < R; ++r) o.p[q][r] = P.p[r] + i * P.ld;
+      o.a_sq[q] = a_sq[q];
+      o.eps[q] = rg[q].eps_dist;
+      if constexpr (kBf16)
+        for (int r = 0; r < R; ++r) o.t16[q][r] = t16[r] + i * ldt;
+    }
+    if constexpr (kExact)
+      for (int r = 0; r < R; ++r)
+        for (int s = 0; s <= r; ++s) o.c[r * R + s] = P.coef + (r * R + s) * P.ldc;
+    if constexpr (kBf16 && kRows == 2)
+      for (int r = 0; r < R; ++r) o.pairs[r] = pairs[r] + (i0 / 2) * ldp;
+    backward_rows_loop<R, kExact, kRows, kBf16>(o, g, span_vol, dr, nc, da, dtau);
+    if constexpr (kBf16 && kRows == 2) {
+      for (int r = 0; r < R; ++r) unpair_rows(o.pairs[r], nc, ncp, o.t16[0][r], o.t16[1][r]);
+    } else if constexpr (kBf16) {
+      for (int r = 0; r < R; ++r)
+        for (int64_t j = nc; j < ncp; ++j) o.t16[0][r][j] = 0;
+    }
+  }
+  template <int R, bool kExact, int kRows, bool kBf16, bool kOneExp>
+  FB_HD void loss_loop() const {
+    LossGrad<kRows, kOneExp> g{g_col, col_lse, col_factor, {}, {}, {}, {}, rg[0].row_smooth, rg[0].col_smooth,
+                               rg[0].neg_inv_tau};
+    for (int q = 0; q < kRows; ++q) {
+      g.g_row[q] = rg[q].g_row;
+      g.lse_row[q] = rg[q].lse_row;
+      g.row_factor[q] = rg[q].row_factor;
+      g.delta[q] = delta_row(delta, rg[q].diag);
+    }
+    loop<R, kExact, kRows, kBf16>(g);
+  }
+  template <int R, bool kExact, int kRows, bool kBf16>
+  FB_HD void run_out() const {
+    if (grad[0] != nullptr) {
+      VolumeGrad<kRows> g{};
+      for (int q = 0; q < kRows; ++q) g.grad[q] = grad[q];
+      loop<R, kExact, kRows, kBf16>(g);
+    } else if (col_factor != nullptr) {
+      loss_loop<R, kExact, kRows, kBf16, true>();
+    } else {
+      loss_loop<R, kExact, kRows, kBf16, false>();
+    }
+  }
+  template <int R, bool kExact, int kRows>
+  FB_HD void run_rows() const {
+    if constexpr (kExact) {  // (only on the bf16 path)
+      run_out<R, true, kRows, true>();
+    } else {
+      if (t16 != nullptr) {
+        run_out<R, false, kRows, true>();
+      } else if constexpr (kRows == 1) {  // (the float32 path takes one row at a time)
+        run_out<R, false, kRows, false>();
+      }
+    }
+  }
+  template <int R, bool kExact>
+  FB_HD void run() const {
+    if (rows == 2) {
+      run_rows<R, kExact, 2>();
+    } else {
+      run_rows<R, kExact, 1>();
+    }
+  }
+};
+
+void backward_rows(const BackwardRows& b) { row_pass(b.P, b); }
 
 // hi[j] = bf16(q[j]), lo[j] = bf16(q[j] − hi[j]) for j < n: the two halves of a basis row of the
 // depth-2D product GEMM (see Operands), in one pass (no float32 copy of hi, no cat).
@@ -851,7 +1003,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
   for (const at::Tensor& q : q_vnni) qv_p.push_back(q.const_data_ptr<at::BFloat16>());
   const at::BFloat16* at16_p = o.bf16 ? anchor_t16.const_data_ptr<at::BFloat16>() : nullptr;
   for_each_slab(chunks, [&](int64_t c, int64_t r0, int64_t nr) {
-    std::vector<float> buf(kColBlock);
+    std::vector<float> delta(kDeltaLen, 0.f);  // see delta_row
     // bf16 T_r of one tile: row-major [nr, kColBlock] and VNNI [nr/2, nc, 2] per product
     at::Tensor t_rows, t_pairs;
     uint16_t* rows16[kMaxProducts];  // T_r rows (bf16) and their VNNI pairs, per product
@@ -874,18 +1026,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double> backward_tile
       // one exp per element on this tile's rows whose factor is in range, if every column's is
       const float* cf = col_factor != nullptr && min_factor(col_factor + t.c0, t.nc) >= 0.f ? col_factor + t.c0 : nullptr;
       float dt = 0.f;
-      for (int64_t i = 0; i < t.nr; ++i) {
+      // Rows in pairs on the bf16 path (backward_rows_loop; an odd last row alone), one at a time on
+      // the float32 path.
+      for (int64_t i = 0, rows = 1; i < t.nr; i += rows) {
+        rows = o.bf16 && i + 1 < t.nr ? 2 : 1;
         const int64_t gi = r0 + t.r0 + i;
-        const RowGrad rg = make_row_grad(gi, t.c0, t.nc);
-        uint16_t* t16[kMaxProducts];  // bf16: this row of each T_r, written by backward_row
-        for (int64_t r = 0; r < o.R && o.bf16; ++r) t16[r] = rows16[r] + i * ldt;
-        backward_row(P, i * P.ld, t.nc, asq[gi], rv + t.c0, g_col ? g_col + t.c0 : nullptr,
-                     lse_col ? lse_col + t.c0 : nullptr, grad_row(gi, t.c0), rg, buf.data(), dr + t.c0,
-                     dasq + gi, &dt, o.bf16 ? t16 : nullptr, ncp, rg.row_factor >= 0.f ? cf : nullptr);
-        if (o.bf16 && (i & 1)) {  // pairs of rows into VNNI while they are in L1
-          for (int64_t r = 0; r < o.R; ++r)
-            vnni_pair(rows16[r] + (i - 1) * ldt, rows16[r] + i * ldt, t.nc, pairs32[r] + (i / 2) * ldp);
+        RowGrad rg[2];
+        bool one_exp = cf != nullptr;
+        for (int64_t q = 0; q < rows; ++q) {
+          rg[q] = make_row_grad(gi + q, t.c0, t.nc);
+          one_exp = one_exp && rg[q].row_factor >= 0.f;
         }
+        delta[kDeltaCenter] = rg[0].one_minus_eps;
+        float da[2];
+        const BackwardRows b{P,      i,       static_cast<int>(rows), t.nc,  ncp,  asq + gi,
+                             rg,     rv + t.c0, {grad_row(gi, t.c0), rows == 2 ? grad_row(gi + 1, t.c0) : nullptr},
+                             g_col ? g_col + t.c0 : nullptr, lse_col ? lse_col + t.c0 : nullptr,
+                             one_exp ? cf : nullptr, delta.data(), o.bf16 ? rows16 : nullptr, ldt,
+                             pairs32, ldp, dr + t.c0, da, &dt};
+        backward_rows(b);
+        for (int64_t q = 0; q < rows; ++q) dasq[gi + q] += 0.5f * da[q];
       }
       dtau += dt;
       const int64_t row = r0 + t.r0;

@@ -179,9 +179,24 @@ void check_gram() {
   expect(fastbind::gram_distance_eps(4.f) == 2e-4f, "eps = 1e-4·‖a‖", fastbind::gram_distance_eps(4.f), 2e-4);
   expect(fastbind::gram_distance_eps(0.f) == 1e-20f, "eps floor", fastbind::gram_distance_eps(0.f), 1e-20);
   expect(std::isnan(fastbind::gram_distance_eps(kNaN)), "eps of NaN");
-  expect(fastbind::gram_backward_coef(3.f, 2.f, 0.f, 1e-4f) == 3.f * 2.f / 1e-4f, "coef clamps a zero distance");
-  expect(fastbind::gram_backward_coef(3.f, 2.f, 4.f, 1e-4f) == 1.5f, "coef above the clamp");
+  const auto near = [](float got, double want) { return std::fabs(got - want) <= 2.5e-7 * std::fabs(want); };
+  expect(near(fastbind::gram_backward_coef(3.f, 2.f, 0.f, 1e-4f), 6.0 / double{1e-4f}), "coef clamps a zero distance",
+         fastbind::gram_backward_coef(3.f, 2.f, 0.f, 1e-4f), 6.0 / double{1e-4f});
+  expect(near(fastbind::gram_backward_coef(3.f, 2.f, 4.f, 1e-4f), 1.5), "coef above the clamp",
+         fastbind::gram_backward_coef(3.f, 2.f, 4.f, 1e-4f), 1.5);
   expect(std::isnan(fastbind::gram_backward_coef(3.f, 2.f, kNaN, 1e-4f)), "coef of a NaN distance");
+  // the division-free reciprocal: within 2 ulps over the distances' whole range [1e-20, 2^64]
+  // (every 97th float bit pattern), 0 at +inf, NaN at NaN
+  double worst = 0.0;
+  for (uint32_t b = 0x1E3CE508u; b <= 0x5F800000u; b += 97u) {  // bits of 1e-20 .. 2^64
+    float d;
+    std::memcpy(&d, &b, 4);
+    const double e = std::fabs(fastbind::gram_reciprocal(d) * double{d} - 1.0);
+    worst = e > worst ? e : worst;
+  }
+  expect(worst <= 2.4e-7, "gram_reciprocal within 2 ulps", worst, 2.4e-7);
+  expect(fastbind::gram_reciprocal(std::numeric_limits<float>::infinity()) == 0.f, "1/inf = 0");
+  expect(std::isnan(fastbind::gram_reciprocal(kNaN)), "1/NaN = NaN");
 }
 
 void check_topk() {

@@ -35,11 +35,14 @@ namespace fastbind {
 // for a foreign architecture), and gcc left std::bit_cast out of line in the FB_MULTIVERSION
 // clones (a call per element in the profile of the bf16 backward).
 static_assert(sizeof(unsigned int) == 4 && sizeof(unsigned short) == 2, "bf16_bits: 32/16-bit unsigned types");
-FB_HD unsigned short bf16_bits(float x) {
+// bf16_word: the same bits in the low half of a 32-bit word (loops that store 32-bit words keep
+// their vectors of 32-bit lanes; a 16-bit store halves the lanes per vector, csrc/cpu/gram.cpp).
+FB_HD unsigned int bf16_word(float x) {
   const unsigned int u = __builtin_bit_cast(unsigned int, x);
   const unsigned int rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return x != x ? static_cast<unsigned short>(0x7FC0) : static_cast<unsigned short>(rounded);
+  return x != x ? 0x7FC0u : rounded;
 }
+FB_HD unsigned short bf16_bits(float x) { return static_cast<unsigned short>(bf16_word(x)); }
 
 // bfloat16 bits -> float32 (exact: the bits are the high half of the float32).
 FB_HD float bf16_to_float(unsigned short bits) {
