@@ -272,12 +272,12 @@ FB_MULTIVERSION void exp_sum_rows_and_cols(const float* __restrict x, int64_t n,
 //   work at small batches).
 // A step takes K consecutive tile rows (kUnshiftedStep, the rest of the tile one at a time): the
 // column operands (col_scale, the exact path's coefficients C_rs,j, col_exp and col_sum) are loaded
-// once per step, not once per row — with one row per step they were ~8 of the ~10 loads and both
-// stores of each element. Each row keeps its own sums; col_exp_j/col_sum_j take the K rows' terms in
+// once per step, not once per row (k = 3 exact path: 7 of the 9 loads and both stores of an element
+// with one row per step). Each row keeps its own sums; col_exp_j/col_sum_j take the K rows' terms in
 // row order in a register, the very additions of one row at a time (bitwise the same sums).
-// The positives of the K rows are K consecutive columns (row r's at pos + r), so one factor array
-// `zero_at` (nc + K ones, a 0 at K + pos) serves them all: row r reads zero_at[K − r + j], which is 0
-// exactly at j = pos + r. Steps with no positive in the tile skip the factor (kKeep = false).
+// Row r of a step reads its 0/1 factors from keep + r·kColBlock (ones, 0 at its positive column
+// pos + r): one aligned array per row slot (a single array read at offsets K − r put 3 of the 4 rows'
+// loads across cache lines). Steps with no positive in the tile skip the factor (kKeep = false).
 template <int R, bool kExact>
 FB_HD void unshifted_term(const RowOperands<R, kExact>& o, int64_t j, float a_sq, float cs, float keep, float& es,
                           float& s, float& ce, float& cx) {
@@ -291,7 +291,7 @@ FB_HD void unshifted_term(const RowOperands<R, kExact>& o, int64_t j, float a_sq
 
 template <int R, bool kExact, bool kCols, bool kKeep, int K>
 FB_HD void unshifted_sums_loop(const Products& P, int64_t off, int64_t nc, const float* a_sq,
-                               const float* __restrict col_scale, const float* __restrict zero_at, float* exp_sum,
+                               const float* __restrict col_scale, const float* __restrict keep, float* exp_sum,
                                float* sum, float* __restrict col_exp, float* __restrict col_sum) {
   static_assert(K == 1 || K == 2 || K == 4, "unshifted_sums_loop: 1, 2 or 4 rows per step");
   const RowOperands<R, kExact> o0(P, off), o1(P, off + (K > 1 ? 1 : 0) * P.ld), o2(P, off + (K > 2 ? 2 : 0) * P.ld),
@@ -306,11 +306,11 @@ FB_HD void unshifted_sums_loop(const Products& P, int64_t off, int64_t nc, const
       ce = col_exp[j];
       cx = col_sum[j];
     }
-    unshifted_term(o0, j, a0, cs, kKeep ? zero_at[K + j] : 1.f, es0, s0, ce, cx);
-    if constexpr (K > 1) unshifted_term(o1, j, a1, cs, kKeep ? zero_at[K - 1 + j] : 1.f, es1, s1, ce, cx);
+    unshifted_term(o0, j, a0, cs, kKeep ? keep[j] : 1.f, es0, s0, ce, cx);
+    if constexpr (K > 1) unshifted_term(o1, j, a1, cs, kKeep ? keep[kColBlock + j] : 1.f, es1, s1, ce, cx);
     if constexpr (K > 2) {
-      unshifted_term(o2, j, a2, cs, kKeep ? zero_at[K - 2 + j] : 1.f, es2, s2, ce, cx);
-      unshifted_term(o3, j, a3, cs, kKeep ? zero_at[K - 3 + j] : 1.f, es3, s3, ce, cx);
+      unshifted_term(o2, j, a2, cs, kKeep ? keep[2 * kColBlock + j] : 1.f, es2, s2, ce, cx);
+      unshifted_term(o3, j, a3, cs, kKeep ? keep[3 * kColBlock + j] : 1.f, es3, s3, ce, cx);
     }
     if constexpr (kCols) {
       col_exp[j] = ce;
@@ -330,15 +330,15 @@ struct UnshiftedSumsStep {
   const Products& P;
   int64_t off, nc, pos;  // off: the step's first row; pos: its positive column (row r's: pos + r)
   int k;                 // rows in the step: kUnshiftedStep or 1
-  const float *a_sq, *col_scale, *zero_at;
+  const float *a_sq, *col_scale, *keep;
   float *exp_sum, *sum, *pos_logit, *col_exp, *col_sum;
   template <int R, bool kExact, bool kCols, bool kKeep>
   FB_HD void run_keep() const {
     if (k == kUnshiftedStep)
-      unshifted_sums_loop<R, kExact, kCols, kKeep, kUnshiftedStep>(P, off, nc, a_sq, col_scale, zero_at, exp_sum, sum,
+      unshifted_sums_loop<R, kExact, kCols, kKeep, kUnshiftedStep>(P, off, nc, a_sq, col_scale, keep, exp_sum, sum,
                                                                   col_exp, col_sum);
     else
-      unshifted_sums_loop<R, kExact, kCols, kKeep, 1>(P, off, nc, a_sq, col_scale, zero_at, exp_sum, sum, col_exp,
+      unshifted_sums_loop<R, kExact, kCols, kKeep, 1>(P, off, nc, a_sq, col_scale, keep, exp_sum, sum, col_exp,
                                                       col_sum);
   }
   template <int R, bool kExact>
@@ -361,12 +361,12 @@ struct UnshiftedSumsStep {
 // column pos + r: logits l_rj = col_scale_j·dist_rj (j < nc), each row's Σ_{j≠pos+r} exp(l_rj) into
 // exp_sum[r] and Σ_j l_rj into sum[r], and with col_exp col_exp_j += Σ_r keep·exp(l_rj),
 // col_sum_j += Σ_r l_rj. pos_logit[r] = l_r,pos+r where that column lies in [0, nc) (else untouched).
-// zero_at: nc + k floats, all 1 except zero_at[k + pos] = 0 where k + pos lies in [0, nc + k).
+// keep: k arrays kColBlock apart, row r's all 1 except a 0 at its positive pos + r where that is in [0, nc).
 FB_MULTIVERSION void rows_unshifted_sums(const Products& P, int64_t off, int64_t nc, int k, int64_t pos,
                                          const float* a_sq, const float* __restrict col_scale,
-                                         const float* __restrict zero_at, float* exp_sum, float* sum,
+                                         const float* __restrict keep, float* exp_sum, float* sum,
                                          float* pos_logit, float* __restrict col_exp, float* __restrict col_sum) {
-  row_pass(P, UnshiftedSumsStep{P, off, nc, pos, k, a_sq, col_scale, zero_at, exp_sum, sum, pos_logit, col_exp,
+  row_pass(P, UnshiftedSumsStep{P, off, nc, pos, k, a_sq, col_scale, keep, exp_sum, sum, pos_logit, col_exp,
                                 col_sum});
 }
 
@@ -1037,7 +1037,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     float* csum = col_sum + c * B2;
     if (unshifted) {  // one pass per tile row, the LSE pairs (0, Σ exp(l)); see rows_unshifted_sums
       std::fill(rmax, rexp, 0.f);
-      std::vector<float> col_scale(kColBlock), zero_at(kColBlock + kUnshiftedStep, 1.f);
+      // col_scale and the row slots' 0/1 factors, each kColBlock floats, 64-byte aligned
+      std::vector<float> col_buf((1 + kUnshiftedStep) * kColBlock + 16, 1.f);
+      float* col_scale = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(col_buf.data()) + 63) & ~uintptr_t{63});
+      float* keep = col_scale + kColBlock;
       stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
         const Products P = products_of(o, t, prods);
         for (int64_t j = 0; j < t.nc; ++j) col_scale[j] = neg_inv_tau * rv[t.c0 + j];
@@ -1045,14 +1048,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
           const int k = t.nr - i >= kUnshiftedStep ? kUnshiftedStep : 1;
           const int64_t li = t.r0 + i, gi = r0 + li;
           const int64_t pos = gi + diag_offset - t.c0;  // row i's positive column; row i + r's is pos + r
-          const bool mark = pos > -k && pos < t.nc;
-          if (mark) zero_at[k + pos] = 0.f;
+          for (int r = 0; r < k; ++r)
+            if (pos + r >= 0 && pos + r < t.nc) keep[r * kColBlock + pos + r] = 0.f;
           float es[kUnshiftedStep], s[kUnshiftedStep], x[kUnshiftedStep];
-          rows_unshifted_sums(P, i * P.ld, t.nc, k, pos, asq + gi, col_scale.data(), zero_at.data(), es, s, x,
+          rows_unshifted_sums(P, i * P.ld, t.nc, k, pos, asq + gi, col_scale, keep, es, s, x,
                               cols ? cexp + t.c0 : nullptr, csum + t.c0);
-          if (mark) zero_at[k + pos] = 1.f;
           for (int r = 0; r < k; ++r) {
             if (pos + r >= 0 && pos + r < t.nc) {
+              keep[r * kColBlock + pos + r] = 1.f;
               rpos[gi + r] = x[r];
               cpos[gi + r + diag_offset] = x[r];
             }
