@@ -1,7 +1,7 @@
 """The GRAM loss's one-pass forward in steps of several tile rows (csrc/cpu/gram.cpp,
 rows_unshifted_sums, s21fwd): the column operands are loaded once per step of kUnshiftedStep rows,
-each row keeps its own sums, the rest of a tile runs one row at a time, and the positives of a step's
-rows (consecutive columns) are left out through one shifted 0/1 factor array.
+each row keeps its own sums, the rest of a tile runs one row at a time, and each row slot of a step
+leaves its positive out through its own 0/1 factor array.
 
 * tiles whose row count is not a multiple of the step (1, 3, 5, 6, 7 rows; a full row tile and 1, 3
   or 5 more), both directions, float32 and the exact bf16 path, against float64;
