@@ -343,11 +343,11 @@ struct UnshiftedSumsStep {
   }
   template <int R, bool kExact>
   FB_HD void run() const {
-    const bool keep = pos > -k && pos < nc;  // some row of the step has its positive in [0, nc)
+    const bool has_pos = pos > -k && pos < nc;  // some row of the step has its positive in [0, nc)
     if (col_exp != nullptr)
-      keep ? run_keep<R, kExact, true, true>() : run_keep<R, kExact, true, false>();
+      has_pos ? run_keep<R, kExact, true, true>() : run_keep<R, kExact, true, false>();
     else
-      keep ? run_keep<R, kExact, false, true>() : run_keep<R, kExact, false, false>();
+      has_pos ? run_keep<R, kExact, false, true>() : run_keep<R, kExact, false, false>();
     for (int r = 0; r < k; ++r) {
       const int64_t p = pos + r;
       if (p < 0 || p >= nc) continue;
