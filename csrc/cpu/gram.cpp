@@ -264,56 +264,107 @@ FB_MULTIVERSION void exp_sum_rows_and_cols(const float* __restrict x, int64_t n,
 // no logit written back, no maxima and no second pass over the tile.
 //   col_scale_j = −r_j/τ of the tile's columns (the product gram_scaled_volume forms first, so the
 //   logits are bitwise those of the other paths and of the backward's recomputation);
-//   keep_j = 1, and 0 at the row's positive: its exp is left out of both exp sums by the factor (an
-//   FMA either way: as cheap as the plain sum), not by an index test per element or by splitting the
-//   loop around it (two scalar remainders per row, most of the work at small batches).
-template <int R, bool kExact, bool kCols>
-FB_HD void unshifted_sums_loop(const RowOperands<R, kExact>& o, int64_t nc, float a_sq,
-                               const float* __restrict col_scale, const float* __restrict keep, float& es, float& s,
-                               float* __restrict col_exp, float* __restrict col_sum) {
-#pragma omp simd reduction(+ : es, s)
+//   the row's positive is left out of both exp sums by a 0/1 factor (one multiply), not by an index
+//   test per element or by splitting the loop around it (two scalar remainders per row, most of the
+//   work at small batches).
+// A step takes K consecutive tile rows (kUnshiftedStep, the rest of the tile one at a time): the
+// column operands (col_scale, the exact path's coefficients C_rs,j, col_exp and col_sum) are loaded
+// once per step, not once per row (k = 3 exact path: 7 of the 9 loads and both stores of an element
+// with one row per step). Each row keeps its own sums; col_exp_j/col_sum_j take the K rows' terms in
+// row order in a register, the very additions of one row at a time (bitwise the same sums).
+// Row r of a step reads its 0/1 factors from keep + r·kColBlock (ones, 0 at its positive column
+// pos + r): one aligned array per row slot (a single array read at offsets K − r put 3 of the 4 rows'
+// loads across cache lines). Steps with no positive in the tile skip the factor (kKeep = false).
+template <int R, bool kExact>
+FB_HD void unshifted_term(const RowOperands<R, kExact>& o, int64_t j, float a_sq, float cs, float keep, float& es,
+                          float& s, float& ce, float& cx) {
+  const float x = cs * gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+  const float e = fast_exp_bounded(x) * keep;  // |x| <= 60 or NaN here; keep: 1, or 0 at the positive
+  es += e;
+  s += x;
+  ce += e;
+  cx += x;
+}
+
+template <int R, bool kExact, bool kCols, bool kKeep, int K>
+FB_HD void unshifted_sums_loop(const Products& P, int64_t off, int64_t nc, const float* a_sq,
+                               const float* __restrict col_scale, const float* __restrict keep, float* exp_sum,
+                               float* sum, float* __restrict col_exp, float* __restrict col_sum) {
+  static_assert(K == 1 || K == 2 || K == 4, "unshifted_sums_loop: 1, 2 or 4 rows per step");
+  const RowOperands<R, kExact> o0(P, off), o1(P, off + (K > 1 ? 1 : 0) * P.ld), o2(P, off + (K > 2 ? 2 : 0) * P.ld),
+      o3(P, off + (K > 2 ? 3 : 0) * P.ld);
+  const float a0 = a_sq[0], a1 = a_sq[K > 1 ? 1 : 0], a2 = a_sq[K > 2 ? 2 : 0], a3 = a_sq[K > 2 ? 3 : 0];
+  float es0 = 0.f, es1 = 0.f, es2 = 0.f, es3 = 0.f, s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : es0, es1, es2, es3, s0, s1, s2, s3)
   for (int64_t j = 0; j < nc; ++j) {
-    const float x = col_scale[j] * gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
-    const float e = fast_exp_bounded(x) * keep[j];  // |x| <= 60 or NaN here
-    es += e;
-    s += x;
+    const float cs = col_scale[j];
+    float ce = 0.f, cx = 0.f;
     if constexpr (kCols) {
-      col_exp[j] += e;
-      col_sum[j] += x;
+      ce = col_exp[j];
+      cx = col_sum[j];
     }
+    unshifted_term(o0, j, a0, cs, kKeep ? keep[j] : 1.f, es0, s0, ce, cx);
+    if constexpr (K > 1) unshifted_term(o1, j, a1, cs, kKeep ? keep[kColBlock + j] : 1.f, es1, s1, ce, cx);
+    if constexpr (K > 2) {
+      unshifted_term(o2, j, a2, cs, kKeep ? keep[2 * kColBlock + j] : 1.f, es2, s2, ce, cx);
+      unshifted_term(o3, j, a3, cs, kKeep ? keep[3 * kColBlock + j] : 1.f, es3, s3, ce, cx);
+    }
+    if constexpr (kCols) {
+      col_exp[j] = ce;
+      col_sum[j] = cx;
+    }
+  }
+  const float es[4] = {es0, es1, es2, es3}, s[4] = {s0, s1, s2, s3};
+  for (int r = 0; r < K; ++r) {
+    exp_sum[r] = es[r];
+    sum[r] = s[r];
   }
 }
 
-struct UnshiftedSumsRow {
+constexpr int kUnshiftedStep = 4;
+
+struct UnshiftedSumsStep {
   const Products& P;
-  int64_t off, nc, pos;
-  float a_sq;
-  const float *col_scale, *keep;
-  float *exp_sum, *sum, *col_exp, *col_sum;
-  template <int R, bool kExact, bool kCols>
-  FB_HD float run_cols() const {
-    const RowOperands<R, kExact> o(P, off);
-    float es = 0.f, s = 0.f;
-    unshifted_sums_loop<R, kExact, kCols>(o, nc, a_sq, col_scale, keep, es, s, col_exp, col_sum);
-    *exp_sum = es;
-    *sum = s;
-    if (pos < 0 || pos >= nc) return 0.f;
-    return col_scale[pos] * gram_distance_from_residual(product_residual<R, kExact, false>(o, pos, a_sq));
+  int64_t off, nc, pos;  // off: the step's first row; pos: its positive column (row r's: pos + r)
+  int k;                 // rows in the step: kUnshiftedStep or 1
+  const float *a_sq, *col_scale, *keep;
+  float *exp_sum, *sum, *pos_logit, *col_exp, *col_sum;
+  template <int R, bool kExact, bool kCols, bool kKeep>
+  FB_HD void run_keep() const {
+    if (k == kUnshiftedStep)
+      unshifted_sums_loop<R, kExact, kCols, kKeep, kUnshiftedStep>(P, off, nc, a_sq, col_scale, keep, exp_sum, sum,
+                                                                  col_exp, col_sum);
+    else
+      unshifted_sums_loop<R, kExact, kCols, kKeep, 1>(P, off, nc, a_sq, col_scale, keep, exp_sum, sum, col_exp,
+                                                      col_sum);
   }
   template <int R, bool kExact>
-  FB_HD float run() const {
-    return col_exp != nullptr ? run_cols<R, kExact, true>() : run_cols<R, kExact, false>();
+  FB_HD void run() const {
+    const bool has_pos = pos > -k && pos < nc;  // some row of the step has its positive in [0, nc)
+    if (col_exp != nullptr)
+      has_pos ? run_keep<R, kExact, true, true>() : run_keep<R, kExact, true, false>();
+    else
+      has_pos ? run_keep<R, kExact, false, true>() : run_keep<R, kExact, false, false>();
+    for (int r = 0; r < k; ++r) {
+      const int64_t p = pos + r;
+      if (p < 0 || p >= nc) continue;
+      const RowOperands<R, kExact> o(P, off + r * P.ld);
+      pos_logit[r] = col_scale[p] * gram_distance_from_residual(product_residual<R, kExact, false>(o, p, a_sq[r]));
+    }
   }
 };
 
-// One tile row of the one-pass forward: logits l_j = col_scale_j·dist_j (j < nc), the row's
-// Σ_j keep_j·exp(l_j) and Σ_j l_j, and with col_exp col_exp_j += keep_j·exp(l_j), col_sum_j += l_j.
-// Returns the logit l_pos of the row's positive (0 if pos is not in [0, nc); keep_pos = 0).
-FB_MULTIVERSION float row_unshifted_sums(const Products& P, int64_t off, int64_t nc, float a_sq,
-                                         const float* __restrict col_scale, const float* __restrict keep, int64_t pos,
-                                         float* exp_sum, float* sum, float* __restrict col_exp,
-                                         float* __restrict col_sum) {
-  return row_pass(P, UnshiftedSumsRow{P, off, nc, pos, a_sq, col_scale, keep, exp_sum, sum, col_exp, col_sum});
+// k (kUnshiftedStep or 1) tile rows of the one-pass forward, from offset off, row r's positive at
+// column pos + r: logits l_rj = col_scale_j·dist_rj (j < nc), each row's Σ_{j≠pos+r} exp(l_rj) into
+// exp_sum[r] and Σ_j l_rj into sum[r], and with col_exp col_exp_j += Σ_r keep·exp(l_rj),
+// col_sum_j += Σ_r l_rj. pos_logit[r] = l_r,pos+r where that column lies in [0, nc) (else untouched).
+// keep: k arrays kColBlock apart, row r's all 1 except a 0 at its positive pos + r where that is in [0, nc).
+FB_MULTIVERSION void rows_unshifted_sums(const Products& P, int64_t off, int64_t nc, int k, int64_t pos,
+                                         const float* a_sq, const float* __restrict col_scale,
+                                         const float* __restrict keep, float* exp_sum, float* sum,
+                                         float* pos_logit, float* __restrict col_exp, float* __restrict col_sum) {
+  row_pass(P, UnshiftedSumsStep{P, off, nc, pos, k, a_sq, col_scale, keep, exp_sum, sum, pos_logit, col_exp,
+                                col_sum});
 }
 
 // Whether a tile's column sums may share one shift (see gram_loss_forward_cpu): the column maxima
@@ -342,7 +393,7 @@ FB_HD void exp_sum_into_range(const float* __restrict x, const float* __restrict
 }
 
 // The bound max_ij |logit_ij| <= max_i ‖a_i‖ · max_j |r_j| / τ of the one-pass forward (see
-// row_unshifted_sums); +inf if any ‖a_i‖², r_j or the bound is not finite.
+// rows_unshifted_sums); +inf if any ‖a_i‖², r_j or the bound is not finite.
 float logit_bound(const float* a_sq, int64_t b1, const float* span_vol, int64_t b2, float neg_inv_tau) {
   float amax = 0.f, rmax = 0.f;
   bool finite = true;
@@ -1162,27 +1213,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gram_loss_forward_cpu
     float* cmax = col_max + c * B2;
     float* cexp = col_exp + c * B2;
     float* csum = col_sum + c * B2;
-    if (unshifted) {  // one pass per tile row, the LSE pairs (0, Σ exp(l)); see row_unshifted_sums
+    if (unshifted) {  // one pass per tile row, the LSE pairs (0, Σ exp(l)); see rows_unshifted_sums
       std::fill(rmax, rexp, 0.f);
-      std::vector<float> col_scale(kColBlock), keep(kColBlock, 1.f);
+      // col_scale and the row slots' 0/1 factors, each kColBlock floats, 64-byte aligned
+      std::vector<float> col_buf((1 + kUnshiftedStep) * kColBlock + 16, 1.f);
+      float* col_scale = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(col_buf.data()) + 63) & ~uintptr_t{63});
+      float* keep = col_scale + kColBlock;
       stream_chunk(o, r0, nr, [&](const Tile& t, const std::vector<at::Tensor>& prods) {
         const Products P = products_of(o, t, prods);
         for (int64_t j = 0; j < t.nc; ++j) col_scale[j] = neg_inv_tau * rv[t.c0 + j];
-        for (int64_t i = 0; i < t.nr; ++i) {
+        for (int64_t i = 0; i < t.nr;) {
+          const int k = t.nr - i >= kUnshiftedStep ? kUnshiftedStep : 1;
           const int64_t li = t.r0 + i, gi = r0 + li;
-          const int64_t pos = gi + diag_offset - t.c0;
-          const bool has_pos = pos >= 0 && pos < t.nc;
-          if (has_pos) keep[pos] = 0.f;
-          float es, s;
-          const float x = row_unshifted_sums(P, i * P.ld, t.nc, asq[gi], col_scale.data(), keep.data(), pos, &es, &s,
-                                             cols ? cexp + t.c0 : nullptr, csum + t.c0);
-          if (has_pos) {
-            keep[pos] = 1.f;
-            rpos[gi] = x;
-            cpos[gi + diag_offset] = x;
+          const int64_t pos = gi + diag_offset - t.c0;  // row i's positive column; row i + r's is pos + r
+          for (int r = 0; r < k; ++r)
+            if (pos + r >= 0 && pos + r < t.nc) keep[r * kColBlock + pos + r] = 0.f;
+          float es[kUnshiftedStep], s[kUnshiftedStep], x[kUnshiftedStep];
+          rows_unshifted_sums(P, i * P.ld, t.nc, k, pos, asq + gi, col_scale, keep, es, s, x,
+                              cols ? cexp + t.c0 : nullptr, csum + t.c0);
+          for (int r = 0; r < k; ++r) {
+            if (pos + r >= 0 && pos + r < t.nc) {
+              keep[r * kColBlock + pos + r] = 1.f;
+              rpos[gi + r] = x[r];
+              cpos[gi + r + diag_offset] = x[r];
+            }
+            rexp[li + r] += es[r];
+            rsum[gi + r] += s[r];
           }
-          rexp[li] += es;
-          rsum[gi] += s;
+          i += k;
         }
       });
     } else {
