@@ -71,10 +71,10 @@ struct Products {
 };
 
 // ---- the forward epilogue: one pass over a tile row ---------------------------------------------
-// Every epilogue reads a row's products once, through product_residual: the residual
-// ‖a‖² − Σ_r P_r² of one element, with the products formed from S_s first on the exact-operand path
-// (P_r = S_r·C_rr + Σ_{s<r} C_rs·S_s, s ascending; stored back over S_r with kStore, for the
-// backward, which needs P_r again). R is a template argument (row_pass dispatches on P.n), so the
+// Every epilogue reads a row's products once, through element_products (product_residual in the
+// forward): the residual ‖a‖² − Σ_r P_r² of one element, with the products formed from S_s first on
+// the exact-operand path (P_r = S_r·C_rr + Σ_{s<r} C_rs·S_s, s ascending; the backward takes the
+// P_r themselves from element_products for its T_r). R is a template argument (row_pass dispatches on P.n), so the
 // loops over r and s unroll into one vector loop over the row: the separate combine, residual and
 // distance passes over the row (each a load/store stream over L1) were 18% of a bf16 forward.
 template <int R, bool kExact>
@@ -119,13 +119,10 @@ FB_HD float element_products(const float* const* p, const float* const* c, int64
   return res;
 }
 
-template <int R, bool kExact, bool kStore>
+template <int R, bool kExact>
 FB_HD float product_residual(const RowOperands<R, kExact>& o, int64_t j, float a_sq) {
   float pr[R];
-  const float res = element_products<R, kExact>(o.p, o.c, j, a_sq, pr);
-  if constexpr (kStore)
-    for (int r = 0; r < R; ++r) o.p[r][j] = pr[r];
-  return res;
+  return element_products<R, kExact>(o.p, o.c, j, a_sq, pr);
 }
 
 // out_j = scale · span_vol_j · dist_j (volumes for scale = 1, logits for scale = −1/τ); returns the
@@ -138,7 +135,7 @@ FB_HD float scaled_volumes_loop(const Products& P, int64_t off, int64_t nc, floa
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < nc; ++j) {
-    const float d = gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+    const float d = gram_distance_from_residual(product_residual<R, kExact>(o, j, a_sq));
     const float x = gram_scaled_volume(scale, sv[j], d);
     out[j] = x;
     m = x > m ? x : m;
@@ -278,7 +275,7 @@ FB_MULTIVERSION void exp_sum_rows_and_cols(const float* __restrict x, int64_t n,
 template <int R, bool kExact>
 FB_HD void unshifted_term(const RowOperands<R, kExact>& o, int64_t j, float a_sq, float cs, float keep, float& es,
                           float& s, float& ce, float& cx) {
-  const float x = cs * gram_distance_from_residual(product_residual<R, kExact, false>(o, j, a_sq));
+  const float x = cs * gram_distance_from_residual(product_residual<R, kExact>(o, j, a_sq));
   const float e = fast_exp_bounded(x) * keep;  // |x| <= 60 or NaN here; keep: 1, or 0 at the positive
   es += e;
   s += x;
@@ -349,7 +346,7 @@ struct UnshiftedSumsStep {
       const int64_t p = pos + r;
       if (p < 0 || p >= nc) continue;
       const RowOperands<R, kExact> o(P, off + r * P.ld);
-      pos_logit[r] = col_scale[p] * gram_distance_from_residual(product_residual<R, kExact, false>(o, p, a_sq[r]));
+      pos_logit[r] = col_scale[p] * gram_distance_from_residual(product_residual<R, kExact>(o, p, a_sq[r]));
     }
   }
 };
