@@ -26,12 +26,6 @@
 namespace fastbind {
 namespace cpu {
 
-// csrc/cpu/span_basis.cpp: gram_basis_bwd's CPU kernel with bf16 gradients written by the kernel
-std::vector<at::Tensor> gram_basis_bwd_cpu_as(const std::optional<at::Tensor>& grad_basis_in,
-                                              const std::optional<at::Tensor>& grad_volume_in, const at::Tensor& basis_in,
-                                              const at::Tensor& norms_in, const at::Tensor& coefs_in,
-                                              const std::vector<at::ScalarType>& out_dtypes);
-
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -62,10 +56,7 @@ FB_MULTIVERSION void scaled_add_bf16(uint16_t* __restrict out, const float* __re
 at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 at::Tensor as_contiguous(const at::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
 
-// Whether t's values can be read here: a CPU tensor without the Python dispatch key. Fake tensors
-// (torch.compile traces this function with them) and other Python subclasses have no data to read:
-// the ATen ops for them.
-bool has_data(const at::Tensor& t) { return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python); }
+using dispatch::has_data;
 
 // The argument contract that the kernels below do not check themselves (they see the basis, not
 // the modalities); the same checks as the fake kernel in fastbind/ops/gram.py.
@@ -255,13 +246,8 @@ class GramLossFused : public torch::autograd::Function<GramLossFused> {
     if (any_modality) {
       std::vector<at::ScalarType> dtypes;
       for (int64_t i = 0; i < n; ++i) dtypes.push_back(static_cast<at::ScalarType>(ints.get(kModalityDtypes + i)));
-      // real CPU tensors: the kernel itself, which writes bf16 gradients directly (no float32
-      // gradient and cast per modality); fake tensors: the dispatcher's op and a cast
-      const bool direct = has_data(d_basis) && has_data(d_span) && has_data(basis) && has_data(norms) &&
-                          has_data(coefs);
-      std::vector<at::Tensor> d_mods = direct ? gram_basis_bwd_cpu_as(d_basis, d_span, basis, norms, coefs, dtypes)
-                                              : dispatch::gram_basis_bwd(d_basis, d_span, basis, norms, coefs);
-      for (int64_t i = 0; i < n; ++i) out.push_back(d_mods[i].to(dtypes[i]));
+      for (at::Tensor& d_m : dispatch::modality_gradients(d_basis, d_span, basis, norms, coefs, dtypes))
+        out.push_back(std::move(d_m));
     } else {
       for (int64_t i = 0; i < n; ++i) out.emplace_back();
     }

@@ -405,6 +405,22 @@ std::vector<at::Tensor> gram_basis_bwd_cpu(const std::optional<at::Tensor>& grad
   return gram_basis_bwd_cpu_as(grad_basis_in, grad_volume_in, basis_in, norms_in, coefs_in, {});
 }
 
+}  // namespace cpu
+
+std::vector<at::Tensor> dispatch::modality_gradients(const OptTensor& grad_basis, const OptTensor& grad_volume,
+                                                     const at::Tensor& basis, const at::Tensor& norms,
+                                                     const at::Tensor& coefs,
+                                                     const std::vector<at::ScalarType>& dtypes) {
+  bool direct = has_data(basis) && has_data(norms) && has_data(coefs);
+  for (const OptTensor& g : {grad_basis, grad_volume}) direct = direct && (!g.has_value() || has_data(*g));
+  std::vector<at::Tensor> out = direct ? cpu::gram_basis_bwd_cpu_as(grad_basis, grad_volume, basis, norms, coefs, dtypes)
+                                       : gram_basis_bwd(grad_basis, grad_volume, basis, norms, coefs);
+  for (size_t i = 0; i < out.size(); ++i) out[i] = out[i].to(dtypes[i]);
+  return out;
+}
+
+namespace cpu {
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -438,18 +454,8 @@ class GramBasis : public torch::autograd::Function<GramBasis> {
     const c10::List<int64_t> dtypes = ctx->saved_data["dtypes"].toIntList();
     std::vector<at::ScalarType> out_dtypes;
     for (size_t i = 0; i < dtypes.size(); ++i) out_dtypes.push_back(static_cast<at::ScalarType>(dtypes.get(i)));
-    // CPU tensors with data (not fake/subclass: those take the dispatcher): the kernel writes bf16
-    // gradients itself
-    bool direct = true;
-    for (const at::Tensor& t : {grads[0], grads[1], saved[0], saved[1], saved[2]})
-      direct = direct && (!t.defined() || (t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python)));
-    std::vector<at::Tensor> out =
-        direct ? gram_basis_bwd_cpu_as(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
-                                       saved[2], out_dtypes)
-               : dispatch::gram_basis_bwd(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
-                                          saved[2]);
-    for (size_t i = 0; i < out.size(); ++i) out[i] = out[i].to(out_dtypes[i]);
-    return out;
+    return dispatch::modality_gradients(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
+                                        saved[2], out_dtypes);
   }
 };
 

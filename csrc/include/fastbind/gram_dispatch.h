@@ -37,6 +37,19 @@ inline std::vector<at::Tensor> gram_basis_bwd(const OptTensor& grad_basis, const
   return op.call(grad_basis, grad_volume, basis, norms, coefs);
 }
 
+// Whether t's values can be read here: a CPU tensor without the Python dispatch key. Fake tensors
+// (torch.compile traces the C++ autograd functions with them) and other Python subclasses have no
+// data to read: the ops through the dispatcher (or the ATen ops) for them.
+inline bool has_data(const at::Tensor& t) { return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python); }
+
+// The modality gradients of gram_basis_fwd, each in its modality's dtype `dtypes[i]`
+// (csrc/cpu/span_basis.cpp): where every tensor given has data (an absent gradient is zero), the CPU
+// kernel itself, which writes bf16 gradients directly (no float32 gradient and cast per modality,
+// issue 14); otherwise the gram_basis_bwd op through the dispatcher, then a cast.
+std::vector<at::Tensor> modality_gradients(const OptTensor& grad_basis, const OptTensor& grad_volume,
+                                           const at::Tensor& basis, const at::Tensor& norms, const at::Tensor& coefs,
+                                           const std::vector<at::ScalarType>& dtypes);
+
 // The optional modalities operand of the GRAM ops (csrc/ops.cpp).
 using OptTensorList = std::optional<at::TensorList>;
 
