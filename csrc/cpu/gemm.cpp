@@ -32,29 +32,32 @@ FB_MULTIVERSION void vnni_pair(const uint16_t* __restrict even, const uint16_t* 
   for (int64_t j = 0; j < nc; ++j) out[j] = static_cast<uint32_t>(even[j]) | (static_cast<uint32_t>(odd[j]) << 16);
 }
 
-// B [K, N] (bf16, row stride ld; K = `rows`, padded to even with a zero row) in the VNNI panels of
-// pack_panels<BFloat16> for a K × N operand: panel p (columns c0 = p·kMicroN, w wide) at c0·Kp,
-// element (d, j) at ((d/2)·w + j)·2 + d%2. Pairs of source rows go straight into place (vnni_pair),
-// no transposed copy of B first.
-at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
+// The VNNI panels of pack_panels<BFloat16> for a K × N operand (K = `rows`, padded to even with a
+// zero row): panel p (columns c0 = p·kMicroN, w wide) at c0·Kp, element (d, j) at
+// ((d/2)·w + j)·2 + d%2. pair(d, c0, w, out) writes the words of source rows d and d + 1 (d + 1 =
+// rows: the zero row) for columns [c0, c0 + w); the panels are spread over the ATen threads.
+template <class Pair>
+at::Tensor pack_vnni_panels(int64_t rows, int64_t N, const at::TensorOptions& opts, const Pair& pair) {
   const int64_t Kp = rows + (rows & 1);
-  at::Tensor out = at::empty({Kp * N}, opts);
+  at::Tensor out = at::empty({Kp * N}, opts.dtype(at::kBFloat16));
   uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
-  const std::vector<uint16_t> zeros(N, 0);
   for_each_panel(N, Kp, [&](int64_t c0, int64_t w) {
-    uint32_t* panel = dst + c0 * Kp / 2;
-    for (int64_t d = 0; d < Kp; d += 2) {
-      const uint16_t* odd = d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data();
-      vnni_pair(src + d * ld + c0, odd, w, panel + (d / 2) * w);
-    }
+    for (int64_t d = 0; d < Kp; d += 2) pair(d, c0, w, dst + c0 * Kp / 2 + (d / 2) * w);
   });
   return out;
 }
 
-// pack_vnni_rows from a float32 B [K, N] (row stride ld), each element rounded to bf16 as it is
-// packed (bf16_bits: the rounding of .to(bfloat16), so the panels are those of pack_vnni_rows on
-// the rounded copy, without that copy: the bf16 backward's Q_r operand on the exact path, issue
-// 14). The panels are spread over the ATen threads.
+// B [K, N] (bf16, row stride ld) in VNNI panels: pairs of source rows go straight into place
+// (vnni_pair), no transposed copy of B first.
+at::Tensor pack_vnni_rows(const uint16_t* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
+  const std::vector<uint16_t> zeros(N, 0);
+  return pack_vnni_panels(rows, N, opts, [&](int64_t d, int64_t c0, int64_t w, uint32_t* out) {
+    vnni_pair(src + d * ld + c0, d + 1 < rows ? src + (d + 1) * ld + c0 : zeros.data() + c0, w, out);
+  });
+}
+
+// vnni_pair from two float32 rows (odd may be nullptr: a zero row), each element rounded to bf16 as
+// it is packed (bf16_bits: the rounding of .to(bfloat16)).
 FB_MULTIVERSION void vnni_pair_f32(const float* __restrict even, const float* __restrict odd, int64_t nc,
                                    uint32_t* __restrict out) {
 #pragma omp simd
@@ -64,16 +67,13 @@ FB_MULTIVERSION void vnni_pair_f32(const float* __restrict even, const float* __
   }
 }
 
+// pack_vnni_rows from a float32 B [K, N] (row stride ld), rounded to bf16 while packing: the panels of
+// pack_vnni_rows on the rounded copy, without that copy (the bf16 backward's Q_r operand on the exact
+// path, issue 14).
 at::Tensor pack_vnni_rows_f32(const float* src, int64_t ld, int64_t rows, int64_t N, const at::TensorOptions& opts) {
-  const int64_t Kp = rows + (rows & 1);
-  at::Tensor out = at::empty({Kp * N}, opts.dtype(at::kBFloat16));
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out.data_ptr<at::BFloat16>());
-  for_each_panel(N, Kp, [&](int64_t c0, int64_t w) {
-    uint32_t* panel = dst + c0 * Kp / 2;
-    for (int64_t d = 0; d < Kp; d += 2)
-      vnni_pair_f32(src + d * ld + c0, d + 1 < rows ? src + (d + 1) * ld + c0 : nullptr, w, panel + (d / 2) * w);
+  return pack_vnni_panels(rows, N, opts, [&](int64_t d, int64_t c0, int64_t w, uint32_t* out) {
+    vnni_pair_f32(src + d * ld + c0, d + 1 < rows ? src + (d + 1) * ld + c0 : nullptr, w, out);
   });
-  return out;
 }
 
 // out [M, N] float32 = a [M, D] · b [N, D]ᵀ on oneDNN's brgemm microkernel wherever it runs (also
